@@ -1,0 +1,11 @@
+"""Fused differentiable spatial entropy loss for low-light image enhancement.
+
+Public API: :func:`spatial_entropy_loss`, :class:`SpatialEntropyLoss`, the counting
+entropies :func:`entropy` and :func:`spatial_entropy`, and :func:`available_backends`.
+"""
+from .backends import available_backends
+from .counting import entropy, spatial_entropy
+from .loss import SpatialEntropyLoss, spatial_entropy_loss
+
+__all__ = ["spatial_entropy_loss", "SpatialEntropyLoss", "entropy", "spatial_entropy", "available_backends"]
+__version__ = "0.1.0"

@@ -1,0 +1,86 @@
+"""Backend registry and the explainable 'auto' choice.
+
+Each backend is a module exposing
+
+    not_supported_reasons(device, dtype, bins) -> list[str]   # empty when it can serve
+    local_divergence(...)                                       # the contract in reference.py
+
+Modules are imported lazily, and an import failure becomes the reason that
+backend is unavailable, so a missing compiler or Triton never breaks the package.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from functools import lru_cache
+
+import torch
+
+MODULES = {
+    "reference": "entropy_kernels.reference",
+    "triton": "entropy_kernels.ops.triton_kde",
+    "cpp": "entropy_kernels.ops.cpp",
+    "cuda": "entropy_kernels.ops.cuda",
+}
+# Preference of backend='auto' per device type; the reference serves everything.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+
+
+@lru_cache(maxsize=None)
+def _load(name: str):
+    try:
+        return importlib.import_module(MODULES[name]), None
+    except Exception as exc:  # noqa: BLE001 - any import failure is a reason, reported to the user
+        return None, f"could not import {MODULES[name]}: {type(exc).__name__}: {exc}"
+
+
+def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype, bins: int):
+    module, error = _load(name)
+    if module is None:
+        return [error]
+    return list(module.not_supported_reasons(torch.device(device), dtype, bins))
+
+
+_warned = set()
+
+
+def select(name: str, device: torch.device, dtype: torch.dtype, bins: int):
+    """The backend module for a call; raises when an explicitly named backend cannot serve it."""
+    if name != "auto":
+        reasons = not_supported_reasons(name, device, dtype, bins)
+        if reasons:
+            raise ValueError(f"backend={name!r} cannot serve {device.type} {dtype} input: " + "; ".join(reasons))
+        return _load(name)[0]
+    skipped = []
+    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        reasons = not_supported_reasons(candidate, device, dtype, bins)
+        if not reasons:
+            if skipped and (device.type, candidate) not in _warned:
+                _warned.add((device.type, candidate))
+                warnings.warn(
+                    f"entropy_kernels: backend='auto' uses {candidate!r} for {device.type} tensors; "
+                    + "; ".join(f"{n} unavailable ({', '.join(r)})" for n, r in skipped),
+                    stacklevel=3,
+                )
+            return _load(candidate)[0]
+        skipped.append((candidate, reasons))
+    raise ValueError(f"no backend serves {device.type} tensors: {skipped}")
+
+
+def available_backends(bins: int = 32, dtype: torch.dtype = torch.float32):
+    """For 'cpu' and 'cuda': each backend mapped to None when usable on this machine, else the reason.
+
+    >>> available_backends()["cpu"]["reference"] is None
+    True
+    """
+    table = {}
+    for device_type in ("cpu", "cuda"):
+        row = {}
+        for name in MODULES:
+            if device_type == "cuda" and not torch.cuda.is_available():
+                row[name] = "no CUDA device on this machine"
+                continue
+            reasons = not_supported_reasons(name, torch.device(device_type), dtype, bins)
+            row[name] = "; ".join(reasons) if reasons else None
+        table[device_type] = row
+    return table

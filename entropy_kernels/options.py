@@ -1,0 +1,262 @@
+"""Parameters of the spatial entropy loss: validation, neighbour weights and the
+per-pixel inputs that every backend shares.
+
+This module is the single home of SPEC.md's parameter rules. Every backend
+receives the same already-validated :class:`LossOptions` and the same
+``(u, m)`` maps (bin units and neighbour value per pixel), so the backends
+differ only in how they compute the windowed histograms and the divergence.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("logistic", "gaussian")
+DIVERGENCES = ("kl", "hellinger")
+PADDINGS = ("same", "valid")
+REDUCTIONS = ("mean", "sum", "none")
+WEIGHT_MODES = ("shuffled", "random", "mean", "randn")
+BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
+
+# Ring positions inside a row-major 3x3 stencil, the centre (index 4) skipped:
+# offsets (row, col) = (-1,-1) (-1,0) (-1,1) (0,-1) (0,1) (1,-1) (1,0) (1,1).
+RING_INDEX = (0, 1, 2, 3, 5, 6, 7, 8)
+SHUFFLED_SIGMA = 1.5
+
+WindowSpec = Union[int, Tuple[int, ...], str]
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Validated loss parameters (see SPEC.md for their meaning)."""
+
+    bins: int = 32
+    bandwidth: float = 0.5
+    kernel: str = "logistic"
+    window: Union[Tuple[int, ...], str] = (11,)
+    neighbor_weights: Union[str, torch.Tensor] = "shuffled"
+    divergence: str = "kl"
+    padding: str = "same"
+    clamp: bool = True
+    eps: float = 1e-10
+    reduction: str = "mean"
+    generator: Optional[torch.Generator] = None
+    backend: str = "auto"
+
+    @property
+    def is_global(self) -> bool:
+        return self.window == "global"
+
+    def window_shapes(self, height: int, width: int):
+        """(window height, window width, valid) for each window side."""
+        if self.is_global:
+            return [(height, width, True)]
+        valid = self.padding == "valid"
+        return [(s, s, valid) for s in self.window]
+
+
+def _choice(name, value, allowed):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {allowed}, got {value!r} of type {type(value).__name__}")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _window(window) -> Union[Tuple[int, ...], str]:
+    if isinstance(window, str):
+        if window != "global":
+            raise ValueError(f"window must be an odd int, a tuple of odd ints or 'global', got {window!r}")
+        return window
+    sides = (window,) if _is_int(window) else window
+    if not isinstance(sides, (tuple, list)) or len(sides) == 0:
+        raise TypeError(f"window must be an odd int, a tuple of odd ints or 'global', got {window!r}")
+    for s in sides:
+        if not _is_int(s):
+            raise TypeError(f"window sides must be ints, got {s!r} in window={window!r}")
+        if s < 1 or s % 2 == 0:
+            raise ValueError(f"window sides must be odd and >= 1, got {s} in window={window!r}")
+    return tuple(int(s) for s in sides)
+
+
+def _neighbor_weights(value):
+    if isinstance(value, str):
+        return _choice("neighbor_weights", value, WEIGHT_MODES)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"neighbor_weights must be one of {WEIGHT_MODES} or a tensor of 8 (or 3x3) values, "
+            f"got {type(value).__name__}"
+        )
+    if value.numel() not in (8, 9) or (value.numel() == 9 and tuple(value.shape) != (3, 3)):
+        raise ValueError(f"neighbor_weights tensor must have 8 values or shape (3, 3), got shape {tuple(value.shape)}")
+    ring = value.detach().to("cpu", torch.float64).reshape(-1)
+    if ring.numel() == 9:
+        ring = ring[list(RING_INDEX)]
+    if not torch.isfinite(ring).all():
+        raise ValueError(f"neighbor_weights must be finite, got {ring.tolist()}")
+    if ring.sum() == 0:
+        raise ValueError(f"neighbor_weights must not sum to zero (they are renormalised), got {ring.tolist()}")
+    return ring / ring.sum()
+
+
+def make_options(
+    *,
+    bins: int = 32,
+    bandwidth: float = 0.5,
+    kernel: str = "logistic",
+    window: WindowSpec = 11,
+    neighbor_weights: Union[str, torch.Tensor] = "shuffled",
+    divergence: str = "kl",
+    padding: str = "same",
+    clamp: bool = True,
+    eps: float = 1e-10,
+    reduction: str = "mean",
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+) -> LossOptions:
+    """Check every parameter against SPEC.md and return them as :class:`LossOptions`."""
+    if not _is_int(bins):
+        raise TypeError(f"bins must be an int, got {bins!r} of type {type(bins).__name__}")
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    if not _is_real(bandwidth):
+        raise TypeError(f"bandwidth must be a real number, got {bandwidth!r}")
+    if not (math.isfinite(bandwidth) and bandwidth > 0):
+        raise ValueError(f"bandwidth must be finite and > 0, got {bandwidth}")
+    if not _is_real(eps):
+        raise TypeError(f"eps must be a real number, got {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    if not isinstance(clamp, bool):
+        raise TypeError(f"clamp must be a bool, got {clamp!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    window = _window(window)
+    padding = _choice("padding", padding, PADDINGS)
+    reduction = _choice("reduction", reduction, REDUCTIONS)
+    if reduction == "none" and padding == "valid" and not isinstance(window, str) and len(set(window)) > 1:
+        raise ValueError(
+            f"reduction='none' with padding='valid' needs a single window side (the maps differ in size), "
+            f"got window={window}"
+        )
+    return LossOptions(
+        bins=int(bins),
+        bandwidth=float(bandwidth),
+        kernel=_choice("kernel", kernel, KERNELS),
+        window=window,
+        neighbor_weights=_neighbor_weights(neighbor_weights),
+        divergence=_choice("divergence", divergence, DIVERGENCES),
+        padding=padding,
+        clamp=clamp,
+        eps=float(eps),
+        reduction=reduction,
+        generator=generator,
+        backend=_choice("backend", backend, BACKENDS),
+    )
+
+
+def check_inputs(pred, target, opts: LossOptions):
+    """Validate the image pair; return both as (B, C, H, W) and whether the input was 3-D."""
+    for name, x in (("pred", pred), ("target", target)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        if x.dim() not in (3, 4):
+            raise ValueError(f"{name} must be (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.device != target.device:
+        raise ValueError(f"pred and target must be on the same device, got {pred.device} and {target.device}")
+    squeezed = pred.dim() == 3
+    if squeezed:
+        pred, target = pred.unsqueeze(0), target.unsqueeze(0)
+    height, width = pred.shape[-2:]
+    if not opts.is_global and opts.padding == "valid":
+        largest = max(opts.window)
+        if largest > height or largest > width:
+            raise ValueError(
+                f"padding='valid' needs images at least as large as the window, "
+                f"got window={largest} for an image of {height}x{width}"
+            )
+    return pred, target, squeezed
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def draw_neighbor_weights(opts: LossOptions, device, dtype) -> torch.Tensor:
+    """The 8 ring weights for one loss call, summing to 1 (SPEC.md step 2)."""
+    mode = opts.neighbor_weights
+    if isinstance(mode, torch.Tensor):
+        ring = mode
+    else:
+        gen = opts.generator
+        rng_device = gen.device if gen is not None else torch.device("cpu")
+        kw = dict(generator=gen, device=rng_device, dtype=torch.float64)
+        if mode == "shuffled":
+            offsets = torch.arange(-1, 2, dtype=torch.float64, device=rng_device)
+            r2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
+            gauss = torch.exp(-r2 / (2 * SHUFFLED_SIGMA**2)).reshape(-1)
+            perm = torch.randperm(9, generator=gen, device=rng_device)
+            ring = gauss[perm][list(RING_INDEX)]
+        elif mode == "random":
+            ring = torch.rand(8, **kw)
+        elif mode == "randn":
+            ring = torch.randn(8, **kw)
+        else:
+            ring = torch.ones(8, dtype=torch.float64)
+        ring = ring / ring.sum()
+    return ring.to(device=device, dtype=dtype)
+
+
+def bin_units(x: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """u = (L - 1) * clamp(x, 0, 1) (SPEC.md step 1).
+
+    Non-finite inputs become NaN even when clamping would turn +-inf into 0 or 1, so that
+    a NaN or Inf anywhere always yields a NaN loss instead of a plausible number.
+    """
+    v = x.clamp(0.0, 1.0) if opts.clamp else x
+    v = torch.where(torch.isfinite(x), v, torch.full_like(v, float("nan")))
+    return v * (opts.bins - 1)
+
+
+def neighbor_value(u: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+    """m(p): ring-weighted mean of the in-image 8-neighbours of p (SPEC.md step 2).
+
+    u is (N, H, W). Out-of-image neighbours are skipped and the remaining weights
+    renormalised. A pixel with no neighbour at all (a 1x1 image) takes its own value.
+    """
+    n, height, width = u.shape
+    stencil = torch.zeros(9, dtype=u.dtype, device=u.device)
+    stencil[list(RING_INDEX)] = ring
+    stencil = stencil.view(1, 1, 3, 3)
+    num = F.conv2d(u.unsqueeze(1), stencil, padding=1).squeeze(1)
+    den = F.conv2d(torch.ones(1, 1, height, width, dtype=u.dtype, device=u.device), stencil, padding=1)[0, 0]
+    lonely = den == 0
+    # The safe denominator keeps 0/0 out of the graph: torch.where would still send NaN back.
+    return torch.where(lonely, u, num / torch.where(lonely, torch.ones_like(den), den))
+
+
+def pixel_maps(x: torch.Tensor, ring: torch.Tensor, opts: LossOptions):
+    """(u, m) of a (B, C, H, W) batch, each (B*C, H, W) in ring's dtype, contiguous."""
+    b, c, height, width = x.shape
+    u = bin_units(x.to(ring.dtype).reshape(b * c, height, width), opts)
+    return u.contiguous(), neighbor_value(u, ring).contiguous()
