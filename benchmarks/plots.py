@@ -1,0 +1,196 @@
+"""Figures for docs/results.md from the CSV/JSON the benchmarks write.
+
+    python benchmarks/plots.py --max-crop docs/results/max_crop_cpu --bench docs/results/bench_cpu.csv \
+        --ablation bench_out/ablation --out docs/img
+
+- max_crop_memory.png / max_crop_time.png: peak memory and step time of one training step against
+  the crop side, per loss backend (every probe of max_crop.py), the budget as a line.
+- bench_loss.png: the loss alone (benchmarks/bench.py): forward+backward time and peak memory
+  against the image side, per backend.
+- ablation.png: held-out PSNR and SSIM of every (loss, seed) run, with mean and spread.
+- ablation_grid.png: input | l1 | entropy | target for a few held-out photographs (seed 0).
+PNGs are kept under 300 KB (photo grids are palette-quantised when needed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+MAX_PNG_BYTES = 300_000
+COLOURS = {"reference": "tab:red", "cpp": "tab:blue", "triton": "tab:green", "cuda": "tab:purple", "l1": "tab:gray",
+           "entropy": "tab:orange"}
+
+
+def read_csv(path) -> tuple:
+    """(environment dict from the '# {json}' first line, rows as dicts with numbers parsed)."""
+    with open(path) as fh:
+        first = fh.readline()
+        info = json.loads(first[2:]) if first.startswith("# ") else {}
+        if not first.startswith("# "):
+            fh.seek(0)
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    return info, rows
+
+
+def _number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def _caption(info: dict) -> str:
+    where = info.get("gpu") or f"{info.get('cpu', '?')} CPU, {info.get('threads', '?')} threads"
+    return f"{where}, torch {info.get('torch', '?')}, {str(info.get('date', '?'))[:10]}, commit {info.get('commit', '?')}"
+
+
+def save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_max_crop(folder: Path, out: Path) -> list:
+    info, probes = read_csv(folder / "max_crop_probes.csv")
+    _, summary = read_csv(folder / "max_crop.csv")
+    budget_mib = summary[0]["budget_GiB"] * 1024 if summary else None
+    written = []
+    for key, label, name in (("peak_MiB", "peak memory of one training step (MiB)", "max_crop_memory.png"),
+                             ("step_s", "time of the first training step (s)", "max_crop_time.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for backend in dict.fromkeys(p["backend"] for p in probes):
+            points = sorted((p["side"], p[key]) for p in probes
+                            if p["backend"] == backend and p["status"] == "ok" and isinstance(p[key], float))
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, "o-", color=COLOURS.get(backend), label=backend)
+            over = [p["side"] for p in probes if p["backend"] == backend and p["status"] != "ok"]
+            if over and key == "peak_MiB" and budget_mib:
+                ax.plot(over, [budget_mib] * len(over), "x", color=COLOURS.get(backend))
+        if key == "peak_MiB" and budget_mib:
+            ax.axhline(budget_mib, color="k", ls="--", lw=1, label=f"budget {budget_mib / 1024:g} GiB (x: over)")
+        ax.set(xscale="log", yscale="log", xlabel="square crop side (px)", ylabel=label)
+        row = summary[0] if summary else {}
+        ax.set_title(f"B={row.get('B', '?'):g}, bins {row.get('bins', '?'):g}, window {row.get('window', '?'):g}, "
+                     f"model {row.get('model', '?')}", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.text(0.01, -0.02, _caption(info), fontsize=7)
+        written.append(save(fig, out / name))
+    return written
+
+
+def plot_bench(path: Path, out: Path) -> list:
+    info, rows = read_csv(path)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        ok = sorted((r["H"], r["fwd_bwd_ms"], r["peak_extra_MiB"]) for r in rows
+                    if r["backend"] == backend and r["status"] == "ok")
+        if not ok:
+            continue
+        sides, times, peaks = zip(*ok)
+        axes[0].plot(sides, times, "o-", color=COLOURS.get(backend), label=backend)
+        axes[1].plot(sides, peaks, "o-", color=COLOURS.get(backend), label=backend)
+    first = rows[0] if rows else {}
+    for ax, label in zip(axes, ("loss forward+backward (ms)", "peak memory increase (MiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="image side (px)", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"the loss alone: B={first.get('B', '?'):g}, C={first.get('C', '?'):g}, bins {first.get('bins', '?'):g}, "
+                 f"window {first.get('window', '?')}", fontsize=10)
+    fig.text(0.01, -0.02, _caption(info), fontsize=7)
+    return [save(fig, out / "bench_loss.png")]
+
+
+def plot_ablation(folder: Path, out: Path, grid_images: int) -> list:
+    with open(folder / "ablation.json") as fh:
+        record = json.load(fh)
+    runs, info, profile = record["runs"], record["environment"], record["profile"]
+    metrics = [m for m in ("psnr", "ssim", "lpips", "niqe") if any(m in r["mean"] for r in runs)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
+    axes = np.atleast_1d(axes)
+    inputs = [r["input_mean"] for r in runs]
+    for ax, metric in zip(axes, metrics):
+        for x, loss in enumerate(("l1", "entropy")):
+            values = [r["mean"][metric] for r in runs if r["loss"] == loss and metric in r["mean"]]
+            if not values:
+                continue
+            ax.plot([x] * len(values), values, "o", color=COLOURS[loss], alpha=0.6)
+            ax.errorbar(x + 0.15, np.mean(values), yerr=np.std(values, ddof=1) if len(values) > 1 else 0,
+                        fmt="s", color="k", capsize=4)
+        if metric in inputs[0]:
+            ax.axhline(np.mean([i[metric] for i in inputs]), color="k", ls=":", lw=1, label="low-light input")
+            ax.legend(fontsize=7)
+        ax.set_xticks([0, 1], ["l1", "entropy"])
+        ax.set_xlim(-0.5, 1.5)
+        ax.set_title(metric.upper() + (" (higher better)" if metric in ("psnr", "ssim") else " (lower better)"),
+                     fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"held-out photographs ({len(record['heldout'])}), {len(record['seeds'])} seeds, "
+                 f"{profile['steps']} steps, crop {profile['crop']}, B={profile['batch']}, "
+                 f"entropy bins {profile['bins']} window {profile['window']}", fontsize=9)
+    fig.text(0.01, -0.03, _caption(info), fontsize=7)
+    fig.tight_layout()
+    written = [save(fig, out / "ablation.png")]
+    written.append(ablation_grid(record, folder, out / "ablation_grid.png", grid_images))
+    return written
+
+
+def ablation_grid(record: dict, folder: Path, path: Path, count: int) -> Path:
+    """Rows of input | l1 | entropy | target from the first seed's runs, labelled with each tile's PSNR."""
+    seed = record["seeds"][0]
+    heldout = Path(record["heldout_dir"])
+    by_loss = {r["loss"]: r for r in record["runs"] if r["seed"] == seed}
+    names = record["heldout"][:count]
+    fig, axes = plt.subplots(len(names), 4, figsize=(8, 2.0 * len(names)), squeeze=False)
+    for row, name in zip(axes, names):
+        tiles = [("low-light input", heldout / "low" / f"{name}.png", by_loss["l1"]["images"][f"{name}.png"]["input"])]
+        for loss in ("l1", "entropy"):
+            tiles.append((loss, folder / "runs" / f"{loss}_seed{seed}" / "heldout" / "outputs" / f"{name}.png",
+                          by_loss[loss]["images"][f"{name}.png"]["output"]))
+        tiles.append(("target", heldout / "high" / f"{name}.png", None))
+        for ax, (label, tile, scores) in zip(row, tiles):
+            ax.imshow(np.asarray(Image.open(tile).convert("RGB")))
+            ax.set_axis_off()
+            ax.set_title(label + (f"  {scores['psnr']:.2f} dB" if scores else ""), fontsize=8)
+    fig.suptitle(f"held-out photographs, seed {seed}", fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
+    if path.stat().st_size > MAX_PNG_BYTES:
+        Image.open(path).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-crop", help="folder with max_crop.csv and max_crop_probes.csv")
+    parser.add_argument("--bench", help="a CSV written by benchmarks/bench.py")
+    parser.add_argument("--ablation", help="folder with ablation.json and runs/")
+    parser.add_argument("--grid-images", type=int, default=4)
+    parser.add_argument("--out", default="docs/img")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    written = []
+    if args.max_crop:
+        written += plot_max_crop(Path(args.max_crop), out)
+    if args.bench:
+        written += plot_bench(Path(args.bench), out)
+    if args.ablation:
+        written += plot_ablation(Path(args.ablation), out, args.grid_images)
+    for path in written:
+        size = path.stat().st_size
+        print(f"wrote {path} ({size / 1000:.0f} KB)" + ("  OVER 300 KB" if size > MAX_PNG_BYTES else ""))
+
+
+if __name__ == "__main__":
+    main()
