@@ -150,17 +150,16 @@ def run_probe(case: dict) -> dict:
 
     try:
         step, loss_only = make_step(case)
-        first = timed(step, 1)
+        result = dict(status="ok", step_s=timed(step, 1), peak_MiB=peak_extra() / 2**20)
+        if peak_extra() > case["budget"]:
+            result["status"] = "over budget"
+        elif case["time"]:
+            result["step_s"] = timed(step, case["repeats"])
+            loss_only()  # warm-up of the loss alone
+            result["loss_s"] = timed(loss_only, case["repeats"])
+            result["loss_share"] = result["loss_s"] / result["step_s"]
     except torch.OutOfMemoryError:
         return dict(status="over budget", peak_MiB=peak_extra() / 2**20)
-    result = dict(status="ok", peak_MiB=peak_extra() / 2**20, step_s=first)
-    if peak_extra() > case["budget"]:
-        result["status"] = "over budget"
-    elif case["time"]:
-        result["step_s"] = timed(step, case["repeats"])
-        loss_only()  # warm-up of the loss alone
-        result["loss_s"] = timed(loss_only, case["repeats"])
-        result["loss_share"] = result["loss_s"] / result["step_s"]
     return result
 
 

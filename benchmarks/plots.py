@@ -152,7 +152,9 @@ def ablation_grid(record: dict, folder: Path, path: Path, count: int) -> Path:
     heldout = Path(record["heldout_dir"])
     by_loss = {r["loss"]: r for r in record["runs"] if r["seed"] == seed}
     names = record["heldout"][:count]
-    fig, axes = plt.subplots(len(names), 4, figsize=(8, 2.0 * len(names)), squeeze=False)
+    sizes = [Image.open(heldout / "high" / f"{name}.png").size for name in names]
+    aspect = max(height / width for width, height in sizes)
+    fig, axes = plt.subplots(len(names), 4, figsize=(8, (2 * aspect + 0.3) * len(names) + 0.3), squeeze=False)
     for row, name in zip(axes, names):
         tiles = [("low-light input", heldout / "low" / f"{name}.png", by_loss["l1"]["images"][f"{name}.png"]["input"])]
         for loss in ("l1", "entropy"):
