@@ -3,7 +3,9 @@
 mu is the low-light image, x_0 the normal-light image, lambda = max_sigma. The schedule is
 held as tensors indexed by the integer step t = 0..T; every equation of MODEL.md is one
 method. Step tensors ``t`` are (N,) integer tensors; per-image coefficients are shaped
-(N, 1, 1, 1) so they broadcast over images.
+(N, 1, 1, 1) so they broadcast over images. Coefficients are computed in float64 and cast to
+the images' dtype only when applied: near t = 1 they involve 1 - exp(-2 theta dt) ~ 1e-3,
+where float32 loses four digits.
 """
 from __future__ import annotations
 
@@ -33,15 +35,14 @@ class IRSDE:
         self.to(device)
 
     def to(self, device):
-        """Moves the schedule (kept in float64 on the CPU for the closed forms) to ``device`` as float32."""
+        """Moves the float64 schedule to ``device``."""
         self.device = torch.device(device)
-        self._f = {
-            name: getattr(self, name).to(self.device, torch.float32) for name in ("theta", "thetabar", "sigmabar")
-        }
+        for name in ("theta", "thetabar", "sigmabar"):
+            setattr(self, name, getattr(self, name).to(self.device))
         return self
 
     def _at(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        table = self._f[name]
+        table = getattr(self, name)
         t = torch.as_tensor(t, device=table.device).reshape(-1)  # never 0-d: a batch of one works
         return table[t].reshape(-1, 1, 1, 1)
 
@@ -51,7 +52,7 @@ class IRSDE:
 
     def marginal_mean(self, x0: torch.Tensor, mu: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """E[x_t | x_0] = mu + (x_0 - mu) exp(-thetabar_t dt)."""
-        return mu + (x0 - mu) * torch.exp(-self._at("thetabar", t) * self.dt)
+        return mu + (x0 - mu) * torch.exp(-self._at("thetabar", t) * self.dt).to(x0.dtype)
 
     def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
         return self._at("sigmabar", t)
@@ -59,16 +60,17 @@ class IRSDE:
     def sample_marginal(self, x0, mu, t, generator=None):
         """(x_t, noise) with x_t = marginal_mean + sigmabar_t * noise."""
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return self.marginal_mean(x0, mu, t) + self.marginal_std(t) * noise, noise
+        return self.marginal_mean(x0, mu, t) + self.marginal_std(t).to(x0.dtype) * noise, noise
 
     def score_from_noise(self, noise_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """score = -eps_hat / sigmabar_t."""
-        return -noise_pred / self.marginal_std(t)
+        return -noise_pred / self.marginal_std(t).to(noise_pred.dtype)
 
     def drift(self, x_t, mu, noise_pred, t) -> torch.Tensor:
         """(theta_t (mu - x_t) - sigma_t^2 score) dt: the reverse-SDE drift over one step."""
         score = self.score_from_noise(noise_pred, t)
-        return (self._at("theta", t) * (mu - x_t) - self.sigma(t) ** 2 * score) * self.dt
+        theta, sigma2 = self._at("theta", t).to(x_t.dtype), (self.sigma(t) ** 2).to(x_t.dtype)
+        return (theta * (mu - x_t) - sigma2 * score) * self.dt
 
     def predicted_previous(self, x_t, mu, noise_pred, t) -> torch.Tensor:
         """x_hat_{t-1} = x_t - drift: what the training loss compares with the optimal step."""
@@ -92,7 +94,7 @@ class IRSDE:
 
     def optimal_previous(self, x_t, x0, mu, t, s=None) -> torch.Tensor:
         """x*_s: the mean of x_s given x_t and x_0 (the maximum-likelihood training target for s = t - 1)."""
-        c_t, c_0 = self.optimal_previous_coefficients(t, s)
+        c_t, c_0 = (c.to(x_t.dtype) for c in self.optimal_previous_coefficients(t, s))
         return mu + c_t * (x_t - mu) + c_0 * (x0 - mu)
 
     def posterior_std(self, t, s=None) -> torch.Tensor:
@@ -104,7 +106,8 @@ class IRSDE:
 
     def x0_from_noise(self, x_t, mu, noise_pred, t) -> torch.Tensor:
         """x0_hat = mu + (x_t - mu - sigmabar_t eps_hat) exp(thetabar_t dt)."""
-        return mu + (x_t - mu - self.marginal_std(t) * noise_pred) * torch.exp(self._at("thetabar", t) * self.dt)
+        sigmabar, growth = self.marginal_std(t), torch.exp(self._at("thetabar", t) * self.dt)
+        return mu + (x_t - mu - sigmabar.to(x_t.dtype) * noise_pred) * growth.to(x_t.dtype)
 
     def noisy_start(self, mu: torch.Tensor, generator=None) -> torch.Tensor:
         """x_T = mu + lambda * N(0, I)."""
@@ -114,12 +117,12 @@ class IRSDE:
         """One step of posterior sampling: draw x_s from N(x*_s(x_t, x0_hat), posterior_std^2)."""
         x0_hat = self.x0_from_noise(x_t, mu, noise_pred, t)
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return self.optimal_previous(x_t, x0_hat, mu, t, s) + self.posterior_std(t, s) * z
+        return self.optimal_previous(x_t, x0_hat, mu, t, s) + self.posterior_std(t, s).to(x_t.dtype) * z
 
     def reverse_sde_step(self, x_t, mu, noise_pred, t, generator=None) -> torch.Tensor:
         """Euler-Maruyama step of the reverse SDE: x_{t-1} = x_t - drift - sigma_t sqrt(dt) z."""
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return x_t - self.drift(x_t, mu, noise_pred, t) - self.sigma(t) * math.sqrt(self.dt) * z
+        return x_t - self.drift(x_t, mu, noise_pred, t) - self.sigma(t).to(x_t.dtype) * math.sqrt(self.dt) * z
 
     def timesteps(self, count: int):
         """`count` decreasing steps from T to 0 (as even as the integers allow) for sampling."""
