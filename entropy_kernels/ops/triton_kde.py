@@ -29,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -42,24 +43,64 @@ DOT_PRECISION = "ieee"
 
 
 @triton.jit
-def _kernel_vectors(v, centres, inv_h, WITH_SLOPE: tl.constexpr, KERNEL: tl.constexpr):
+def _div(x, y):
+    # Triton's fp32 '/' is div.full (2 ulp); the error-bound rule wants IEEE rounding as torch has.
+    if x.dtype == tl.float32:
+        q = tl.div_rn(x, y)
+    else:
+        q = x / y
+    return q
+
+
+@triton.jit
+def _sqrt(x):
+    if x.dtype == tl.float32:
+        r = tl.sqrt_rn(x)
+    else:
+        r = tl.sqrt(x)
+    return r
+
+
+@triton.jit
+def _exp(x, PRECISE_MATH: tl.constexpr):
+    # On the GPU tl.exp in fp32 is ex2.approx(x * log2 e), whose error grows with |x|; libdevice's
+    # expf is within 2 ulp. The interpreter has no libdevice and its tl.exp is numpy's.
+    if PRECISE_MATH:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log(x, PRECISE_MATH: tl.constexpr):
+    if PRECISE_MATH:
+        y = libdevice.log(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _kernel_vectors(v, centres, h, WITH_SLOPE: tl.constexpr, KERNEL: tl.constexpr, PRECISE_MATH: tl.constexpr):
     """K((v - k)/h)/h for v (P, 1) and bin centres k (1, LP); with WITH_SLOPE also its d/dv."""
-    z = (v - centres) * inv_h
+    # Divisions, not products with 1/h: z's rounding is amplified by |z| in the kernel tails.
+    z = _div(v - centres, h)
     if KERNEL == 0:
         # e^-|z| / (1 + e^-|z|)^2: the symmetric form never rounds to 0 on one side.
-        e = tl.exp(-tl.abs(z))
-        r = 1.0 / (1.0 + e)
-        k = e * r * r * inv_h
+        e = _exp(-tl.abs(z), PRECISE_MATH)
+        opp = 1.0 + e
+        k = _div(e, opp * opp * h)
         if WITH_SLOPE:
             # K'(z) = -sign(z) K(z) (1 - e)/(1 + e); sign(0) = 0 as for torch's abs.
             sign = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-            slope = -sign * k * (1.0 - e) * r * inv_h
+            slope = _div(-sign * k * (1.0 - e), opp * h)
         else:
             slope = k
     else:
-        k = tl.exp(-0.5 * z * z) * (0.3989422804014327 * inv_h)
+        k = _div(_exp(-0.5 * z * z, PRECISE_MATH), 2.5066282746310002 * h)
         if WITH_SLOPE:
-            slope = -z * k * inv_h
+            slope = _div(-z * k, h)
         else:
             slope = k
     return k, slope
@@ -91,9 +132,9 @@ def _pixel_chunk(n, row0, col0, rows, cols, k0, H, W, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H, W, inv_h,
+def _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H, W, h,
                       centres, bin_ok, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr, LP: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
     """Unnormalised window histograms sum_p a_p b_p^T of pred (hq) and target (hp), LP x LP."""
     dtype = u_pred.dtype.element_ty
     hq = tl.zeros((LP, LP), dtype=dtype)
@@ -105,13 +146,13 @@ def _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H
         mp = tl.load(m_pred + offs, mask=inside, other=0.0)
         ut = tl.load(u_tgt + offs, mask=inside, other=0.0)
         mt = tl.load(m_tgt + offs, mask=inside, other=0.0)
-        a, _ = _kernel_vectors(up[:, None], centres[None, :], inv_h, False, KERNEL)
-        b, _ = _kernel_vectors(mp[:, None], centres[None, :], inv_h, False, KERNEL)
+        a, _ = _kernel_vectors(up[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+        b, _ = _kernel_vectors(mp[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
         hq = tl.dot(tl.trans(a), b, acc=hq, input_precision=PRECISION, out_dtype=dtype)
-        a, _ = _kernel_vectors(ut[:, None], centres[None, :], inv_h, False, KERNEL)
-        b, _ = _kernel_vectors(mt[:, None], centres[None, :], inv_h, False, KERNEL)
+        a, _ = _kernel_vectors(ut[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+        b, _ = _kernel_vectors(mt[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
         hp = tl.dot(tl.trans(a), b, acc=hp, input_precision=PRECISION, out_dtype=dtype)
@@ -121,27 +162,27 @@ def _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H
 @triton.jit
 def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, params, d_out, H, W, Ho, Wo, win_h, win_w, off_h, off_w,
                         BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
-                        BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
     pid = tl.program_id(0)
     n, row0, col0, rows, cols = _window(pid, H, W, Ho, Wo, win_h, win_w, off_h, off_w)
-    inv_h = tl.load(params)
+    h = tl.load(params)
     eps = tl.load(params + 1)
     bin_idx = tl.arange(0, LP)
     centres = bin_idx.to(u_pred.dtype.element_ty)
     bin_ok = bin_idx < BINS
-    hp, hq = _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H, W, inv_h,
-                               centres, bin_ok, KERNEL, BLOCK_P, LP, PRECISION)
+    hp, hq = _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H, W, h,
+                               centres, bin_ok, KERNEL, BLOCK_P, LP, PRECISION, PRECISE_MATH)
     count = (rows * cols).to(hp.dtype)
-    p = hp / count
-    q = hq / count
+    p = _div(hp, count)
+    q = _div(hq, count)
     cell_ok = bin_ok[:, None] & bin_ok[None, :]
     if DIVERGENCE == 0:
-        term = p * (tl.log(p + eps) - tl.log(q + eps))
+        term = p * (_log(p + eps, PRECISE_MATH) - _log(q + eps, PRECISE_MATH))
         d = tl.sum(tl.sum(tl.where(cell_ok, term, 0.0), axis=1), axis=0)
     else:
-        diff = tl.sqrt(p + eps) - tl.sqrt(q + eps)
+        diff = _sqrt(p + eps) - _sqrt(q + eps)
         s = tl.sum(tl.sum(tl.where(cell_ok, diff * diff, 0.0), axis=1), axis=0)
-        d = tl.sqrt(s + eps) * 0.7071067811865476
+        d = _sqrt(s + eps) * 0.7071067811865476
     tl.store(d_out + pid, d)
 
 
@@ -149,34 +190,34 @@ def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, params, d_out, H, W, Ho, W
 def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, params, d_saved, grad_d, grad_u, grad_m,
                         H, W, Ho, Wo, win_h, win_w, off_h, off_w,
                         BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
-                        BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
     pid = tl.program_id(0)
     n, row0, col0, rows, cols = _window(pid, H, W, Ho, Wo, win_h, win_w, off_h, off_w)
-    inv_h = tl.load(params)
+    h = tl.load(params)
     eps = tl.load(params + 1)
     bin_idx = tl.arange(0, LP)
     centres = bin_idx.to(u_pred.dtype.element_ty)
     bin_ok = bin_idx < BINS
-    hp, hq = _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H, W, inv_h,
-                               centres, bin_ok, KERNEL, BLOCK_P, LP, PRECISION)
+    hp, hq = _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H, W, h,
+                               centres, bin_ok, KERNEL, BLOCK_P, LP, PRECISION, PRECISE_MATH)
     count = (rows * cols).to(hp.dtype)
-    p = hp / count
-    q = hq / count
+    p = _div(hp, count)
+    q = _div(hq, count)
     if DIVERGENCE == 0:
-        dq = -p / (q + eps)
+        dq = -_div(p, q + eps)
     else:
-        root_q = tl.sqrt(q + eps)
-        dq = -(tl.sqrt(p + eps) - root_q) / (4.0 * tl.load(d_saved + pid) * root_q)
+        root_q = _sqrt(q + eps)
+        dq = -_div(_sqrt(p + eps) - root_q, 4.0 * tl.load(d_saved + pid) * root_q)
     # dD/dH_Q = dD/dQ / N_c; padded cells are dropped so eps = 0 cannot make 0/0 there.
     cell_ok = bin_ok[:, None] & bin_ok[None, :]
-    g = tl.where(cell_ok, dq * (tl.load(grad_d + pid) / count), 0.0)
+    g = tl.where(cell_ok, dq * _div(tl.load(grad_d + pid), count), 0.0)
     for k0 in range(0, rows * cols, BLOCK_P):
         offs, inside = _pixel_chunk(n, row0, col0, rows, cols, k0, H, W, BLOCK_P)
         keep = inside[:, None] & bin_ok[None, :]
         up = tl.load(u_pred + offs, mask=inside, other=0.0)
         mp = tl.load(m_pred + offs, mask=inside, other=0.0)
-        a, da = _kernel_vectors(up[:, None], centres[None, :], inv_h, True, KERNEL)
-        b, db = _kernel_vectors(mp[:, None], centres[None, :], inv_h, True, KERNEL)
+        a, da = _kernel_vectors(up[:, None], centres[None, :], h, True, KERNEL, PRECISE_MATH)
+        b, db = _kernel_vectors(mp[:, None], centres[None, :], h, True, KERNEL, PRECISE_MATH)
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
         gb = tl.dot(b, tl.trans(g), input_precision=PRECISION, out_dtype=hp.dtype)  # (G b_p)(i)
@@ -185,6 +226,9 @@ def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, params, d_saved, grad_d, g
         gm = tl.sum(tl.where(keep, db * ag, 0.0), axis=1)
         tl.atomic_add(grad_u + offs, gu, mask=inside, sem="relaxed")
         tl.atomic_add(grad_m + offs, gm, mask=inside, sem="relaxed")
+
+
+_INTERPRETED = isinstance(_kde_divergence_fwd, InterpretedFunction)
 
 
 def _launch_config(win_h: int, win_w: int, bins: int):
@@ -203,8 +247,8 @@ def _geometry(height, width, win_h, win_w, valid):
 
 
 def _params(like: torch.Tensor, bandwidth: float, eps: float) -> torch.Tensor:
-    # inv_h and eps travel as a tensor so float64 runs keep them in float64 (scalars are fp32).
-    return torch.tensor([1.0 / bandwidth, eps], dtype=like.dtype, device=like.device)
+    # h and eps travel as a tensor so float64 runs keep them in float64 (scalars are fp32).
+    return torch.tensor([bandwidth, eps], dtype=like.dtype, device=like.device)
 
 
 def _check_maps(*maps):
@@ -229,7 +273,7 @@ def triton_local_divergence(
         u_pred, m_pred, u_tgt, m_tgt, _params(u_pred, bandwidth, eps), d,
         height, width, ho, wo, win_h, win_w, off_h, off_w,
         BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
-        PRECISION=DOT_PRECISION, **_launch_config(win_h, win_w, bins),
+        PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **_launch_config(win_h, win_w, bins),
     )
     return d
 
@@ -258,7 +302,7 @@ def triton_local_divergence_backward(
         u_pred, m_pred, u_tgt, m_tgt, _params(u_pred, bandwidth, eps), d.contiguous(), grad_d, grad_u, grad_m,
         height, width, ho, wo, win_h, win_w, off_h, off_w,
         BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
-        PRECISION=DOT_PRECISION, **_launch_config(win_h, win_w, bins),
+        PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **_launch_config(win_h, win_w, bins),
     )
     return grad_u, grad_m
 
@@ -289,7 +333,7 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, bins: int):
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             reasons.append("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
-        elif not isinstance(_kde_divergence_fwd, InterpretedFunction):
+        elif not _INTERPRETED:
             reasons.append("TRITON_INTERPRET=1 was set after Triton kernels were compiled for the GPU; "
                            "set it before importing entropy_kernels")
     elif device.type != "cuda":
