@@ -212,16 +212,16 @@ def test_nan_and_inf_reach_exactly_the_windows_that_contain_them(gen):
 
 @needs_triton
 def test_identical_images(gen):
+    """P = Q: zero generalised KL, Hellinger sqrt(eps/2), and exactly zero gradients (dD/dQ = 0)."""
     image = torch.rand(2, 1, 4, 5, dtype=torch.float64, generator=gen).to(DEVICE)
-    kl = spatial_entropy_loss(image, image, backend="triton", bins=7, window=3, reduction="none")
-    assert kl.abs().max() < 1e-14
-    pred = image.clone().requires_grad_()
     eps = 1e-10
-    hellinger = spatial_entropy_loss(pred, image, backend="triton", bins=7, window=3, divergence="hellinger",
-                                     eps=eps, reduction="none")
-    torch.testing.assert_close(hellinger, torch.full_like(hellinger, (eps / 2) ** 0.5), rtol=1e-9, atol=0)
-    hellinger.sum().backward()
-    assert torch.equal(pred.grad, torch.zeros_like(pred.grad))  # dD/dQ = 0 exactly where P = Q
+    for divergence, value in (("kl", 0.0), ("hellinger", (eps / 2) ** 0.5)):
+        pred = image.clone().requires_grad_()
+        d = spatial_entropy_loss(pred, image, backend="triton", bins=7, window=3, divergence=divergence,
+                                 eps=eps, reduction="none")
+        torch.testing.assert_close(d, torch.full_like(d, value), rtol=1e-9, atol=1e-15)
+        d.sum().backward()
+        assert torch.equal(pred.grad, torch.zeros_like(pred.grad)), divergence
 
 
 @needs_triton

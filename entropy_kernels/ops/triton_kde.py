@@ -177,7 +177,8 @@ def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, params, d_out, H, W, Ho, W
     q = _div(hq, count)
     cell_ok = bin_ok[:, None] & bin_ok[None, :]
     if DIVERGENCE == 0:
-        term = p * (_log(p + eps, PRECISE_MATH) - _log(q + eps, PRECISE_MATH))
+        # Generalised KL of the eps-floored densities (docs/spec.md, Decisions 1).
+        term = (p + eps) * (_log(p + eps, PRECISE_MATH) - _log(q + eps, PRECISE_MATH)) + q - p
         d = tl.sum(tl.sum(tl.where(cell_ok, term, 0.0), axis=1), axis=0)
     else:
         diff = _sqrt(p + eps) - _sqrt(q + eps)
@@ -204,7 +205,7 @@ def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, params, d_saved, grad_d, g
     p = _div(hp, count)
     q = _div(hq, count)
     if DIVERGENCE == 0:
-        dq = -_div(p, q + eps)
+        dq = _div(q - p, q + eps)
     else:
         root_q = _sqrt(q + eps)
         dq = -_div(_sqrt(p + eps) - root_q, 4.0 * tl.load(d_saved + pid) * root_q)
