@@ -1,0 +1,264 @@
+"""The Triton backend against the float64 reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors, which is slow, so the
+shapes here are tiny; with a GPU the same tests run the compiled kernels on CUDA tensors.
+TRITON_INTERPRET must be set before Triton is imported (kernels are bound at decoration time).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from entropy_kernels import reference, spatial_entropy_loss  # noqa: E402
+from entropy_kernels.ops import triton_kde  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_REASONS = triton_kde.not_supported_reasons(DEVICE, torch.float32, 8)
+needs_triton = pytest.mark.skipif(bool(_REASONS), reason="; ".join(_REASONS))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def gen():
+    """A freshly seeded generator; the seed is printed so a failure can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def random_maps(gen, n, height, width, bins, low=0.0, high=None):
+    """u_pred, m_pred, u_tgt, m_tgt in bin units, float64 on DEVICE."""
+    high = bins - 1 if high is None else high
+    return [
+        (low + (high - low) * torch.rand(n, height, width, dtype=torch.float64, generator=gen)).to(DEVICE)
+        for _ in range(4)
+    ]
+
+
+def divergence_and_grads(backend, maps, options, grad_d, dtype):
+    u_pred, m_pred, u_tgt, m_tgt = (x.to(dtype) for x in maps)
+    u_pred.requires_grad_()
+    m_pred.requires_grad_()
+    d = backend.local_divergence(u_pred, m_pred, u_tgt, m_tgt, *options)
+    grad_u, grad_m = torch.autograd.grad(d, (u_pred, m_pred), grad_d.to(dtype))
+    return [t.double() for t in (d, grad_u, grad_m)]
+
+
+def test_not_supported_reasons(monkeypatch):
+    assert triton_kde.not_supported_reasons(torch.device("cpu"), torch.float16, 8)
+    assert "bins" in " ".join(triton_kde.not_supported_reasons(DEVICE, torch.float32, 65))
+    assert triton_kde.not_supported_reasons(torch.device("meta"), torch.float32, 8)
+    if not _REASONS:
+        for bins in (2, 17, 64):
+            for dtype in (torch.float32, torch.float64):
+                assert triton_kde.not_supported_reasons(DEVICE, dtype, bins) == []
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in " ".join(triton_kde.not_supported_reasons(torch.device("cpu"), torch.float32, 8))
+
+
+# (n, height, width, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, value range)
+PARITY_CASES = [
+    (2, 5, 7, 3, 3, False, 12, 0.5, "logistic", "kl", 1e-10, None),
+    (3, 5, 6, 5, 5, True, 5, 0.5, "gaussian", "hellinger", 1e-10, None),
+    (1, 4, 5, 7, 7, False, 16, 0.3, "logistic", "hellinger", 1e-10, None),  # window larger than the image
+    (2, 6, 4, 6, 4, True, 3, 0.5, "gaussian", "kl", 0.0, None),  # the 'global' window, even sides, eps 0
+    (1, 3, 13, 1, 1, False, 2, 0.7, "logistic", "kl", 1e-10, None),  # 1x1 windows, 2 bins
+    (1, 5, 5, 3, 5, False, 33, 0.5, "gaussian", "kl", 1e-10, None),  # bins padded to 64
+    (1, 5, 7, 3, 3, False, 9, 0.5, "logistic", "hellinger", 1e-6, (-3.0, 11.0)),  # values beyond the bins
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: f"{c[1]}x{c[2]}-w{c[3]}x{c[4]}-L{c[6]}-{c[8]}-{c[9]}")
+def test_matches_float64_reference(gen, case):
+    n, height, width, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, span = case
+    maps = random_maps(gen, n, height, width, bins, *(span or ()))
+    options = (win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps)
+    ho, wo = (height - win_h + 1, width - win_w + 1) if valid else (height, width)
+    grad_d = torch.randn(n, ho, wo, dtype=torch.float64, generator=gen).to(DEVICE)
+    expected = divergence_and_grads(reference, maps, options, grad_d, torch.float64)
+    got = divergence_and_grads(triton_kde, maps, options, grad_d, torch.float64)
+    for name, g, e in zip(("D", "grad_u", "grad_m"), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-13, msg=lambda m: f"{name}: {m}")
+
+
+# The error-bound rule (as in flash-attention's tests): on inputs representable in float32, the
+# float32 kernel's error against the float64 reference is at most twice the error of the reference
+# itself run in float32. The metric is the root-mean-square error over the whole D map (and over
+# each gradient map): a max over a few hundred rounding errors is itself noisy (ratios up to about
+# 2.2 were seen for two correct float32 computations), the RMS is not (ratios 0.7-1.3). A max-error
+# guard at 4x catches an error that is concentrated in a few windows. FLOOR only matters when both
+# errors are exactly zero.
+FLOOR = 1e-30
+ERROR_CASES = [
+    (2, 6, 7, 3, 3, False, 12, 0.5, "logistic", "kl", 1e-10),
+    (2, 6, 7, 5, 5, False, 7, 0.5, "gaussian", "hellinger", 1e-10),
+    (2, 6, 7, 1, 1, False, 5, 0.3, "gaussian", "kl", 1e-10),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: f"w{c[3]}-L{c[6]}-{c[8]}-{c[9]}")
+def test_float32_error_bound(gen, case):
+    n, height, width, *options = case
+    maps = [x.float().double() for x in random_maps(gen, n, height, width, options[3])]
+    grad_d = torch.randn(n, height, width, generator=gen).double().to(DEVICE)
+    exact = divergence_and_grads(reference, maps, options, grad_d, torch.float64)
+    ref32 = divergence_and_grads(reference, maps, options, grad_d, torch.float32)
+    ours = divergence_and_grads(triton_kde, maps, options, grad_d, torch.float32)
+    for name, e, r, o in zip(("D", "grad_u", "grad_m"), exact, ref32, ours):
+        ours_rms, ref_rms = (o - e).norm().item(), (r - e).norm().item()
+        ours_max, ref_max = (o - e).abs().max().item(), (r - e).abs().max().item()
+        assert ours_rms <= 2 * ref_rms + FLOOR, f"{name}: RMS error {ours_rms:.3e} vs reference fp32 {ref_rms:.3e}"
+        assert ours_max <= 4 * ref_max + FLOOR, f"{name}: max error {ours_max:.3e} vs reference fp32 {ref_max:.3e}"
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "options, shape, fast_mode",
+    [
+        ((3, 3, False, 5, 0.5, "logistic", "kl", 1e-10), (1, 3, 3), False),
+        ((3, 3, True, 6, 0.6, "gaussian", "hellinger", 1e-10), (2, 4, 3), True),
+    ],
+)
+def test_gradcheck_float64(gen, options, shape, fast_mode):
+    u_pred, m_pred, u_tgt, m_tgt = random_maps(gen, *shape, options[3])
+    u_pred.requires_grad_()
+    m_pred.requires_grad_()
+
+    def fn(u, m):
+        return triton_kde.local_divergence(u, m, u_tgt, m_tgt, *options)
+
+    assert torch.autograd.gradcheck(fn, (u_pred, m_pred), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=fast_mode)
+
+
+@needs_triton
+def test_opcheck(gen):
+    u_pred, m_pred, u_tgt, m_tgt = random_maps(gen, 1, 3, 4, 6)
+    options = (3, 3, False, 6, 0.5, "logistic", "kl", 1e-10)
+    args = (u_pred.clone().requires_grad_(), m_pred.clone().requires_grad_(), u_tgt, m_tgt, *options)
+    torch.library.opcheck(triton_kde.triton_local_divergence, args)
+    grad_d = torch.randn(1, 3, 4, dtype=torch.float64, generator=gen).to(DEVICE)
+    d = triton_kde.triton_local_divergence(u_pred, m_pred, u_tgt, m_tgt, *options)
+    torch.library.opcheck(triton_kde.triton_local_divergence_backward,
+                          (grad_d, d, u_pred, m_pred, u_tgt, m_tgt, *options))
+
+
+def loss_and_grad(pred, target, grad_out, backend, **kwargs):
+    pred = pred.clone().requires_grad_()
+    kwargs.setdefault("neighbor_weights", "shuffled")
+    loss = spatial_entropy_loss(pred, target, backend=backend, generator=torch.Generator().manual_seed(7), **kwargs)
+    (grad,) = torch.autograd.grad(loss, pred, grad_out)
+    return loss, grad
+
+
+API_CASES = [
+    ((1, 3, 5, 4), dict(bins=10, window=(1, 3, 5), reduction="none", divergence="hellinger", kernel="gaussian")),
+    ((2, 1, 5, 6), dict(bins=7, window=3, padding="valid", reduction="sum", neighbor_weights="randn")),
+    ((2, 1, 6, 8), dict(bins=6, window="global", reduction="none")),
+    ((3, 5, 4), dict(bins=5, window=7, clamp=False, reduction="none", neighbor_weights="random")),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("shape, kwargs", API_CASES, ids=[str(k["window"]) for _, k in API_CASES])
+def test_public_api_matches_reference(gen, shape, kwargs):
+    pred = torch.rand(shape, dtype=torch.float64, generator=gen).to(DEVICE)
+    target = torch.rand(shape, dtype=torch.float64, generator=gen).to(DEVICE)
+    if not kwargs.get("clamp", True):
+        pred = 1.4 * pred - 0.2
+    loss_ref = spatial_entropy_loss(pred, target, backend="reference",
+                                    generator=torch.Generator().manual_seed(7), **kwargs)
+    grad_out = torch.randn(loss_ref.shape, dtype=torch.float64, generator=gen).to(DEVICE)
+    expected, expected_grad = loss_and_grad(pred, target, grad_out, "reference", **kwargs)
+    got, got_grad = loss_and_grad(pred, target, grad_out, "triton", **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+
+@needs_triton
+def test_half_input_is_computed_in_float32(gen):
+    pred = torch.rand(1, 3, 5, 4, generator=gen).half().to(DEVICE)
+    target = torch.rand(1, 3, 5, 4, generator=gen).half().to(DEVICE)
+    kwargs = dict(bins=8, window=3)
+    loss, grad = loss_and_grad(pred, target, None, "triton", **kwargs)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float16
+    expected, expected_grad = loss_and_grad(pred.double(), target.double(), None, "reference", **kwargs)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    # The gradient is rounded to float16 on its way back to pred.
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=2e-3, atol=1e-6)
+
+
+@needs_triton
+def test_nan_and_inf_reach_exactly_the_windows_that_contain_them(gen):
+    pred = torch.rand(1, 2, 7, 6, dtype=torch.float64, generator=gen).to(DEVICE)
+    target = torch.rand(1, 2, 7, 6, dtype=torch.float64, generator=gen).to(DEVICE)
+    pred[0, 0, 1, 1] = float("nan")
+    target[0, 1, 5, 4] = float("inf")
+    kwargs = dict(bins=6, window=3, reduction="none", neighbor_weights="mean")
+    got = spatial_entropy_loss(pred, target, backend="triton", **kwargs)
+    expected = spatial_entropy_loss(pred, target, backend="reference", **kwargs)
+    assert got.isnan().any() and got.isfinite().any()
+    assert torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-13, equal_nan=True)
+    assert spatial_entropy_loss(pred, target, backend="triton", bins=6, window=3).isnan()
+
+
+@needs_triton
+def test_identical_images(gen):
+    """P = Q: zero generalised KL, Hellinger sqrt(eps/2), and exactly zero gradients (dD/dQ = 0)."""
+    image = torch.rand(2, 1, 4, 5, dtype=torch.float64, generator=gen).to(DEVICE)
+    eps = 1e-10
+    for divergence, value in (("kl", 0.0), ("hellinger", (eps / 2) ** 0.5)):
+        pred = image.clone().requires_grad_()
+        d = spatial_entropy_loss(pred, image, backend="triton", bins=7, window=3, divergence=divergence,
+                                 eps=eps, reduction="none")
+        torch.testing.assert_close(d, torch.full_like(d, value), rtol=1e-9, atol=1e-15)
+        d.sum().backward()
+        assert torch.equal(pred.grad, torch.zeros_like(pred.grad)), divergence
+
+
+@needs_triton
+def test_torch_compile(gen):
+    u_pred, m_pred, u_tgt, m_tgt = random_maps(gen, 2, 5, 4, 6)
+    options = (3, 3, False, 6, 0.5, "logistic", "kl", 1e-10)
+
+    def loss(u, m):
+        return triton_kde.local_divergence(u, m, u_tgt, m_tgt, *options).square().sum()
+
+    # Inductor's CPU code generation is not what is tested here; aot_eager traces the op through
+    # its fake implementation and autograd registration, which is what torch.compile relies on.
+    compiled = torch.compile(loss, backend="inductor" if DEVICE.type == "cuda" else "aot_eager", fullgraph=True)
+    results = []
+    for fn in (loss, compiled):
+        u, m = u_pred.clone().requires_grad_(), m_pred.clone().requires_grad_()
+        value = fn(u, m)
+        results.append((value, *torch.autograd.grad(value, (u, m))))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_gradients_stable_across_runs(gen, dtype):
+    """Backward adds into the gradient maps with atomics: run-to-run differences are rounding only."""
+    maps = random_maps(gen, 6, 40, 33, 32)
+    options = (11, 11, False, 32, 0.5, "logistic", "kl", 1e-10)
+    grad_d = torch.randn(6, 40, 33, dtype=torch.float64, generator=gen).to(DEVICE)
+    first = divergence_and_grads(triton_kde, maps, options, grad_d, dtype)
+    expected = divergence_and_grads(reference, maps, options, grad_d, torch.float64)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-13)
+    for _ in range(3):
+        again = divergence_and_grads(triton_kde, maps, options, grad_d, dtype)
+        assert torch.equal(again[0], first[0])  # forward has no atomics: bitwise equal
+        for g, f in zip(again[1:], first[1:]):
+            torch.testing.assert_close(g, f, **tol)
+    for g, e in zip(first, expected):
+        torch.testing.assert_close(g, e, **tol)
