@@ -36,12 +36,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import ROOT, environment  # noqa: E402 - the shared environment record of the benchmarks
 
-LOSSES = ("l1", "entropy")
+sys.path.insert(1, str(ROOT))  # the train package, when run as a script from anywhere
+
+# The training loss of each arm (the train config's `loss` section); everything else is shared.
+# 'entropy-noclamp' separates one effect: with clamp=True (the default) pixels outside [0, 1] get no
+# gradient, and in IR-SDE training on dark images a quarter of x*_{t-1} is below 0 at large t.
+ARMS = {
+    "l1": {"weights": {"l1": 1.0}},
+    "entropy": {"weights": {"entropy": 1.0}},
+    "entropy-noclamp": {"weights": {"entropy": 1.0}, "entropy": {"clamp": False}},
+    "l1+entropy": {"weights": {"l1": 1.0, "entropy": 1.0}},
+}
+DEFAULT_ARMS = ("l1", "entropy", "entropy-noclamp")
 HELDOUT_VERSION = "1"
 MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")
 # Sizes: CPU fits 30 minutes on 2 shared cores; --long is the paper's crop and batch for a GPU.
 PROFILES = {
-    "cpu": dict(steps=600, crop=32, batch=4, bins=16, window=5, lr=1e-3, sample_steps=100, heldout_side=160,
+    "cpu": dict(steps=600, crop=32, batch=4, bins=32, window=11, lr=1e-3, sample_steps=100, heldout_side=160,
                 extra_photos=5),
     "long": dict(steps=20000, crop=128, batch=8, bins=32, window=11, lr=1e-4, sample_steps=100, heldout_side=400,
                  extra_photos=12),
@@ -95,11 +106,26 @@ def make_heldout_set(root: Path, side: int, extra: int) -> Path:
 
 # ---- one run: train, then evaluate ----
 
-def fit_overrides(loss: str, seed: int, run_dir: Path, p: dict) -> list:
+def entropy_backend(bins: int) -> str:
+    """The backend `auto` gives CPU float32 tensors; importing it here builds a JIT extension once,
+    before parallel runs would each wait for it."""
+    import torch
+
+    from entropy_kernels import backends
+
+    return backends.select("auto", torch.device("cpu"), torch.float32, bins).__name__.rsplit(".", 1)[-1]
+
+
+def _yaml_flow(mapping: dict) -> str:
+    return "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in mapping.items()) + "}"
+
+
+def fit_overrides(arm: str, seed: int, run_dir: Path, p: dict) -> list:
+    entropy = {"bins": p["bins"], "window": p["window"], **ARMS[arm].get("entropy", {})}
     return [
         f"seed={seed}", f"out_dir={run_dir}", "data.layout=demo", f"data.crop={p['crop']}",
-        f"data.batch_size={p['batch']}", "model.preset=tiny", f"loss.weights={{{loss}: 1.0}}",
-        f"loss.entropy={{bins: {p['bins']}, window: {p['window']}}}", f"train.steps={p['steps']}",
+        f"data.batch_size={p['batch']}", "model.preset=tiny", f"loss.weights={_yaml_flow(ARMS[arm]['weights'])}",
+        f"loss.entropy={_yaml_flow(entropy)}", f"train.steps={p['steps']}",
         f"train.lr={p['lr']}", "train.lr_min=1.0e-6", "train.ema=0.99", f"train.log_every={max(1, p['steps'] // 50)}",
         "train.val_every=0", f"train.checkpoint_every={p['steps']}", f"train.threads={p['threads']}",
         f"sample.steps={p['sample_steps']}", "evaluate_at_end=false",
@@ -111,24 +137,23 @@ def child_env(threads: int) -> dict:
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
 
-def run_one(loss: str, seed: int, heldout: Path, out: Path, p: dict) -> dict:
-    """Trains and evaluates one (loss, seed); returns its record (metrics per image and mean)."""
-    run_dir = out / "runs" / f"{loss}_seed{seed}"
+def run_one(arm: str, seed: int, heldout: Path, out: Path, p: dict) -> dict:
+    """Trains and evaluates one (arm, seed); returns its record (metrics per image and mean)."""
+    run_dir = out / "runs" / f"{arm}_seed{seed}"
     env = child_env(p["threads"])
-    log = open(out / "runs" / f"{loss}_seed{seed}.log", "w")
     started = time.time()
-    subprocess.run([sys.executable, "-m", "train", "fit", *fit_overrides(loss, seed, run_dir, p)], cwd=ROOT, env=env,
-                   stdout=log, stderr=subprocess.STDOUT, check=True)
-    trained = time.time()
-    subprocess.run([sys.executable, "-m", "train", "evaluate", "--checkpoint", str(run_dir / "checkpoints" / "last.pt"),
-                    "--data", str(heldout), "--out", str(run_dir / "heldout"), "--seed", "0"],
-                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    log.close()
+    with open(out / "runs" / f"{arm}_seed{seed}.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "train", "fit", *fit_overrides(arm, seed, run_dir, p)], cwd=ROOT, env=env,
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
+        trained = time.time()
+        subprocess.run([sys.executable, "-m", "train", "evaluate", "--checkpoint", str(run_dir / "checkpoints" / "last.pt"),
+                        "--data", str(heldout), "--out", str(run_dir / "heldout"), "--seed", "0"],
+                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     with open(run_dir / "heldout" / "results.json") as fh:
         result = json.load(fh)
     per_image = {row["image"]: {"input": row["input"], "output": row["output"]} for row in result["images"]}
-    extra = {k: v for k, v in result.get("extra", {}).items() if isinstance(v, (int, float))}
-    return dict(loss=loss, seed=seed, train_seconds=trained - started, eval_seconds=time.time() - trained,
+    extra = {k: v for k, v in result.get("extra", {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    return dict(arm=arm, seed=seed, train_seconds=trained - started, eval_seconds=time.time() - trained,
                 final_loss=final_training_loss(run_dir), images=per_image,
                 mean={**result["mean"]["output"], **extra}, input_mean=result["mean"]["input"])
 
@@ -144,32 +169,35 @@ def final_training_loss(run_dir: Path):
 
 # ---- statistics ----
 
-def summarise(runs: list) -> dict:
-    """Per loss: mean and sample std over seeds of each metric; and the paired entropy - l1
-    difference per seed, with the count of (seed, image) cases where entropy is better."""
-    higher_better = {"psnr": True, "ssim": True, "lpips": False, "niqe": False}
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "niqe": False}
+
+
+def summarise(runs: list, baseline: str = "l1") -> dict:
+    """Per arm: mean and sample std over seeds of each metric. Per other arm: the paired difference
+    arm - baseline over the seeds both ran, and the count of (seed, image) cases where it is better."""
     metrics = sorted({k for r in runs for k in r["mean"]})
-    out = {"per_loss": {}, "entropy_minus_l1": {}}
-    for loss in LOSSES:
-        chosen = [r for r in runs if r["loss"] == loss]
-        out["per_loss"][loss] = {m: _mean_std([r["mean"][m] for r in chosen if m in r["mean"]]) for m in metrics}
-        out["per_loss"][loss]["n_seeds"] = len(chosen)
-    by_seed = {(r["loss"], r["seed"]): r for r in runs}
-    seeds = sorted({s for (loss, s) in by_seed if ("l1", s) in by_seed and ("entropy", s) in by_seed})
-    for m in metrics:
-        diffs = [by_seed["entropy", s]["mean"][m] - by_seed["l1", s]["mean"][m] for s in seeds
-                 if m in by_seed["entropy", s]["mean"] and m in by_seed["l1", s]["mean"]]
-        wins = total = 0
-        for s in seeds:
-            for image, scores in by_seed["entropy", s]["images"].items():
-                other = by_seed["l1", s]["images"].get(image)
-                if other is None or m not in scores["output"]:
-                    continue
-                delta = scores["output"][m] - other["output"][m]
-                wins += (delta > 0) if higher_better.get(m, True) else (delta < 0)
-                total += 1
-        out["entropy_minus_l1"][m] = {**_mean_std(diffs), "entropy_better_cases": wins, "cases": total,
-                                      "higher_is_better": higher_better.get(m, True)}
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    out = {"per_arm": {}, "minus_" + baseline: {}}
+    for arm in arms:
+        chosen = [r for r in runs if r["arm"] == arm]
+        out["per_arm"][arm] = {m: _mean_std([r["mean"][m] for r in chosen if m in r["mean"]]) for m in metrics}
+        out["per_arm"][arm]["n_seeds"] = len(chosen)
+    by_seed = {(r["arm"], r["seed"]): r for r in runs}
+    for arm in arms:
+        if arm == baseline:
+            continue
+        seeds = sorted(s for (a, s) in by_seed if a == arm and (baseline, s) in by_seed)
+        table = {}
+        for m in metrics:
+            pairs = [(by_seed[arm, s], by_seed[baseline, s]) for s in seeds]
+            diffs = [a["mean"][m] - b["mean"][m] for a, b in pairs if m in a["mean"] and m in b["mean"]]
+            sign = 1 if HIGHER_IS_BETTER.get(m, True) else -1
+            cases = [sign * (scores["output"][m] - b["images"][image]["output"][m])
+                     for a, b in pairs for image, scores in a["images"].items()
+                     if m in scores["output"] and image in b["images"]]
+            table[m] = {**_mean_std(diffs), "better_cases": sum(c > 0 for c in cases), "cases": len(cases),
+                        "higher_is_better": HIGHER_IS_BETTER.get(m, True)}
+        out["minus_" + baseline][arm] = table
     return out
 
 
@@ -180,15 +208,16 @@ def _mean_std(values: list) -> dict:
             "n": len(values)}
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, baseline: str = "l1") -> str:
     lines = []
-    for loss, stats in summary["per_loss"].items():
-        cells = [f"{m} {s['mean']:.4f} +- {s['std']:.4f}" for m, s in stats.items() if isinstance(s, dict)]
-        lines.append(f"{loss:>8} ({stats['n_seeds']} seeds): " + ", ".join(cells))
-    for m, s in summary["entropy_minus_l1"].items():
-        lines.append(f"entropy - l1 {m}: {s['mean']:+.4f} +- {s['std']:.4f} over {s['n']} seeds; entropy better in "
-                     f"{s['entropy_better_cases']}/{s['cases']} (seed, image) cases"
-                     f" ({'higher' if s['higher_is_better'] else 'lower'} is better)")
+    for arm, stats in summary["per_arm"].items():
+        cells = [f"{m} {v['mean']:.4f} +- {v['std']:.4f}" for m, v in stats.items() if isinstance(v, dict)]
+        lines.append(f"{arm:>15} ({stats['n_seeds']} seeds): " + ", ".join(cells))
+    for arm, table in summary["minus_" + baseline].items():
+        for m, v in table.items():
+            per_image = f"; better in {v['better_cases']}/{v['cases']} (seed, image) cases" if v["cases"] else ""
+            lines.append(f"{arm} - {baseline} {m}: {v['mean']:+.4f} +- {v['std']:.4f} over {v['n']} seeds{per_image}"
+                         f" ({'higher' if v['higher_is_better'] else 'lower'} is better)")
     return "\n".join(lines)
 
 
@@ -199,9 +228,9 @@ def write_outputs(out: Path, record: dict) -> None:
     with open(out / "ablation.csv", "w", newline="") as fh:
         fh.write("# " + json.dumps(record["environment"]) + "\n")
         writer = csv.writer(fh)
-        writer.writerow(["loss", "seed", *metrics, "train_seconds", "eval_seconds", "final_loss"])
+        writer.writerow(["arm", "seed", *metrics, "train_seconds", "eval_seconds", "final_loss"])
         for r in record["runs"]:
-            writer.writerow([r["loss"], r["seed"], *(r["mean"].get(m, "") for m in metrics),
+            writer.writerow([r["arm"], r["seed"], *(r["mean"].get(m, "") for m in metrics),
                              round(r["train_seconds"], 1), round(r["eval_seconds"], 1), r["final_loss"]])
 
 
@@ -209,6 +238,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--long", action="store_true", help="the GPU-sized profile instead of the CPU one")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
     for key, value in PROFILES["cpu"].items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), help=f"default {value} ({PROFILES['long'][key]} with --long)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
@@ -222,8 +252,10 @@ def main(argv=None):
     out = Path(os.environ.get("OUT") or args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
 
-    from train.data import cache_dir
+    from train.data import cache_dir, make_demo_dataset
 
+    make_demo_dataset()  # once, here: parallel runs would race to write it
+    profile["entropy_backend"] = entropy_backend(profile["bins"])
     heldout = Path(args.heldout) if args.heldout else make_heldout_set(
         cache_dir(f"ablation-heldout-{profile['heldout_side']}-{profile['extra_photos']}"),
         profile["heldout_side"], profile["extra_photos"])
@@ -233,20 +265,20 @@ def main(argv=None):
     print(f"# profile {profile}; held-out {sorted(p.stem for p in (heldout / 'high').glob('*.png'))}", flush=True)
 
     started = time.time()
-    jobs = [(loss, seed) for seed in args.seeds for loss in LOSSES]
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, loss, seed, heldout, out, profile) for loss, seed in jobs]
+        futures = [pool.submit(run_one, arm, seed, heldout, out, profile) for arm, seed in jobs]
         runs = []
-        for (loss, seed), future in zip(jobs, futures):
+        for (arm, seed), future in zip(jobs, futures):
             run = future.result()
             runs.append(run)
-            print(f"{loss:>8} seed {seed}: PSNR {run['mean']['psnr']:.3f} SSIM {run['mean']['ssim']:.4f} "
+            print(f"{arm:>15} seed {seed}: PSNR {run['mean']['psnr']:.3f} SSIM {run['mean']['ssim']:.4f} "
                   f"(train {run['train_seconds']:.0f} s, eval {run['eval_seconds']:.0f} s)", flush=True)
     summary = summarise(runs)
     info["wall_seconds"] = time.time() - started
     print(format_summary(summary))
     print(f"# wall {info['wall_seconds']:.0f} s")
-    write_outputs(out, dict(environment=info, profile=profile, seeds=args.seeds, heldout_dir=str(heldout),
+    write_outputs(out, dict(environment=info, profile=profile, seeds=args.seeds, arms=args.arms, loss_of_arm=ARMS, heldout_dir=str(heldout),
                             heldout=sorted(p.stem for p in (heldout / "high").glob("*.png")), runs=runs,
                             summary=summary))
     print(f"# wrote {out / 'ablation.json'} and {out / 'ablation.csv'}")

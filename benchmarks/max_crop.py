@@ -40,6 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import ROOT, environment  # noqa: E402 - the shared environment record of the benchmarks
 
+sys.path.insert(1, str(ROOT))  # entropy_kernels and model, when run as a script from anywhere
+
 GIB = 2**30
 PROBE_FIELDS = ["backend", "side", "status", "peak_MiB", "step_s"]
 SUMMARY_FIELDS = [
@@ -282,6 +284,18 @@ def max_crop(backend: str, args, probe=watch_probe) -> tuple:
     return row, probes
 
 
+def unavailable(backend: str, args) -> str:
+    """Why a backend cannot run here ('' when it can); importing it here also JIT-builds it once,
+    outside the timed probes."""
+    if backend == "l1":
+        return ""
+    import torch
+
+    from entropy_kernels import backends
+
+    return "; ".join(backends.not_supported_reasons(backend, torch.device(args.device), torch.float32, args.bins))
+
+
 def format_summary(rows: list) -> str:
     def cell(row, key, fmt):
         value = row.get(key, "")
@@ -338,6 +352,11 @@ def main(argv=None):
     print("# " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     rows, probes = [], []
     for backend in args.backends:
+        reasons = unavailable(backend, args)
+        if reasons:
+            print(f"  {backend:>9} unavailable: {reasons}", flush=True)
+            rows.append(dict(backend=backend, device=args.device, max_side=0, status_128=f"unavailable: {reasons}"))
+            continue
         row, backend_probes = max_crop(backend, args)
         rows.append(row)
         probes.extend(backend_probes)

@@ -7,8 +7,8 @@
   the crop side, per loss backend (every probe of max_crop.py), the budget as a line.
 - bench_loss.png: the loss alone (benchmarks/bench.py): forward+backward time and peak memory
   against the image side, per backend.
-- ablation.png: held-out PSNR and SSIM of every (loss, seed) run, with mean and spread.
-- ablation_grid.png: input | l1 | entropy | target for a few held-out photographs (seed 0).
+- ablation.png: held-out PSNR, SSIM (LPIPS, NIQE) of every (arm, seed) run, with mean and spread.
+- ablation_grid.png: input | each arm (l1, entropy, ...) | target for a few held-out photographs (seed 0).
 PNGs are kept under 300 KB (photo grids are palette-quantised when needed).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 
 MAX_PNG_BYTES = 300_000
 COLOURS = {"reference": "tab:red", "cpp": "tab:blue", "triton": "tab:green", "cuda": "tab:purple", "l1": "tab:gray",
-           "entropy": "tab:orange"}
+           "entropy": "tab:orange", "entropy-noclamp": "tab:brown", "l1+entropy": "tab:olive"}
 
 
 def read_csv(path) -> tuple:
@@ -117,22 +117,23 @@ def plot_ablation(folder: Path, out: Path, grid_images: int) -> list:
         record = json.load(fh)
     runs, info, profile = record["runs"], record["environment"], record["profile"]
     metrics = [m for m in ("psnr", "ssim", "lpips", "niqe") if any(m in r["mean"] for r in runs)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
+    arms = record["arms"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 + 1.1 * len(arms) * len(metrics), 3.8))
     axes = np.atleast_1d(axes)
     inputs = [r["input_mean"] for r in runs]
     for ax, metric in zip(axes, metrics):
-        for x, loss in enumerate(("l1", "entropy")):
-            values = [r["mean"][metric] for r in runs if r["loss"] == loss and metric in r["mean"]]
+        for x, arm in enumerate(arms):
+            values = [r["mean"][metric] for r in runs if r["arm"] == arm and metric in r["mean"]]
             if not values:
                 continue
-            ax.plot([x] * len(values), values, "o", color=COLOURS[loss], alpha=0.6)
+            ax.plot([x] * len(values), values, "o", color=COLOURS.get(arm), alpha=0.6)
             ax.errorbar(x + 0.15, np.mean(values), yerr=np.std(values, ddof=1) if len(values) > 1 else 0,
                         fmt="s", color="k", capsize=4)
         if metric in inputs[0]:
             ax.axhline(np.mean([i[metric] for i in inputs]), color="k", ls=":", lw=1, label="low-light input")
             ax.legend(fontsize=7)
-        ax.set_xticks([0, 1], ["l1", "entropy"])
-        ax.set_xlim(-0.5, 1.5)
+        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
+        ax.set_xlim(-0.5, len(arms) - 0.5)
         ax.set_title(metric.upper() + (" (higher better)" if metric in ("psnr", "ssim") else " (lower better)"),
                      fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
@@ -147,19 +148,21 @@ def plot_ablation(folder: Path, out: Path, grid_images: int) -> list:
 
 
 def ablation_grid(record: dict, folder: Path, path: Path, count: int) -> Path:
-    """Rows of input | l1 | entropy | target from the first seed's runs, labelled with each tile's PSNR."""
-    seed = record["seeds"][0]
+    """Rows of input | each arm | target from the first seed's runs, labelled with each tile's PSNR."""
+    seed, arms = record["seeds"][0], record["arms"]
     heldout = Path(record["heldout_dir"])
-    by_loss = {r["loss"]: r for r in record["runs"] if r["seed"] == seed}
+    by_arm = {r["arm"]: r for r in record["runs"] if r["seed"] == seed}
     names = record["heldout"][:count]
     sizes = [Image.open(heldout / "high" / f"{name}.png").size for name in names]
     aspect = max(height / width for width, height in sizes)
-    fig, axes = plt.subplots(len(names), 4, figsize=(8, (2 * aspect + 0.3) * len(names) + 0.3), squeeze=False)
+    columns = len(arms) + 2
+    fig, axes = plt.subplots(len(names), columns, figsize=(2 * columns, (2 * aspect + 0.3) * len(names) + 0.3),
+                             squeeze=False)
     for row, name in zip(axes, names):
-        tiles = [("low-light input", heldout / "low" / f"{name}.png", by_loss["l1"]["images"][f"{name}.png"]["input"])]
-        for loss in ("l1", "entropy"):
-            tiles.append((loss, folder / "runs" / f"{loss}_seed{seed}" / "heldout" / "outputs" / f"{name}.png",
-                          by_loss[loss]["images"][f"{name}.png"]["output"]))
+        tiles = [("low-light input", heldout / "low" / f"{name}.png", by_arm[arms[0]]["images"][f"{name}.png"]["input"])]
+        for arm in arms:
+            tiles.append((arm, folder / "runs" / f"{arm}_seed{seed}" / "heldout" / "outputs" / f"{name}.png",
+                          by_arm[arm]["images"][f"{name}.png"]["output"]))
         tiles.append(("target", heldout / "high" / f"{name}.png", None))
         for ax, (label, tile, scores) in zip(row, tiles):
             ax.imshow(np.asarray(Image.open(tile).convert("RGB")))

@@ -106,26 +106,31 @@ def test_watch_probe_measures_a_real_step_and_kills_one_over_budget():
 
 # ---- the ablation ----
 
-def fake_run(loss, seed, psnr_by_image):
+def fake_run(arm, seed, psnr_by_image):
     images = {name: {"input": {"psnr": 10.0, "ssim": 0.1}, "output": {"psnr": p, "ssim": p / 100}}
               for name, p in psnr_by_image.items()}
     mean_psnr = sum(psnr_by_image.values()) / len(psnr_by_image)
-    return dict(loss=loss, seed=seed, images=images, mean={"psnr": mean_psnr, "ssim": mean_psnr / 100},
+    return dict(arm=arm, seed=seed, images=images, mean={"psnr": mean_psnr, "ssim": mean_psnr / 100},
                 input_mean={"psnr": 10.0, "ssim": 0.1}, train_seconds=1.0, eval_seconds=1.0, final_loss=0.1)
 
 
 def test_summarise_means_spread_and_paired_wins():
     runs = [fake_run("l1", 0, {"a": 20, "b": 22}), fake_run("entropy", 0, {"a": 21, "b": 21}),
-            fake_run("l1", 1, {"a": 18, "b": 20}), fake_run("entropy", 1, {"a": 19, "b": 23})]
+            fake_run("l1", 1, {"a": 18, "b": 20}), fake_run("entropy", 1, {"a": 19, "b": 23}),
+            fake_run("entropy-noclamp", 1, {"a": 17, "b": 20})]
+    runs[1]["mean"]["lpips"], runs[0]["mean"]["lpips"] = 0.3, 0.4  # lower is better; seed 0 only
     s = ablation.summarise(runs)
-    assert s["per_loss"]["l1"]["psnr"]["mean"] == pytest.approx(20.0)
-    assert s["per_loss"]["l1"]["psnr"]["std"] == pytest.approx(math.sqrt(2.0))  # seeds 21 and 19
-    assert s["per_loss"]["entropy"]["psnr"]["mean"] == pytest.approx(21.0)
-    diff = s["entropy_minus_l1"]["psnr"]
+    assert s["per_arm"]["l1"]["psnr"]["mean"] == pytest.approx(20.0)
+    assert s["per_arm"]["l1"]["psnr"]["std"] == pytest.approx(math.sqrt(2.0))  # seeds 21 and 19
+    assert s["per_arm"]["entropy"]["psnr"]["mean"] == pytest.approx(21.0)
+    diff = s["minus_l1"]["entropy"]["psnr"]
     assert diff["mean"] == pytest.approx(1.0) and diff["n"] == 2
     assert diff["std"] == pytest.approx(math.sqrt(2.0))  # per-seed differences 0 and 2
-    assert (diff["entropy_better_cases"], diff["cases"]) == (3, 4)
-    assert "entropy better in 3/4" in ablation.format_summary(s)
+    assert (diff["better_cases"], diff["cases"]) == (3, 4)
+    assert s["minus_l1"]["entropy"]["lpips"]["mean"] == pytest.approx(-0.1) and s["minus_l1"]["entropy"]["lpips"]["n"] == 1
+    noclamp = s["minus_l1"]["entropy-noclamp"]["psnr"]  # paired on seed 1 alone
+    assert (noclamp["mean"], noclamp["n"], noclamp["better_cases"], noclamp["cases"]) == (-0.5, 1, 0, 2)
+    assert "entropy - l1 psnr: +1.0000" in ablation.format_summary(s)
 
 
 def test_two_step_ablation_end_to_end(tmp_path, monkeypatch):
@@ -137,13 +142,14 @@ def test_two_step_ablation_end_to_end(tmp_path, monkeypatch):
     assert sorted(p.name for p in (heldout / "low").iterdir()) == ["chelsea.png", "coffee.png", "grace_hopper.png"]
     profile = dict(steps=2, crop=16, batch=2, bins=8, window=3, lr=1e-3, sample_steps=2, threads=1)
     (tmp_path / "out" / "runs").mkdir(parents=True)
-    runs = [ablation.run_one(loss, 0, heldout, tmp_path / "out", profile) for loss in ablation.LOSSES]
+    arms = ["l1", "entropy"]
+    runs = [ablation.run_one(arm, 0, heldout, tmp_path / "out", profile) for arm in arms]
     for run in runs:
         assert set(run["images"]) == {"chelsea.png", "coffee.png", "grace_hopper.png"}
         assert math.isfinite(run["mean"]["psnr"]) and -1 <= run["mean"]["ssim"] <= 1
     config = (tmp_path / "out" / "runs" / "entropy_seed0" / "config.yaml").read_text()
     assert "entropy: 1.0" in config and "l1: 1.0" not in config
-    record = dict(environment={"date": "2026-01-01"}, profile=dict(profile, steps=2), seeds=[0],
+    record = dict(environment={"date": "2026-01-01"}, profile=dict(profile, steps=2), seeds=[0], arms=arms,
                   heldout_dir=str(heldout), heldout=["chelsea", "coffee", "grace_hopper"], runs=runs,
                   summary=ablation.summarise(runs))
     ablation.write_outputs(tmp_path / "out", record)
@@ -172,3 +178,18 @@ def test_max_crop_and_bench_plots_from_csv(tmp_path):
     written = plots.plot_max_crop(tmp_path, tmp_path / "img") + plots.plot_bench(tmp_path / "bench.csv", tmp_path / "img")
     assert [p.name for p in written] == ["max_crop_memory.png", "max_crop_time.png", "bench_loss.png"]
     assert all(0 < p.stat().st_size < plots.MAX_PNG_BYTES for p in written)
+
+
+def test_arms_become_train_configs_that_differ_only_in_the_loss():
+    from train.config import load_config
+
+    profile = dict(steps=7, crop=16, batch=2, bins=8, window=3, lr=1e-3, sample_steps=2, threads=1)
+    configs = {arm: load_config(None, ablation.fit_overrides(arm, 3, Path("/tmp/x"), profile)) for arm in ablation.ARMS}
+    assert configs["l1"]["loss"]["weights"] == {"l1": 1.0}
+    assert configs["entropy"]["loss"]["weights"] == {"entropy": 1.0}
+    assert configs["l1+entropy"]["loss"]["weights"] == {"l1": 1.0, "entropy": 1.0}
+    assert configs["entropy"]["loss"]["entropy"] == {"bins": 8, "window": 3}
+    assert configs["entropy-noclamp"]["loss"]["entropy"] == {"bins": 8, "window": 3, "clamp": False}
+    for config in configs.values():
+        assert (config["seed"], config["train"]["steps"], config["data"]["crop"]) == (3, 7, 16)
+        assert {k: v for k, v in config.items() if k != "loss"} == {k: v for k, v in configs["l1"].items() if k != "loss"}
