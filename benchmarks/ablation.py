@@ -106,14 +106,14 @@ def make_heldout_set(root: Path, side: int, extra: int) -> Path:
 
 # ---- one run: train, then evaluate ----
 
-def entropy_backend(bins: int) -> str:
-    """The backend `auto` gives CPU float32 tensors; importing it here builds a JIT extension once,
-    before parallel runs would each wait for it."""
+def entropy_backend(name: str, bins: int, device: str) -> str:
+    """The backend `name` resolves to; importing it here builds a JIT extension once, before
+    parallel runs would each wait for it."""
     import torch
 
     from entropy_kernels import backends
 
-    return backends.select("auto", torch.device("cpu"), torch.float32, bins).__name__.rsplit(".", 1)[-1]
+    return backends.select(name, torch.device(device), torch.float32, bins).__name__.rsplit(".", 1)[-1]
 
 
 def _yaml_flow(mapping: dict) -> str:
@@ -121,7 +121,7 @@ def _yaml_flow(mapping: dict) -> str:
 
 
 def fit_overrides(arm: str, seed: int, run_dir: Path, p: dict) -> list:
-    entropy = {"bins": p["bins"], "window": p["window"], **ARMS[arm].get("entropy", {})}
+    entropy = {"bins": p["bins"], "window": p["window"], "backend": p["entropy_backend"], **ARMS[arm].get("entropy", {})}
     return [
         f"seed={seed}", f"out_dir={run_dir}", "data.layout=demo", f"data.crop={p['crop']}",
         f"data.batch_size={p['batch']}", "model.preset=tiny", f"loss.weights={_yaml_flow(ARMS[arm]['weights'])}",
@@ -241,6 +241,7 @@ def main(argv=None):
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
     for key, value in PROFILES["cpu"].items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), help=f"default {value} ({PROFILES['long'][key]} with --long)")
+    parser.add_argument("--entropy-backend", default="auto", help="backend of the entropy loss (auto: cpp on CPU)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--heldout", help="held-out pairs folder (default: made under the cache)")
@@ -255,7 +256,7 @@ def main(argv=None):
     from train.data import cache_dir, make_demo_dataset
 
     make_demo_dataset()  # once, here: parallel runs would race to write it
-    profile["entropy_backend"] = entropy_backend(profile["bins"])
+    profile["entropy_backend"] = entropy_backend(args.entropy_backend, profile["bins"], "cuda" if args.long else "cpu")
     heldout = Path(args.heldout) if args.heldout else make_heldout_set(
         cache_dir(f"ablation-heldout-{profile['heldout_side']}-{profile['extra_photos']}"),
         profile["heldout_side"], profile["extra_photos"])
@@ -266,6 +267,8 @@ def main(argv=None):
 
     started = time.time()
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    record = dict(environment=info, profile=profile, seeds=args.seeds, arms=args.arms, loss_of_arm=ARMS,
+                  heldout_dir=str(heldout), heldout=sorted(p.stem for p in (heldout / "high").glob("*.png")))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, arm, seed, heldout, out, profile) for arm, seed in jobs]
         runs = []
@@ -274,14 +277,11 @@ def main(argv=None):
             runs.append(run)
             print(f"{arm:>15} seed {seed}: PSNR {run['mean']['psnr']:.3f} SSIM {run['mean']['ssim']:.4f} "
                   f"(train {run['train_seconds']:.0f} s, eval {run['eval_seconds']:.0f} s)", flush=True)
-    summary = summarise(runs)
-    info["wall_seconds"] = time.time() - started
-    print(format_summary(summary))
-    print(f"# wall {info['wall_seconds']:.0f} s")
-    write_outputs(out, dict(environment=info, profile=profile, seeds=args.seeds, arms=args.arms, loss_of_arm=ARMS, heldout_dir=str(heldout),
-                            heldout=sorted(p.stem for p in (heldout / "high").glob("*.png")), runs=runs,
-                            summary=summary))
-    print(f"# wrote {out / 'ablation.json'} and {out / 'ablation.csv'}")
+            info["wall_seconds"] = time.time() - started
+            # written after every run, so an interrupted ablation keeps what it finished
+            write_outputs(out, dict(record, runs=runs, summary=summarise(runs), complete=len(runs) == len(jobs)))
+    print(format_summary(summarise(runs)))
+    print(f"# wall {info['wall_seconds']:.0f} s; wrote {out / 'ablation.json'} and {out / 'ablation.csv'}")
 
 
 if __name__ == "__main__":

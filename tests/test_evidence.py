@@ -140,7 +140,8 @@ def test_two_step_ablation_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "MATE_NATURE", tmp_path / "absent")
     heldout = ablation.make_heldout_set(tmp_path / "heldout", side=32, extra=0)
     assert sorted(p.name for p in (heldout / "low").iterdir()) == ["chelsea.png", "coffee.png", "grace_hopper.png"]
-    profile = dict(steps=2, crop=16, batch=2, bins=8, window=3, lr=1e-3, sample_steps=2, threads=1)
+    profile = dict(steps=2, crop=16, batch=2, bins=8, window=3, lr=1e-3, sample_steps=2, threads=1,
+                   entropy_backend="reference")
     (tmp_path / "out" / "runs").mkdir(parents=True)
     arms = ["l1", "entropy"]
     runs = [ablation.run_one(arm, 0, heldout, tmp_path / "out", profile) for arm in arms]
@@ -183,13 +184,15 @@ def test_max_crop_and_bench_plots_from_csv(tmp_path):
 def test_arms_become_train_configs_that_differ_only_in_the_loss():
     from train.config import load_config
 
-    profile = dict(steps=7, crop=16, batch=2, bins=8, window=3, lr=1e-3, sample_steps=2, threads=1)
+    profile = dict(steps=7, crop=16, batch=2, bins=8, window=3, lr=1e-3, sample_steps=2, threads=1,
+                   entropy_backend="reference")
     configs = {arm: load_config(None, ablation.fit_overrides(arm, 3, Path("/tmp/x"), profile)) for arm in ablation.ARMS}
     assert configs["l1"]["loss"]["weights"] == {"l1": 1.0}
     assert configs["entropy"]["loss"]["weights"] == {"entropy": 1.0}
     assert configs["l1+entropy"]["loss"]["weights"] == {"l1": 1.0, "entropy": 1.0}
-    assert configs["entropy"]["loss"]["entropy"] == {"bins": 8, "window": 3}
-    assert configs["entropy-noclamp"]["loss"]["entropy"] == {"bins": 8, "window": 3, "clamp": False}
+    assert configs["entropy"]["loss"]["entropy"] == {"bins": 8, "window": 3, "backend": "reference"}
+    assert configs["entropy-noclamp"]["loss"]["entropy"] == {"bins": 8, "window": 3, "backend": "reference",
+                                                             "clamp": False}
     for config in configs.values():
         assert (config["seed"], config["train"]["steps"], config["data"]["crop"]) == (3, 7, 16)
         assert {k: v for k, v in config.items() if k != "loss"} == {k: v for k, v in configs["l1"].items() if k != "loss"}
