@@ -53,9 +53,9 @@ MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")
 # Sizes: CPU fits 30 minutes on 2 shared cores; --long is the paper's crop and batch for a GPU.
 PROFILES = {
     "cpu": dict(steps=600, crop=32, batch=4, bins=32, window=11, lr=1e-3, sample_steps=100, heldout_side=160,
-                extra_photos=5),
-    "long": dict(steps=20000, crop=128, batch=8, bins=32, window=11, lr=1e-4, sample_steps=100, heldout_side=400,
-                 extra_photos=12),
+                extra_photos=5, niqe=False),
+    "long": dict(steps=5000, crop=128, batch=8, bins=32, window=11, lr=5e-4, sample_steps=100, heldout_side=400,
+                 extra_photos=12, niqe=True),
 }
 
 
@@ -132,20 +132,64 @@ def fit_overrides(arm: str, seed: int, run_dir: Path, p: dict) -> list:
     ]
 
 
-def child_env(threads: int) -> dict:
+def child_env(threads: int, cache=None) -> dict:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if cache is not None:
+        env["ENTROPY_KERNELS_CACHE"] = str(cache)
+    return env
+
+
+def metrics_cache(out: Path, niqe: bool) -> Path:
+    """A cache root for the runs: the demo set and the LPIPS weights of the user cache, and the NIQE
+    parameters only when asked (NIQE needs many 96-px patches: on the CPU profile's 160-px images its
+    covariance is singular and train's niqe fails with 'SVD did not converge')."""
+    from train.data import cache_dir
+    from train.metrics import LPIPS_FILE, NIQE_FILE
+
+    root = (out / "cache").resolve()
+    (root / "metrics").mkdir(parents=True, exist_ok=True)
+    links = {root / "demo": cache_dir("demo")}
+    for name in (LPIPS_FILE, NIQE_FILE) if niqe else (LPIPS_FILE,):
+        links[root / "metrics" / name] = cache_dir("metrics", name)
+    for link, target in links.items():
+        if target.exists() and not link.exists():
+            link.symlink_to(target.resolve())
+    return root
+
+
+def finished_training(run_dir: Path, overrides: list):
+    """Seconds a finished earlier run of exactly this configuration took, or None (then train it)."""
+    import torch
+
+    from train.config import load_config
+
+    try:
+        state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+        with open(run_dir / "log.jsonl") as fh:
+            seconds = [json.loads(line)["train_seconds"] for line in fh if "train_seconds" in line]
+    except (OSError, RuntimeError, KeyError, ValueError):
+        return None
+    config = load_config(None, overrides)
+    if state["config"] != config or state["step"] != config["train"]["steps"] or not seconds:
+        return None
+    return seconds[-1]
 
 
 def run_one(arm: str, seed: int, heldout: Path, out: Path, p: dict) -> dict:
-    """Trains and evaluates one (arm, seed); returns its record (metrics per image and mean)."""
+    """Trains (unless an identical finished run is there) and evaluates one (arm, seed); returns its
+    record (metrics per image and mean)."""
     run_dir = out / "runs" / f"{arm}_seed{seed}"
-    env = child_env(p["threads"])
-    started = time.time()
-    with open(out / "runs" / f"{arm}_seed{seed}.log", "w") as log:
-        subprocess.run([sys.executable, "-m", "train", "fit", *fit_overrides(arm, seed, run_dir, p)], cwd=ROOT, env=env,
-                       stdout=log, stderr=subprocess.STDOUT, check=True)
-        trained = time.time()
+    env = child_env(p["threads"], p.get("cache"))
+    overrides = fit_overrides(arm, seed, run_dir, p)
+    train_seconds = finished_training(run_dir, overrides)
+    with open(out / "runs" / f"{arm}_seed{seed}.log", "a") as log:
+        if train_seconds is None:
+            started = time.time()
+            subprocess.run([sys.executable, "-m", "train", "fit", *overrides], cwd=ROOT, env=env,
+                           stdout=log, stderr=subprocess.STDOUT, check=True)
+            train_seconds = time.time() - started
+        started = time.time()
         subprocess.run([sys.executable, "-m", "train", "evaluate", "--checkpoint", str(run_dir / "checkpoints" / "last.pt"),
                         "--data", str(heldout), "--out", str(run_dir / "heldout"), "--seed", "0"],
                        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -153,7 +197,7 @@ def run_one(arm: str, seed: int, heldout: Path, out: Path, p: dict) -> dict:
         result = json.load(fh)
     per_image = {row["image"]: {"input": row["input"], "output": row["output"]} for row in result["images"]}
     extra = {k: v for k, v in result.get("extra", {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    return dict(arm=arm, seed=seed, train_seconds=trained - started, eval_seconds=time.time() - trained,
+    return dict(arm=arm, seed=seed, train_seconds=train_seconds, eval_seconds=time.time() - started,
                 final_loss=final_training_loss(run_dir), images=per_image,
                 mean={**result["mean"]["output"], **extra}, input_mean=result["mean"]["input"])
 
@@ -240,7 +284,9 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
     for key, value in PROFILES["cpu"].items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(value), help=f"default {value} ({PROFILES['long'][key]} with --long)")
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
+        parser.add_argument("--" + key.replace("_", "-"), **kind,
+                            help=f"default {value} ({PROFILES['long'][key]} with --long)")
     parser.add_argument("--entropy-backend", default="auto", help="backend of the entropy loss (auto: cpp on CPU)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
@@ -256,12 +302,14 @@ def main(argv=None):
     from train.data import cache_dir, make_demo_dataset
 
     make_demo_dataset()  # once, here: parallel runs would race to write it
+    profile["cache"] = str(metrics_cache(out, profile["niqe"]))
     profile["entropy_backend"] = entropy_backend(args.entropy_backend, profile["bins"], "cuda" if args.long else "cpu")
     heldout = Path(args.heldout) if args.heldout else make_heldout_set(
         cache_dir(f"ablation-heldout-{profile['heldout_side']}-{profile['extra_photos']}"),
         profile["heldout_side"], profile["extra_photos"])
     info = dict(environment("cuda" if args.long else "cpu"), load_average=os.getloadavg(),
                 command="python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    info["threads"] = args.threads  # per run; the launcher's own count is irrelevant
     print("# " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     print(f"# profile {profile}; held-out {sorted(p.stem for p in (heldout / 'high').glob('*.png'))}", flush=True)
 
@@ -271,15 +319,21 @@ def main(argv=None):
                   heldout_dir=str(heldout), heldout=sorted(p.stem for p in (heldout / "high").glob("*.png")))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, arm, seed, heldout, out, profile) for arm, seed in jobs]
-        runs = []
+        runs, failed = [], []
         for (arm, seed), future in zip(jobs, futures):
-            run = future.result()
+            try:
+                run = future.result()
+            except subprocess.CalledProcessError as exc:  # one broken run must not lose the others
+                failed.append(dict(arm=arm, seed=seed, error=str(exc)))
+                print(f"{arm:>15} seed {seed}: FAILED ({exc}); see runs/{arm}_seed{seed}.log", flush=True)
+                continue
             runs.append(run)
             print(f"{arm:>15} seed {seed}: PSNR {run['mean']['psnr']:.3f} SSIM {run['mean']['ssim']:.4f} "
                   f"(train {run['train_seconds']:.0f} s, eval {run['eval_seconds']:.0f} s)", flush=True)
             info["wall_seconds"] = time.time() - started
             # written after every run, so an interrupted ablation keeps what it finished
-            write_outputs(out, dict(record, runs=runs, summary=summarise(runs), complete=len(runs) == len(jobs)))
+            write_outputs(out, dict(record, runs=runs, failed=failed, summary=summarise(runs),
+                                    complete=len(runs) == len(jobs)))
     print(format_summary(summarise(runs)))
     print(f"# wall {info['wall_seconds']:.0f} s; wrote {out / 'ablation.json'} and {out / 'ablation.csv'}")
 

@@ -348,7 +348,8 @@ def main(argv=None):
     if args.child:
         print(json.dumps(run_probe(json.loads(args.child))), flush=True)
         return
-    info = dict(environment(args.device), load_average=os.getloadavg(), command="python benchmarks/max_crop.py " + " ".join(argv or sys.argv[1:]))
+    info = dict(environment(args.device), load_average=os.getloadavg(), threads=args.threads,
+                command="python benchmarks/max_crop.py " + " ".join(argv or sys.argv[1:]))
     print("# " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     rows, probes = [], []
     for backend in args.backends:

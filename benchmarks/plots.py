@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -49,7 +50,12 @@ def _number(text):
 
 
 def _caption(info: dict) -> str:
-    where = info.get("gpu") or f"{info.get('cpu', '?')} CPU, {info.get('threads', '?')} threads"
+    # The runs' own thread count (--threads of the command), not the launching process's.
+    threads = re.search(r"--threads (\d+)", info.get("command", ""))
+    threads = threads.group(1) if threads else info.get("threads", "?")
+    load = info.get("load_average")
+    where = info.get("gpu") or (f"{info.get('cpu', '?')} CPU, {threads} thread(s) per run"
+                                + (f", load average {load[0]:.1f} at start" if load else ""))
     return f"{where}, torch {info.get('torch', '?')}, {str(info.get('date', '?'))[:10]}, commit {info.get('commit', '?')}"
 
 
@@ -90,8 +96,11 @@ def plot_max_crop(folder: Path, out: Path) -> list:
     return written
 
 
-def plot_bench(path: Path, out: Path) -> list:
-    info, rows = read_csv(path)
+def plot_bench(paths: list, out: Path) -> list:
+    rows = []
+    for path in paths:
+        info, more = read_csv(path)
+        rows += more
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for backend in dict.fromkeys(r["backend"] for r in rows):
         ok = sorted((r["H"], r["fwd_bwd_ms"], r["peak_extra_MiB"]) for r in rows
@@ -179,7 +188,7 @@ def ablation_grid(record: dict, folder: Path, path: Path, count: int) -> Path:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-crop", help="folder with max_crop.csv and max_crop_probes.csv")
-    parser.add_argument("--bench", help="a CSV written by benchmarks/bench.py")
+    parser.add_argument("--bench", nargs="+", help="CSVs written by benchmarks/bench.py (one machine)")
     parser.add_argument("--ablation", help="folder with ablation.json and runs/")
     parser.add_argument("--grid-images", type=int, default=4)
     parser.add_argument("--out", default="docs/img")
@@ -189,7 +198,7 @@ def main(argv=None):
     if args.max_crop:
         written += plot_max_crop(Path(args.max_crop), out)
     if args.bench:
-        written += plot_bench(Path(args.bench), out)
+        written += plot_bench([Path(p) for p in args.bench], out)
     if args.ablation:
         written += plot_ablation(Path(args.ablation), out, args.grid_images)
     for path in written:

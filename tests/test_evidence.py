@@ -148,6 +148,15 @@ def test_two_step_ablation_end_to_end(tmp_path, monkeypatch):
     for run in runs:
         assert set(run["images"]) == {"chelsea.png", "coffee.png", "grace_hopper.png"}
         assert math.isfinite(run["mean"]["psnr"]) and -1 <= run["mean"]["ssim"] <= 1
+    checkpoint = tmp_path / "out" / "runs" / "l1_seed0" / "checkpoints" / "last.pt"
+    written = checkpoint.stat().st_mtime_ns
+    again = ablation.run_one("l1", 0, heldout, tmp_path / "out", profile)  # finished: evaluated, not retrained
+    assert checkpoint.stat().st_mtime_ns == written and again["images"] == runs[0]["images"]
+    assert ablation.finished_training(tmp_path / "out" / "runs" / "l1_seed0",
+                                      ablation.fit_overrides("l1", 0, tmp_path / "out" / "runs" / "l1_seed0", profile))
+    assert ablation.finished_training(tmp_path / "out" / "runs" / "l1_seed0",
+                                      ablation.fit_overrides("l1", 0, tmp_path / "out" / "runs" / "l1_seed0",
+                                                             dict(profile, steps=3))) is None
     config = (tmp_path / "out" / "runs" / "entropy_seed0" / "config.yaml").read_text()
     assert "entropy: 1.0" in config and "l1: 1.0" not in config
     record = dict(environment={"date": "2026-01-01"}, profile=dict(profile, steps=2), seeds=[0], arms=arms,
@@ -176,7 +185,7 @@ def test_max_crop_and_bench_plots_from_csv(tmp_path):
         for backend in ("reference", "cpp"):
             for side in (16, 32):
                 fh.write(f"{backend},cpu,1,3,{side},{side},32,11,1.0,2.0,3.0,{side * 1.5},ok\n")
-    written = plots.plot_max_crop(tmp_path, tmp_path / "img") + plots.plot_bench(tmp_path / "bench.csv", tmp_path / "img")
+    written = plots.plot_max_crop(tmp_path, tmp_path / "img") + plots.plot_bench([tmp_path / "bench.csv"], tmp_path / "img")
     assert [p.name for p in written] == ["max_crop_memory.png", "max_crop_time.png", "bench_loss.png"]
     assert all(0 < p.stat().st_size < plots.MAX_PNG_BYTES for p in written)
 
