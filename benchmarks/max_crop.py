@@ -351,6 +351,7 @@ def main(argv=None):
     info = dict(environment(args.device), load_average=os.getloadavg(), threads=args.threads,
                 command="python benchmarks/max_crop.py " + " ".join(argv or sys.argv[1:]))
     print("# " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    out = Path(os.environ.get("OUT") or args.out)
     rows, probes = [], []
     for backend in args.backends:
         reasons = unavailable(backend, args)
@@ -361,10 +362,10 @@ def main(argv=None):
         row, backend_probes = max_crop(backend, args)
         rows.append(row)
         probes.extend(backend_probes)
+        # written after every backend, so an interrupted run keeps the backends it finished
+        write_csv(out / "max_crop.csv", info, SUMMARY_FIELDS, rows)
+        write_csv(out / "max_crop_probes.csv", info, PROBE_FIELDS, probes)
     print(format_summary(rows))
-    out = Path(os.environ.get("OUT") or args.out)
-    write_csv(out / "max_crop.csv", info, SUMMARY_FIELDS, rows)
-    write_csv(out / "max_crop_probes.csv", info, PROBE_FIELDS, probes)
     print(f"# wrote {out / 'max_crop.csv'} and {out / 'max_crop_probes.csv'}")
 
 
