@@ -71,6 +71,7 @@ PARITY_CASES = [
     (1, 3, 13, 1, 1, False, 2, 0.7, "logistic", "kl", 1e-10, None),  # 1x1 windows, 2 bins
     (1, 5, 5, 3, 5, False, 33, 0.5, "gaussian", "kl", 1e-10, None),  # bins padded to 64
     (1, 5, 7, 3, 3, False, 9, 0.5, "logistic", "hellinger", 1e-6, (-3.0, 11.0)),  # values beyond the bins
+    (1, 4, 15, 3, 11, False, 6, 0.5, "logistic", "kl", 1e-10, None),  # strips of 6 windows (one partial), clipped at both sides
 ]
 
 
