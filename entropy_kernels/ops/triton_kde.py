@@ -312,6 +312,8 @@ def _check_maps(*maps):
             raise TypeError(f"triton_kde computes in float32 or float64, got {x.dtype}")
         if x.dim() != 3:
             raise ValueError(f"triton_kde expects (N, H, W) maps, got shape {tuple(x.shape)}")
+        if x.numel() >= 2**31:
+            raise ValueError(f"triton_kde indexes pixels in int32, got {x.numel()} pixels in shape {tuple(x.shape)}")
 
 
 @torch.library.custom_op("entropy_kernels::triton_local_divergence", mutates_args=())
