@@ -50,6 +50,13 @@ def divergence_and_grads(backend, maps, options, grad_d, dtype):
     return [t.double() for t in (d, grad_u, grad_m)]
 
 
+def test_mismatched_maps_are_an_error():
+    maps = [torch.zeros(1, 4, 4, dtype=torch.float64, device=DEVICE) for _ in range(4)]
+    maps[2] = maps[2].float()
+    with pytest.raises(ValueError, match="one shape, dtype and device"):
+        triton_kde.local_divergence(*maps, 3, 3, False, 4, 0.5, "logistic", "kl", 1e-10)
+
+
 def test_not_supported_reasons(monkeypatch):
     assert triton_kde.not_supported_reasons(torch.device("cpu"), torch.float16, 8)
     assert "bins" in " ".join(triton_kde.not_supported_reasons(DEVICE, torch.float32, 65))
@@ -58,7 +65,7 @@ def test_not_supported_reasons(monkeypatch):
         for bins in (2, 17, 64):
             for dtype in (torch.float32, torch.float64):
                 assert triton_kde.not_supported_reasons(DEVICE, dtype, bins) == []
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_kde, "_INTERPRETED", False)  # kernels compiled for the GPU
     assert "TRITON_INTERPRET" in " ".join(triton_kde.not_supported_reasons(torch.device("cpu"), torch.float32, 8))
 
 

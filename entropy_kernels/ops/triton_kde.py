@@ -27,7 +27,7 @@ the operation counts and the floor.
 """
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
@@ -301,19 +301,25 @@ def _geometry(height, width, win_h, win_w, valid):
     return height, width, win_h // 2, win_w // 2
 
 
-def _params(like: torch.Tensor, bandwidth: float, eps: float) -> torch.Tensor:
-    # h and eps travel as a tensor so float64 runs keep them in float64 (scalars are fp32).
-    return torch.tensor([bandwidth, eps], dtype=like.dtype, device=like.device)
+@functools.lru_cache(maxsize=64)
+def _params(device: torch.device, dtype: torch.dtype, bandwidth: float, eps: float) -> torch.Tensor:
+    # h and eps travel as a tensor so float64 runs keep them in float64 (Triton's float scalars are
+    # fp32); cached so that a training step does not copy them to the device every call.
+    return torch.tensor([bandwidth, eps], dtype=dtype, device=device)
 
 
 def _check_maps(*maps):
-    for x in maps:
-        if x.dtype not in DTYPES:
-            raise TypeError(f"triton_kde computes in float32 or float64, got {x.dtype}")
-        if x.dim() != 3:
-            raise ValueError(f"triton_kde expects (N, H, W) maps, got shape {tuple(x.shape)}")
-        if x.numel() >= 2**31:
-            raise ValueError(f"triton_kde indexes pixels in int32, got {x.numel()} pixels in shape {tuple(x.shape)}")
+    first = maps[0]
+    if first.dtype not in DTYPES:
+        raise TypeError(f"triton_kde computes in float32 or float64, got {first.dtype}")
+    if first.dim() != 3:
+        raise ValueError(f"triton_kde expects (N, H, W) maps, got shape {tuple(first.shape)}")
+    if first.numel() >= 2**31:
+        raise ValueError(f"triton_kde indexes pixels in int32, got {first.numel()} in shape {tuple(first.shape)}")
+    for x in maps[1:]:
+        if (x.shape, x.dtype, x.device) != (first.shape, first.dtype, first.device):
+            raise ValueError(f"triton_kde needs maps of one shape, dtype and device, got {tuple(x.shape)} "
+                             f"{x.dtype} {x.device} and {tuple(first.shape)} {first.dtype} {first.device}")
 
 
 @torch.library.custom_op("entropy_kernels::triton_local_divergence", mutates_args=())
@@ -328,7 +334,7 @@ def triton_local_divergence(
     d = torch.empty((n, ho, wo), dtype=u_pred.dtype, device=u_pred.device)
     config = _launch_config(win_h, win_w, wo, bins)
     _kde_divergence_fwd[(n * ho * triton.cdiv(wo, config["per_strip"]),)](
-        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred, bandwidth, eps), d,
+        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d,
         height, width, ho, wo, win_h, win_w, off_h, off_w,
         BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
         PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **config,
@@ -358,7 +364,7 @@ def triton_local_divergence_backward(
     grad_m = torch.zeros_like(m_pred)
     config = _launch_config(win_h, win_w, wo, bins)
     _kde_divergence_bwd[(n * ho * triton.cdiv(wo, config["per_strip"]),)](
-        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred, bandwidth, eps), d.contiguous(), grad_d, grad_u, grad_m,
+        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d.contiguous(), grad_d, grad_u, grad_m,
         height, width, ho, wo, win_h, win_w, off_h, off_w,
         BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
         PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **config,
@@ -390,11 +396,10 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, bins: int):
     """Why this backend cannot serve an input (empty when it can)."""
     reasons = []
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            reasons.append("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
-        elif not _INTERPRETED:
-            reasons.append("TRITON_INTERPRET=1 was set after Triton kernels were compiled for the GPU; "
-                           "set it before importing entropy_kernels")
+        if not _INTERPRETED:
+            # Triton binds a kernel to its interpreter when the kernel is defined, not when it runs.
+            reasons.append("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+                           "entropy_kernels.ops.triton_kde is first imported")
     elif device.type != "cuda":
         reasons.append(f"Triton kernels run on CUDA tensors, got {device.type}")
     if dtype not in DTYPES:
