@@ -42,7 +42,7 @@ def random_maps(gen, n, height, width, bins, low=0.0, high=None):
 
 
 def divergence_and_grads(backend, maps, options, grad_d, dtype):
-    u_pred, m_pred, u_tgt, m_tgt = (x.to(dtype) for x in maps)
+    u_pred, m_pred, u_tgt, m_tgt = (x.detach().to(dtype, copy=True) for x in maps)
     u_pred.requires_grad_()
     m_pred.requires_grad_()
     d = backend.local_divergence(u_pred, m_pred, u_tgt, m_tgt, *options)
