@@ -233,7 +233,7 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
   const T eps = (T)pb.eps, h = (T)pb.bandwidth;
   BandHistograms<T, Kind> band(pb, up, mp, ut, mt);
   WindowSums win(L2);
-  const int ring_n = std::min(pb.rows.side, pb.rows.out);
+  const int ring_n = std::min(pb.rows.side, pb.rows.out) + 1;
   std::vector<T> g_row((size_t)Wo * L2), ring((size_t)ring_n * W * L2), zeros(L2, T(0));
   std::vector<double> t_row(L2), acc((size_t)W * L2, 0.0);
 
@@ -289,22 +289,20 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
   const int pstride = Wo + 1;
   int r_low = pb.rows.out_lo(y0), r_next = r_low;
   for (int y = y0; y < y1; ++y) {
-    // Remove before adding: a ring slot is reused only after its row has left the sum.
-    for (; r_low < pb.rows.out_lo(y); ++r_low) {
-      const T* slot = ring.data() + (int64_t)(r_low % ring_n) * W * L2;
-      double* __restrict dst = acc.data();
-#pragma omp simd
-      for (int64_t k = 0; k < (int64_t)W * L2; ++k) dst[k] -= (double)slot[k];
-    }
-    for (; r_next < pb.rows.out_hi(y); ++r_next) {
-      window_row(r_next);
-      const T* slot = ring.data() + (int64_t)(r_next % ring_n) * W * L2;
-      double* __restrict dst = acc.data();
-#pragma omp simd
-      for (int64_t k = 0; k < (int64_t)W * L2; ++k) dst[k] += (double)slot[k];
-    }
-    const int wr0 = pb.rows.out_lo(y), wr1 = pb.rows.out_hi(y);
+    // acc(x) holds the sum of T_r(x) over rows [r_low, r_next); move it to the rows covering y.
+    // The ring has one slot more than the rows a pixel can see, so the rows computed here never
+    // overwrite a row that is still to be subtracted.
+    const int new_lo = pb.rows.out_lo(y), new_hi = pb.rows.out_hi(y);
+    for (int r = r_next; r < new_hi; ++r) window_row(r);
+    const int n_add = std::max(0, new_hi - r_next), n_sub = std::max(0, new_lo - r_low);
+    const int wr0 = new_lo, wr1 = new_hi;
     for (int x = 0; x < W; ++x) {
+      double* __restrict hx = acc.data() + (int64_t)x * L2;
+      for (int k = 0; k < std::max(n_add, n_sub); ++k) {
+        const T* add = k < n_add ? ring.data() + ((int64_t)((r_next + k) % ring_n) * W + x) * L2 : zeros.data();
+        const T* sub = k < n_sub ? ring.data() + ((int64_t)((r_low + k) % ring_n) * W + x) * L2 : zeros.data();
+        slide(hx, add, sub, L2);
+      }
       const int64_t at = (int64_t)y * W + x;
       const T u = up[at], m = mp[at];
       if (rect_count(poison_sat, pstride, wr0, wr1, pb.cols.out_lo(x), pb.cols.out_hi(x)) > 0 ||
@@ -319,7 +317,7 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
       // v = H^T a', w = H^T a, then grad_u = v . b and grad_m = w . b'.
       std::fill(v.begin(), v.end(), 0.0);
       std::fill(w.begin(), w.end(), 0.0);
-      const double* hp = acc.data() + (int64_t)x * L2;
+      const double* hp = hx;
       for (int i = 0; i < L; ++i) {
         const double dai = da[i], ai = a[i];
         const double* __restrict row = hp + (int64_t)i * L;
@@ -340,6 +338,8 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
       gu[at] = (T)su;
       gm[at] = (T)sm;
     }
+    r_low = std::max(r_low, new_lo);
+    r_next = std::max(r_next, new_hi);
   }
 }
 

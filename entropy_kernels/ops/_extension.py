@@ -44,7 +44,7 @@ def cxx_flags():
 
 
 def sources(cuda: bool):
-    names = ["bindings.cpp", "entropy_cpu.cpp"] + (["entropy_cuda.cu"] if cuda else [])
+    names = ["bindings_cuda.cpp", "entropy_cpu.cpp", "entropy_cuda.cu"] if cuda else ["bindings.cpp", "entropy_cpu.cpp"]
     return [str(CSRC / n) for n in names]
 
 
@@ -55,12 +55,12 @@ def _jit_build(cuda: bool):
         raise RuntimeError("ninja is not installed (pip install ninja) and no prebuilt extension was found")
     from torch.utils import cpp_extension
 
-    flags = cxx_flags() + (["-DEK_WITH_CUDA"] if cuda else [])
+    flags = cxx_flags()
     return cpp_extension.load(
         name="entropy_kernels_cuda" if cuda else "entropy_kernels_cpu",
         sources=sources(cuda),
         extra_cflags=flags,
-        extra_cuda_cflags=["-O3", "-DEK_WITH_CUDA"] if cuda else None,
+        extra_cuda_cflags=["-O3"] if cuda else None,
         extra_include_paths=[str(CSRC)],
         with_cuda=cuda,
         verbose=os.environ.get("ENTROPY_KERNELS_VERBOSE_BUILD", "0") == "1",
