@@ -5,11 +5,16 @@
 Times forward + backward of the backend contract call (local_divergence on (B*C, H, W)
 maps) with warm-up and the median of several runs. Peak memory is the rise of the
 process's peak RSS over its RSS before the call (Linux: /proc/self/clear_refs resets the peak).
+The script re-executes itself with MALLOC_MMAP_THRESHOLD_ set so that every allocation above
+64 KiB is returned to the system when freed; otherwise glibc keeps freed scratch in its arenas
+and later calls would not show in the RSS at all.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 import statistics
 import time
 
@@ -49,6 +54,9 @@ def measure(impl, maps, args, repeats):
 
 
 def main():
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--bins", type=int, default=32)

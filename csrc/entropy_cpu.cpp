@@ -109,17 +109,21 @@ inline void slide(double* __restrict acc, const S* __restrict add, const S* __re
 }
 
 // Per-column joint histograms (pred: q, target: p) of the image rows [lo, hi) of one plane.
+// A column catches up with the band lazily, when a window first takes it in, so that its
+// update and its addition to the window happen while it is in L1.
 template <typename T, int Kind>
 struct BandHistograms {
   const Problem& pb;
   const T *up, *mp, *ut, *mt;
   int L, L2, lo = 0, hi = 0;
   std::vector<double> p, q;                 // width x L2 each
+  std::vector<int> col_lo, col_hi;          // the rows each column holds now
   std::vector<T> factors;                   // 8 vectors of L: pred/target x add/sub x (a, b)
 
   BandHistograms(const Problem& pb_, const T* up_, const T* mp_, const T* ut_, const T* mt_)
       : pb(pb_), up(up_), mp(mp_), ut(ut_), mt(mt_), L(pb_.bins), L2(pb_.bins * pb_.bins),
-        p((size_t)pb_.width * L2, 0.0), q((size_t)pb_.width * L2, 0.0), factors(8 * (size_t)L) {}
+        p((size_t)pb_.width * L2, 0.0), q((size_t)pb_.width * L2, 0.0), col_lo(pb_.width, 0),
+        col_hi(pb_.width, 0), factors(8 * (size_t)L) {}
 
   // Kernel factors of pixel (y, x) of one image into (a, b); the zero vector when y < 0 or
   // when the pixel is not finite.
@@ -137,10 +141,19 @@ struct BandHistograms {
     std::fill(b, b + L, T(0));
   }
 
-  // Add image row y_add and remove image row y_sub (either may be -1) in every column.
-  void step(int y_add, int y_sub) {
+  void move_to(int new_lo, int new_hi) {
+    lo = new_lo;
+    hi = new_hi;
+  }
+
+  // Bring column x to the rows [lo, hi): add the entering rows, remove the leaving ones.
+  void refresh(int x) {
+    int &cl = col_lo[x], &ch = col_hi[x];
+    if (cl == ch) cl = ch = lo;
+    const int n_add = std::max(0, hi - ch), n_sub = std::max(0, lo - cl);
     T* f = factors.data();
-    for (int x = 0; x < pb.width; ++x) {
+    for (int k = 0; k < std::max(n_add, n_sub); ++k) {
+      const int y_add = k < n_add ? ch + k : -1, y_sub = k < n_sub ? cl + k : -1;
       pixel(up, mp, y_add, x, f, f + L);
       pixel(up, mp, y_sub, x, f + 2 * L, f + 3 * L);
       pixel(ut, mt, y_add, x, f + 4 * L, f + 5 * L);
@@ -148,14 +161,8 @@ struct BandHistograms {
       rank1_slide(q.data() + (int64_t)x * L2, f, f + L, f + 2 * L, f + 3 * L, L);
       rank1_slide(p.data() + (int64_t)x * L2, f + 4 * L, f + 5 * L, f + 6 * L, f + 7 * L, L);
     }
-  }
-
-  void move_to(int new_lo, int new_hi) {
-    if (lo == hi) lo = hi = new_lo;
-    const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo);
-    for (int k = 0; k < std::max(n_add, n_sub); ++k) step(k < n_add ? hi + k : -1, k < n_sub ? lo + k : -1);
-    lo = new_lo;
-    hi = new_hi;
+    cl = lo;
+    ch = hi;
   }
 };
 
@@ -171,10 +178,13 @@ struct WindowSums {
     lo = hi = at;
   }
 
+  // Columns entering the window are refreshed first; the leaving ones were refreshed when they
+  // entered, in this same row.
   template <typename Band>
-  void move_to(int new_lo, int new_hi, const Band& band) {
+  void move_to(int new_lo, int new_hi, Band& band) {
     const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo);
     for (int k = 0; k < std::max(n_add, n_sub); ++k) {
+      if (k < n_add) band.refresh(hi + k);
       const double* zp = zeros.data();
       const int64_t xa = k < n_add ? (int64_t)(hi + k) * L2 : -1, xs = k < n_sub ? (int64_t)(lo + k) * L2 : -1;
       slide(p.data(), xa >= 0 ? band.p.data() + xa : zp, xs >= 0 ? band.p.data() + xs : zp, L2);
