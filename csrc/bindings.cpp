@@ -1,7 +1,10 @@
 // Torch binding of the fused local divergence: argument checks, the NaN bookkeeping tables,
 // and dispatch to the CPU code or (when built with EK_WITH_CUDA) the CUDA launchers.
 // The autograd and fake registrations live in Python (entropy_kernels/ops/_extension.py).
-#include <torch/extension.h>
+// ATen and torch's pybind casters only: torch/extension.h would pull in the whole C++
+// frontend and double the build time of this file.
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <vector>
 
