@@ -235,10 +235,14 @@ void forward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, cons
   }
 }
 
-// Backward for the input rows [y0, y1) of one plane.
+// Backward for the input rows [y0, y1) of one plane, from grad_output and the saved D.
+// Fused mode (d_out != nullptr; d and grad unused): the gradient for grad_output = 1 together
+// with D, written for the output rows [y0, y1) that this item owns; bad_sat marks non-finite
+// pixels and poison_sat the windows that contain one.
 template <typename T, int Kind>
 void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, const T* mt, const T* d,
-                   const T* grad, const int32_t* poison_sat, T* gu, T* gm, int y0, int y1) {
+                   const T* grad, const int32_t* poison_sat, T* gu, T* gm, int y0, int y1, T* d_out,
+                   const int32_t* bad_sat) {
   const int W = pb.width, Wo = pb.cols.out, L = pb.bins, L2 = L * L;
   const T eps = (T)pb.eps, h = (T)pb.bandwidth;
   BandHistograms<T, Kind> band(pb, up, mp, ut, mt);
@@ -256,7 +260,22 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
       const int x0 = pb.cols.lo(c), x1 = pb.cols.hi(c);
       win.move_to(x0, x1, band);
       T* gc = g_row.data() + (int64_t)c * L2;
-      const T g = grad[(int64_t)r * Wo + c], dc = d[(int64_t)r * Wo + c];
+      T g, dc;
+      if (d_out != nullptr) {
+        const bool owned = r >= y0 && r < y1;
+        g = T(1);
+        dc = T(0);  // KL's G does not use D
+        if (rect_count(bad_sat, W + 1, wy0, wy1, x0, x1) > 0) {
+          dc = std::numeric_limits<T>::quiet_NaN();
+        } else if (owned || pb.divergence == kHellinger) {
+          const double inv_n = 1.0 / ((double)(wy1 - wy0) * (x1 - x0));
+          dc = window_divergence<T>(win.p.data(), win.q.data(), L2, inv_n, eps, pb.divergence);
+        }
+        if (owned) d_out[(int64_t)r * Wo + c] = dc;
+      } else {
+        g = grad[(int64_t)r * Wo + c];
+        dc = d[(int64_t)r * Wo + c];
+      }
       // Windows with a non-finite D or grad are reported through poison_sat; zeros keep the
       // sliding sums finite for the others.
       if (!(std::isfinite(g) && std::isfinite(dc)) || g == T(0)) {
@@ -392,16 +411,20 @@ void forward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp,
   });
 }
 
+// d_out defined: the fused forward (D and the gradient for grad_output = 1; d and grad undefined).
 template <typename T, int Kind>
 void backward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp, const at::Tensor& ut,
                    const at::Tensor& mt, const at::Tensor& d, const at::Tensor& grad, const at::Tensor& poison_sat,
-                   at::Tensor& gu, at::Tensor& gm) {
+                   at::Tensor& gu, at::Tensor& gm, at::Tensor d_out = {}, const at::Tensor& bad_sat = {}) {
   const int rows_per_item = backward_rows_per_item(pb.rows);
   const int blocks = (pb.height + rows_per_item - 1) / rows_per_item;
   const int64_t sat_plane = (int64_t)(pb.rows.out + 1) * (pb.cols.out + 1);
   const T *u_p = up.data_ptr<T>(), *m_p = mp.data_ptr<T>(), *u_t = ut.data_ptr<T>(), *m_t = mt.data_ptr<T>();
-  const T *dd = d.data_ptr<T>(), *gg = grad.data_ptr<T>();
+  const T *dd = d.defined() ? d.data_ptr<T>() : nullptr, *gg = grad.defined() ? grad.data_ptr<T>() : nullptr;
   const int32_t* sat = poison_sat.data_ptr<int32_t>();
+  T* d_out_p = d_out.defined() ? d_out.data_ptr<T>() : nullptr;
+  const int32_t* bad = bad_sat.defined() ? bad_sat.data_ptr<int32_t>() : nullptr;
+  const int64_t bad_plane = (int64_t)(pb.height + 1) * (pb.width + 1);
   T *gu_p = gu.data_ptr<T>(), *gm_p = gm.data_ptr<T>();
   at::parallel_for(0, (int64_t)pb.planes * blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushSubnormals flush;
@@ -409,8 +432,9 @@ void backward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp
       const int64_t n = item / blocks;
       const int y0 = (int)(item % blocks) * rows_per_item, y1 = std::min(pb.height, y0 + rows_per_item);
       const int64_t in = n * pb.plane_in(), out = n * pb.plane_out();
-      backward_rows<T, Kind>(pb, u_p + in, m_p + in, u_t + in, m_t + in, dd + out, gg + out, sat + n * sat_plane,
-                             gu_p + in, gm_p + in, y0, y1);
+      backward_rows<T, Kind>(pb, u_p + in, m_p + in, u_t + in, m_t + in, dd ? dd + out : nullptr,
+                             gg ? gg + out : nullptr, sat + n * sat_plane, gu_p + in, gm_p + in, y0, y1,
+                             d_out_p ? d_out_p + out : nullptr, bad ? bad + n * bad_plane : nullptr);
     }
   });
 }
@@ -447,6 +471,22 @@ std::vector<at::Tensor> local_divergence_backward_cpu(const at::Tensor& u_pred, 
       backward_impl<scalar_t, kGaussian>(pb, u_pred, m_pred, u_tgt, m_tgt, d, grad, poison_sat, gu, gm);
   });
   return {gu, gm};
+}
+
+std::vector<at::Tensor> local_divergence_forward_with_grad_cpu(
+    const at::Tensor& u_pred, const at::Tensor& m_pred, const at::Tensor& u_tgt, const at::Tensor& m_tgt,
+    const at::Tensor& bad_sat, const at::Tensor& bad_window_sat, int64_t win_h, int64_t win_w, bool valid,
+    int64_t bins, double bandwidth, int64_t kernel, int64_t divergence, double eps) {
+  const Problem pb = make_problem(u_pred, win_h, win_w, valid, bins, bandwidth, divergence, eps);
+  at::Tensor d = at::empty({pb.planes, pb.rows.out, pb.cols.out}, u_pred.options());
+  at::Tensor gu = at::empty_like(u_pred), gm = at::empty_like(u_pred);
+  AT_DISPATCH_FLOATING_TYPES(u_pred.scalar_type(), "local_divergence_forward_with_grad_cpu", [&] {
+    if (kernel == kLogistic)
+      backward_impl<scalar_t, kLogistic>(pb, u_pred, m_pred, u_tgt, m_tgt, {}, {}, bad_window_sat, gu, gm, d, bad_sat);
+    else
+      backward_impl<scalar_t, kGaussian>(pb, u_pred, m_pred, u_tgt, m_tgt, {}, {}, bad_window_sat, gu, gm, d, bad_sat);
+  });
+  return {d, gu, gm};
 }
 
 }  // namespace entropy_kernels

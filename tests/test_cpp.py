@@ -247,22 +247,50 @@ def test_result_does_not_depend_on_thread_count(cpp):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("divergence", ["kl", "hellinger"])
+def test_uniform_grad_output_reuses_the_forward_gradient(cpp, divergence):
+    """With a uniform grad_output ('mean'/'sum') the backward rescales the gradient that the forward
+    computed for grad_output = 1; it must match the full backward and the reference."""
+    bins = 9
+    args = (5, 3, False, bins, 0.5, "gaussian", divergence, 1e-10)
+    maps = random_maps(2, 11, 8, bins)
+    maps[0][1, 5, 5] = float("nan")
+    g = torch.full((2, 11, 8), -0.37, dtype=torch.float64)
+    d_ref, gu_ref, gm_ref, _ = values_and_grads(reference, maps, args, g)
+    d, gu, gm, _ = values_and_grads(cpp, maps, args, g)  # forward with gradient, rescaled
+    ids = (_extension.KERNEL_IDS["gaussian"], _extension.DIVERGENCE_IDS[divergence])
+    u, m = maps[0].clone().requires_grad_(True), maps[1].clone().requires_grad_(True)
+    d_full, gu_full_1, gm_full_1 = cpp.local_divergence_op(u, m, maps[2], maps[3], 5, 3, False, bins, 0.5, *ids, 1e-10,
+                                                           False)
+    gu_full, gm_full = torch.autograd.grad(d_full, (u, m), g)  # the full backward
+    assert gu_full_1.numel() == 0 and gm_full_1.numel() == 0
+    assert torch.equal(torch.isnan(d), torch.isnan(d_ref)) and torch.equal(torch.isnan(d), torch.isnan(d_full))
+    assert torch.equal(torch.isnan(gu), torch.isnan(gu_full)) and torch.isnan(gu).sum() == 9 * 5  # windows 5x3: rows 1..9, columns 3..7
+    ok = ~torch.isnan(gu)
+    torch.testing.assert_close(gu[ok], gu_full[ok], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gm[ok], gm_full[ok], rtol=1e-12, atol=1e-14)
+    assert_close_f64(gu[ok], gu_ref[ok])
+    assert_close_f64(gm[ok], gm_ref[ok])
+    assert_close_f64(d[~torch.isnan(d)], d_ref[~torch.isnan(d)])
+
+
 def test_opcheck(cpp):
     bins = 6
     u, m, ut, mt = random_maps(2, 7, 6, bins)
-    args = (u.requires_grad_(True), m.requires_grad_(True), ut, mt, 3, 3, False, bins, 0.5, 0, 0, 1e-10)
-    torch.library.opcheck(cpp.local_divergence_op, args)
-    args_valid = (u, m, ut, mt, 5, 3, True, bins, 0.5, 1, 1, 1e-10)
-    torch.library.opcheck(cpp.local_divergence_op, args_valid)
+    u.requires_grad_(True)
+    m.requires_grad_(True)
+    for with_grad in (False, True):
+        torch.library.opcheck(cpp.local_divergence_op, (u, m, ut, mt, 3, 3, False, bins, 0.5, 0, 0, 1e-10, with_grad))
+        torch.library.opcheck(cpp.local_divergence_op, (u, m, ut, mt, 5, 3, True, bins, 0.5, 1, 1, 1e-10, with_grad))
 
 
 def test_bad_arguments_raise(cpp):
     module, _ = _extension.load(False)
     u = torch.rand(1, 4, 4)
     with pytest.raises(RuntimeError, match="does not fit"):
-        module.forward(u, u, u, u, 5, 5, True, 4, 0.5, 0, 0, 1e-10)
+        module.forward(u, u, u, u, 5, 5, True, 4, 0.5, 0, 0, 1e-10, False)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         h = u.half()
-        module.forward(h, h, h, h, 3, 3, False, 4, 0.5, 0, 0, 1e-10)
+        module.forward(h, h, h, h, 3, 3, False, 4, 0.5, 0, 0, 1e-10, False)
     assert cpp.not_supported_reasons(torch.device("cpu"), torch.float16, 8)
     assert cpp.not_supported_reasons(torch.device("cuda"), torch.float32, 8)
