@@ -30,4 +30,6 @@ def test_nvcc_compiles(source, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
     assert (tmp_path / (source.stem + ".o")).stat().st_size > 0
-    assert "warning" not in result.stderr.lower(), result.stderr
+    # Warnings about our own sources fail the check; toolkit notices (e.g. deprecated targets) do not.
+    ours = [line for line in result.stderr.splitlines() if "warning" in line.lower() and str(CSRC) in line]
+    assert not ours, "\n".join(ours)
