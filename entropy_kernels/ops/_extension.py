@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -67,9 +66,19 @@ def _jit_build(cuda: bool):
     )
 
 
-@lru_cache(maxsize=None)
+# A plain dict rather than functools.lru_cache: torch.compile traces through a cache hit of this
+# dict, while it ignores lru_cache and would try to trace the import itself.
+_LOADED = {}
+
+
 def load(cuda: bool) -> Tuple[Optional[object], Optional[str]]:
     """(module, None), or (None, why it is unavailable). Tried once per process."""
+    if cuda not in _LOADED:
+        _LOADED[cuda] = _import_or_build(cuda)
+    return _LOADED[cuda]
+
+
+def _import_or_build(cuda: bool):
     try:
         return importlib.import_module("entropy_kernels._C_cuda" if cuda else "entropy_kernels._C_cpu"), None
     except ImportError:
