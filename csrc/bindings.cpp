@@ -1,0 +1,188 @@
+// Torch binding of the fused local divergence: argument checks, the NaN bookkeeping tables,
+// and dispatch to the CPU code or (when built with EK_WITH_CUDA) the CUDA launchers.
+// The autograd and fake registrations live in Python (entropy_kernels/ops/_extension.py).
+// ATen and torch's pybind casters only: torch/extension.h would pull in the whole C++
+// frontend and double the build time of this file.
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <vector>
+
+#include "entropy_cpu.h"
+#include "entropy_math.h"
+
+#ifdef EK_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "entropy_cuda.h"
+#endif
+
+namespace entropy_kernels {
+namespace {
+
+void check_maps(std::initializer_list<const at::Tensor*> maps, const at::Tensor& like, int64_t rows, int64_t cols,
+                const char* what) {
+  for (const at::Tensor* t : maps) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == like.size(0) && t->size(1) == rows && t->size(2) == cols, what,
+                " must be (", like.size(0), ", ", rows, ", ", cols, "), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == like.scalar_type(), what, " must all be ", like.scalar_type(), ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->device() == like.device(), what, " must all be on ", like.device(), ", got ", t->device());
+    TORCH_CHECK(t->is_contiguous(), what, " must be contiguous");
+  }
+}
+
+void check_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool valid, int64_t bins, double bandwidth,
+                   int64_t kernel, int64_t divergence) {
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
+              "entropy_kernels: maps must be float32 or float64, got ", u.scalar_type());
+  TORCH_CHECK(win_h >= 1 && win_w >= 1, "window sides must be >= 1, got ", win_h, "x", win_w);
+  TORCH_CHECK(!valid || (win_h <= u.size(1) && win_w <= u.size(2)), "a 'valid' window of ", win_h, "x", win_w,
+              " does not fit an image of ", u.size(1), "x", u.size(2));
+  TORCH_CHECK(bins >= 2, "bins must be >= 2, got ", bins);
+  TORCH_CHECK(bandwidth > 0, "bandwidth must be > 0, got ", bandwidth);
+  TORCH_CHECK(kernel == kLogistic || kernel == kGaussian, "unknown kernel id ", kernel);
+  TORCH_CHECK(divergence == kKL || divergence == kHellinger, "unknown divergence id ", divergence);
+}
+
+// int32 (N, R + 1, C + 1) summed-area table of a boolean (N, R, C) map, zero first row and column.
+at::Tensor summed_area(const at::Tensor& marks) {
+  at::Tensor s = marks.to(at::kInt).cumsum(1, at::kInt).cumsum(2, at::kInt);
+  return at::constant_pad_nd(s, {1, 0, 1, 0}, 0).contiguous();
+}
+
+at::Tensor bad_pixel_table(const at::Tensor& up, const at::Tensor& mp, const at::Tensor& ut, const at::Tensor& mt) {
+  return summed_area(at::logical_not(up.isfinite() & mp.isfinite() & ut.isfinite() & mt.isfinite()));
+}
+
+// Summed-area table over the window grid of the windows that contain a non-finite pixel.
+at::Tensor bad_window_table(const at::Tensor& bad_sat, int64_t height, int64_t width, int64_t win_h, int64_t win_w,
+                            bool valid) {
+  auto bounds = [&](int64_t extent, int64_t side) {
+    const Axis axis = make_axis((int)extent, (int)side, valid);
+    const at::Tensor idx = at::arange(axis.out, bad_sat.options().dtype(at::kLong));
+    return std::make_pair((idx - axis.offset).clamp_min(0), (idx - axis.offset + side).clamp_max(extent));
+  };
+  const auto rows = bounds(height, win_h), cols = bounds(width, win_w);
+  const at::Tensor top = bad_sat.index_select(1, rows.first), bottom = bad_sat.index_select(1, rows.second);
+  const at::Tensor count = bottom.index_select(2, cols.second) - top.index_select(2, cols.second) -
+                           bottom.index_select(2, cols.first) + top.index_select(2, cols.first);
+  return summed_area(count > 0);
+}
+
+#ifdef EK_WITH_CUDA
+CudaProblem cuda_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool valid, int64_t bins,
+                         double bandwidth, int64_t kernel, int64_t divergence, double eps) {
+  TORCH_CHECK(bins <= kCudaMaxBins, "the cuda backend serves bins <= ", kCudaMaxBins, ", got ", bins);
+  CudaProblem pb;
+  pb.planes = (int)u.size(0);
+  pb.height = (int)u.size(1);
+  pb.width = (int)u.size(2);
+  pb.bins = (int)bins;
+  pb.win_h = (int)win_h;
+  pb.win_w = (int)win_w;
+  pb.valid = valid;
+  pb.bandwidth = bandwidth;
+  pb.eps = eps;
+  pb.kernel = (int)kernel;
+  pb.divergence = (int)divergence;
+  return pb;
+}
+#endif
+
+}  // namespace
+
+// Returns {D, grad_u, grad_m}. With with_grad (CPU, eps > 0) the pass also yields the gradient for
+// grad_output = 1, which the backward rescales when grad_output is uniform (the 'mean' and 'sum'
+// reductions) instead of recomputing the histograms; otherwise the two are empty.
+std::vector<at::Tensor> local_divergence_forward(const at::Tensor& u_pred, const at::Tensor& m_pred,
+                                                 const at::Tensor& u_tgt, const at::Tensor& m_tgt, int64_t win_h,
+                                                 int64_t win_w, bool valid, int64_t bins, double bandwidth,
+                                                 int64_t kernel, int64_t divergence, double eps, bool with_grad) {
+  check_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence);
+  check_maps({&u_pred, &m_pred, &u_tgt, &m_tgt}, u_pred, u_pred.size(1), u_pred.size(2), "u and m maps");
+  const at::Tensor bad_sat = bad_pixel_table(u_pred, m_pred, u_tgt, m_tgt);
+  if (u_pred.is_cuda()) {
+#ifdef EK_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(u_pred.device());
+    const CudaProblem pb = cuda_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps);
+    const int64_t ho = valid ? pb.height - win_h + 1 : pb.height, wo = valid ? pb.width - win_w + 1 : pb.width;
+    at::Tensor d = at::empty({pb.planes, ho, wo}, u_pred.options());
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    cudaError_t err = cudaSuccess;
+    AT_DISPATCH_FLOATING_TYPES(u_pred.scalar_type(), "local_divergence_forward_cuda", [&] {
+      err = launch_local_divergence_forward<scalar_t>(
+          pb, u_pred.data_ptr<scalar_t>(), m_pred.data_ptr<scalar_t>(), u_tgt.data_ptr<scalar_t>(),
+          m_tgt.data_ptr<scalar_t>(), bad_sat.data_ptr<int32_t>(), d.data_ptr<scalar_t>(), stream);
+    });
+    TORCH_CHECK(err == cudaSuccess, "entropy_kernels cuda forward: ", cudaGetErrorString(err));
+    return {d, at::empty({0}, u_pred.options()), at::empty({0}, u_pred.options())};
+#else
+    TORCH_CHECK(false, "this build of the entropy_kernels extension has no CUDA support");
+#endif
+  }
+  if (with_grad && eps > 0) {
+    const at::Tensor bad_windows = bad_window_table(bad_sat, u_pred.size(1), u_pred.size(2), win_h, win_w, valid);
+    return local_divergence_forward_with_grad_cpu(u_pred, m_pred, u_tgt, m_tgt, bad_sat, bad_windows, win_h, win_w,
+                                                  valid, bins, bandwidth, kernel, divergence, eps);
+  }
+  return {local_divergence_forward_cpu(u_pred, m_pred, u_tgt, m_tgt, bad_sat, win_h, win_w, valid, bins, bandwidth,
+                                       kernel, divergence, eps),
+          at::empty({0}, u_pred.options()), at::empty({0}, u_pred.options())};
+}
+
+// grad_u1, grad_m1: the forward's gradient for grad_output = 1, or empty.
+std::vector<at::Tensor> local_divergence_backward(const at::Tensor& grad, const at::Tensor& d,
+                                                  const at::Tensor& u_pred, const at::Tensor& m_pred,
+                                                  const at::Tensor& u_tgt, const at::Tensor& m_tgt,
+                                                  const at::Tensor& grad_u1, const at::Tensor& grad_m1,
+                                                  int64_t win_h, int64_t win_w, bool valid, int64_t bins,
+                                                  double bandwidth, int64_t kernel, int64_t divergence, double eps) {
+  check_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence);
+  check_maps({&u_pred, &m_pred, &u_tgt, &m_tgt}, u_pred, u_pred.size(1), u_pred.size(2), "u and m maps");
+  check_maps({&d}, u_pred, d.size(1), d.size(2), "D");
+  const at::Tensor g = grad.contiguous();
+  check_maps({&g}, u_pred, d.size(1), d.size(2), "grad_output");
+  if (grad_u1.numel() == u_pred.numel() && grad_m1.numel() == u_pred.numel() && g.numel() > 0) {
+    const at::Tensor g0 = g.reshape(-1)[0];
+    if (g0.isfinite().item<bool>() && at::equal(g, g0.expand_as(g))) return {grad_u1 * g0, grad_m1 * g0};
+  }
+  const at::Tensor poison_sat = summed_area(at::logical_not(d.isfinite() & g.isfinite()));
+  if (u_pred.is_cuda()) {
+#ifdef EK_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(u_pred.device());
+    const CudaProblem pb = cuda_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps);
+    at::Tensor gu = at::zeros_like(u_pred), gm = at::zeros_like(u_pred);
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    cudaError_t err = cudaSuccess;
+    AT_DISPATCH_FLOATING_TYPES(u_pred.scalar_type(), "local_divergence_backward_cuda", [&] {
+      err = launch_local_divergence_backward<scalar_t>(
+          pb, u_pred.data_ptr<scalar_t>(), m_pred.data_ptr<scalar_t>(), u_tgt.data_ptr<scalar_t>(),
+          m_tgt.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), poison_sat.data_ptr<int32_t>(),
+          gu.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), stream);
+    });
+    TORCH_CHECK(err == cudaSuccess, "entropy_kernels cuda backward: ", cudaGetErrorString(err));
+    return {gu, gm};
+#else
+    TORCH_CHECK(false, "this build of the entropy_kernels extension has no CUDA support");
+#endif
+  }
+  return local_divergence_backward_cpu(u_pred, m_pred, u_tgt, m_tgt, d, g, poison_sat, win_h, win_w, valid, bins,
+                                       bandwidth, kernel, divergence, eps);
+}
+
+}  // namespace entropy_kernels
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused local divergence of the spatial entropy loss (forward and backward)";
+  m.def("forward", &entropy_kernels::local_divergence_forward,
+        "(D (N, Ho, Wo), grad_u for grad_output = 1, grad_m likewise; the last two empty unless with_grad)");
+  m.def("backward", &entropy_kernels::local_divergence_backward,
+        "(grad_u_pred, grad_m_pred) from grad_output and the saved D");
+#ifdef EK_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

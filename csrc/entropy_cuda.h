@@ -1,0 +1,34 @@
+// CUDA launchers of the fused local divergence. Plain CUDA: raw device pointers and a
+// stream, no torch headers, so the toolkit alone compiles entropy_cuda.cu.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace entropy_kernels {
+
+struct CudaProblem {
+  int planes, height, width, bins;
+  int win_h, win_w;
+  bool valid;
+  double bandwidth, eps;
+  int kernel, divergence;
+};
+
+// Largest bins the CUDA kernels serve (each thread keeps at most 16 of the L*L cells).
+constexpr int kCudaMaxBins = 64;
+
+// d: (planes, Ho, Wo). bad_sat: int32 (planes, H + 1, W + 1) summed-area table of non-finite pixels.
+template <typename T>
+cudaError_t launch_local_divergence_forward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt,
+                                            const T* m_tgt, const int32_t* bad_sat, T* d, cudaStream_t stream);
+
+// grad_u, grad_m: (planes, H, W), zero-filled by the caller (windows accumulate into them with
+// atomics). poison_sat: int32 (planes, Ho + 1, Wo + 1) table of windows with non-finite D or grad.
+template <typename T>
+cudaError_t launch_local_divergence_backward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt,
+                                             const T* m_tgt, const T* d, const T* grad, const int32_t* poison_sat,
+                                             T* grad_u, T* grad_m, cudaStream_t stream);
+
+}  // namespace entropy_kernels
