@@ -1,7 +1,10 @@
 // Torch binding of the fused local divergence: argument checks, the NaN bookkeeping tables,
 // and dispatch to the CPU code or (when built with EK_WITH_CUDA) the CUDA launchers.
 // The autograd and fake registrations live in Python (entropy_kernels/ops/_extension.py).
-#include <torch/extension.h>
+// ATen and torch's pybind casters only: torch/extension.h would pull in the whole C++
+// frontend and double the build time of this file.
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <vector>
 
@@ -53,6 +56,21 @@ at::Tensor bad_pixel_table(const at::Tensor& up, const at::Tensor& mp, const at:
   return summed_area(at::logical_not(up.isfinite() & mp.isfinite() & ut.isfinite() & mt.isfinite()));
 }
 
+// Summed-area table over the window grid of the windows that contain a non-finite pixel.
+at::Tensor bad_window_table(const at::Tensor& bad_sat, int64_t height, int64_t width, int64_t win_h, int64_t win_w,
+                            bool valid) {
+  auto bounds = [&](int64_t extent, int64_t side) {
+    const Axis axis = make_axis((int)extent, (int)side, valid);
+    const at::Tensor idx = at::arange(axis.out, bad_sat.options().dtype(at::kLong));
+    return std::make_pair((idx - axis.offset).clamp_min(0), (idx - axis.offset + side).clamp_max(extent));
+  };
+  const auto rows = bounds(height, win_h), cols = bounds(width, win_w);
+  const at::Tensor top = bad_sat.index_select(1, rows.first), bottom = bad_sat.index_select(1, rows.second);
+  const at::Tensor count = bottom.index_select(2, cols.second) - top.index_select(2, cols.second) -
+                           bottom.index_select(2, cols.first) + top.index_select(2, cols.first);
+  return summed_area(count > 0);
+}
+
 #ifdef EK_WITH_CUDA
 CudaProblem cuda_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool valid, int64_t bins,
                          double bandwidth, int64_t kernel, int64_t divergence, double eps) {
@@ -75,9 +93,13 @@ CudaProblem cuda_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool
 
 }  // namespace
 
-at::Tensor local_divergence_forward(const at::Tensor& u_pred, const at::Tensor& m_pred, const at::Tensor& u_tgt,
-                                    const at::Tensor& m_tgt, int64_t win_h, int64_t win_w, bool valid, int64_t bins,
-                                    double bandwidth, int64_t kernel, int64_t divergence, double eps) {
+// Returns {D, grad_u, grad_m}. With with_grad (CPU, eps > 0) the pass also yields the gradient for
+// grad_output = 1, which the backward rescales when grad_output is uniform (the 'mean' and 'sum'
+// reductions) instead of recomputing the histograms; otherwise the two are empty.
+std::vector<at::Tensor> local_divergence_forward(const at::Tensor& u_pred, const at::Tensor& m_pred,
+                                                 const at::Tensor& u_tgt, const at::Tensor& m_tgt, int64_t win_h,
+                                                 int64_t win_w, bool valid, int64_t bins, double bandwidth,
+                                                 int64_t kernel, int64_t divergence, double eps, bool with_grad) {
   check_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence);
   check_maps({&u_pred, &m_pred, &u_tgt, &m_tgt}, u_pred, u_pred.size(1), u_pred.size(2), "u and m maps");
   const at::Tensor bad_sat = bad_pixel_table(u_pred, m_pred, u_tgt, m_tgt);
@@ -95,25 +117,37 @@ at::Tensor local_divergence_forward(const at::Tensor& u_pred, const at::Tensor& 
           m_tgt.data_ptr<scalar_t>(), bad_sat.data_ptr<int32_t>(), d.data_ptr<scalar_t>(), stream);
     });
     TORCH_CHECK(err == cudaSuccess, "entropy_kernels cuda forward: ", cudaGetErrorString(err));
-    return d;
+    return {d, at::empty({0}, u_pred.options()), at::empty({0}, u_pred.options())};
 #else
     TORCH_CHECK(false, "this build of the entropy_kernels extension has no CUDA support");
 #endif
   }
-  return local_divergence_forward_cpu(u_pred, m_pred, u_tgt, m_tgt, bad_sat, win_h, win_w, valid, bins, bandwidth,
-                                      kernel, divergence, eps);
+  if (with_grad && eps > 0) {
+    const at::Tensor bad_windows = bad_window_table(bad_sat, u_pred.size(1), u_pred.size(2), win_h, win_w, valid);
+    return local_divergence_forward_with_grad_cpu(u_pred, m_pred, u_tgt, m_tgt, bad_sat, bad_windows, win_h, win_w,
+                                                  valid, bins, bandwidth, kernel, divergence, eps);
+  }
+  return {local_divergence_forward_cpu(u_pred, m_pred, u_tgt, m_tgt, bad_sat, win_h, win_w, valid, bins, bandwidth,
+                                       kernel, divergence, eps),
+          at::empty({0}, u_pred.options()), at::empty({0}, u_pred.options())};
 }
 
+// grad_u1, grad_m1: the forward's gradient for grad_output = 1, or empty.
 std::vector<at::Tensor> local_divergence_backward(const at::Tensor& grad, const at::Tensor& d,
                                                   const at::Tensor& u_pred, const at::Tensor& m_pred,
-                                                  const at::Tensor& u_tgt, const at::Tensor& m_tgt, int64_t win_h,
-                                                  int64_t win_w, bool valid, int64_t bins, double bandwidth,
-                                                  int64_t kernel, int64_t divergence, double eps) {
+                                                  const at::Tensor& u_tgt, const at::Tensor& m_tgt,
+                                                  const at::Tensor& grad_u1, const at::Tensor& grad_m1,
+                                                  int64_t win_h, int64_t win_w, bool valid, int64_t bins,
+                                                  double bandwidth, int64_t kernel, int64_t divergence, double eps) {
   check_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence);
   check_maps({&u_pred, &m_pred, &u_tgt, &m_tgt}, u_pred, u_pred.size(1), u_pred.size(2), "u and m maps");
   check_maps({&d}, u_pred, d.size(1), d.size(2), "D");
   const at::Tensor g = grad.contiguous();
   check_maps({&g}, u_pred, d.size(1), d.size(2), "grad_output");
+  if (grad_u1.numel() == u_pred.numel() && grad_m1.numel() == u_pred.numel() && g.numel() > 0) {
+    const at::Tensor g0 = g.reshape(-1)[0];
+    if (g0.isfinite().item<bool>() && at::equal(g, g0.expand_as(g))) return {grad_u1 * g0, grad_m1 * g0};
+  }
   const at::Tensor poison_sat = summed_area(at::logical_not(d.isfinite() & g.isfinite()));
   if (u_pred.is_cuda()) {
 #ifdef EK_WITH_CUDA
@@ -143,7 +177,7 @@ std::vector<at::Tensor> local_divergence_backward(const at::Tensor& grad, const 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused local divergence of the spatial entropy loss (forward and backward)";
   m.def("forward", &entropy_kernels::local_divergence_forward,
-        "D map (N, Ho, Wo) from u/m maps of pred and target");
+        "(D (N, Ho, Wo), grad_u for grad_output = 1, grad_m likewise; the last two empty unless with_grad)");
   m.def("backward", &entropy_kernels::local_divergence_backward,
         "(grad_u_pred, grad_m_pred) from grad_output and the saved D");
 #ifdef EK_WITH_CUDA

@@ -109,17 +109,21 @@ inline void slide(double* __restrict acc, const S* __restrict add, const S* __re
 }
 
 // Per-column joint histograms (pred: q, target: p) of the image rows [lo, hi) of one plane.
+// A column catches up with the band lazily, when a window first takes it in, so that its
+// update and its addition to the window happen while it is in L1.
 template <typename T, int Kind>
 struct BandHistograms {
   const Problem& pb;
   const T *up, *mp, *ut, *mt;
   int L, L2, lo = 0, hi = 0;
   std::vector<double> p, q;                 // width x L2 each
+  std::vector<int> col_lo, col_hi;          // the rows each column holds now
   std::vector<T> factors;                   // 8 vectors of L: pred/target x add/sub x (a, b)
 
   BandHistograms(const Problem& pb_, const T* up_, const T* mp_, const T* ut_, const T* mt_)
       : pb(pb_), up(up_), mp(mp_), ut(ut_), mt(mt_), L(pb_.bins), L2(pb_.bins * pb_.bins),
-        p((size_t)pb_.width * L2, 0.0), q((size_t)pb_.width * L2, 0.0), factors(8 * (size_t)L) {}
+        p((size_t)pb_.width * L2, 0.0), q((size_t)pb_.width * L2, 0.0), col_lo(pb_.width, 0),
+        col_hi(pb_.width, 0), factors(8 * (size_t)L) {}
 
   // Kernel factors of pixel (y, x) of one image into (a, b); the zero vector when y < 0 or
   // when the pixel is not finite.
@@ -137,10 +141,19 @@ struct BandHistograms {
     std::fill(b, b + L, T(0));
   }
 
-  // Add image row y_add and remove image row y_sub (either may be -1) in every column.
-  void step(int y_add, int y_sub) {
+  void move_to(int new_lo, int new_hi) {
+    lo = new_lo;
+    hi = new_hi;
+  }
+
+  // Bring column x to the rows [lo, hi): add the entering rows, remove the leaving ones.
+  void refresh(int x) {
+    int &cl = col_lo[x], &ch = col_hi[x];
+    if (cl == ch) cl = ch = lo;
+    const int n_add = std::max(0, hi - ch), n_sub = std::max(0, lo - cl);
     T* f = factors.data();
-    for (int x = 0; x < pb.width; ++x) {
+    for (int k = 0; k < std::max(n_add, n_sub); ++k) {
+      const int y_add = k < n_add ? ch + k : -1, y_sub = k < n_sub ? cl + k : -1;
       pixel(up, mp, y_add, x, f, f + L);
       pixel(up, mp, y_sub, x, f + 2 * L, f + 3 * L);
       pixel(ut, mt, y_add, x, f + 4 * L, f + 5 * L);
@@ -148,14 +161,8 @@ struct BandHistograms {
       rank1_slide(q.data() + (int64_t)x * L2, f, f + L, f + 2 * L, f + 3 * L, L);
       rank1_slide(p.data() + (int64_t)x * L2, f + 4 * L, f + 5 * L, f + 6 * L, f + 7 * L, L);
     }
-  }
-
-  void move_to(int new_lo, int new_hi) {
-    if (lo == hi) lo = hi = new_lo;
-    const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo);
-    for (int k = 0; k < std::max(n_add, n_sub); ++k) step(k < n_add ? hi + k : -1, k < n_sub ? lo + k : -1);
-    lo = new_lo;
-    hi = new_hi;
+    cl = lo;
+    ch = hi;
   }
 };
 
@@ -171,10 +178,13 @@ struct WindowSums {
     lo = hi = at;
   }
 
+  // Columns entering the window are refreshed first; the leaving ones were refreshed when they
+  // entered, in this same row.
   template <typename Band>
-  void move_to(int new_lo, int new_hi, const Band& band) {
+  void move_to(int new_lo, int new_hi, Band& band) {
     const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo);
     for (int k = 0; k < std::max(n_add, n_sub); ++k) {
+      if (k < n_add) band.refresh(hi + k);
       const double* zp = zeros.data();
       const int64_t xa = k < n_add ? (int64_t)(hi + k) * L2 : -1, xs = k < n_sub ? (int64_t)(lo + k) * L2 : -1;
       slide(p.data(), xa >= 0 ? band.p.data() + xa : zp, xs >= 0 ? band.p.data() + xs : zp, L2);
@@ -225,15 +235,19 @@ void forward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, cons
   }
 }
 
-// Backward for the input rows [y0, y1) of one plane.
+// Backward for the input rows [y0, y1) of one plane, from grad_output and the saved D.
+// Fused mode (d_out != nullptr; d and grad unused): the gradient for grad_output = 1 together
+// with D, written for the output rows [y0, y1) that this item owns; bad_sat marks non-finite
+// pixels and poison_sat the windows that contain one.
 template <typename T, int Kind>
 void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, const T* mt, const T* d,
-                   const T* grad, const int32_t* poison_sat, T* gu, T* gm, int y0, int y1) {
+                   const T* grad, const int32_t* poison_sat, T* gu, T* gm, int y0, int y1, T* d_out,
+                   const int32_t* bad_sat) {
   const int W = pb.width, Wo = pb.cols.out, L = pb.bins, L2 = L * L;
   const T eps = (T)pb.eps, h = (T)pb.bandwidth;
   BandHistograms<T, Kind> band(pb, up, mp, ut, mt);
   WindowSums win(L2);
-  const int ring_n = std::min(pb.rows.side, pb.rows.out);
+  const int ring_n = std::min(pb.rows.side, pb.rows.out) + 1;
   std::vector<T> g_row((size_t)Wo * L2), ring((size_t)ring_n * W * L2), zeros(L2, T(0));
   std::vector<double> t_row(L2), acc((size_t)W * L2, 0.0);
 
@@ -246,7 +260,22 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
       const int x0 = pb.cols.lo(c), x1 = pb.cols.hi(c);
       win.move_to(x0, x1, band);
       T* gc = g_row.data() + (int64_t)c * L2;
-      const T g = grad[(int64_t)r * Wo + c], dc = d[(int64_t)r * Wo + c];
+      T g, dc;
+      if (d_out != nullptr) {
+        const bool owned = r >= y0 && r < y1;
+        g = T(1);
+        dc = T(0);  // KL's G does not use D
+        if (rect_count(bad_sat, W + 1, wy0, wy1, x0, x1) > 0) {
+          dc = std::numeric_limits<T>::quiet_NaN();
+        } else if (owned || pb.divergence == kHellinger) {
+          const double inv_n = 1.0 / ((double)(wy1 - wy0) * (x1 - x0));
+          dc = window_divergence<T>(win.p.data(), win.q.data(), L2, inv_n, eps, pb.divergence);
+        }
+        if (owned) d_out[(int64_t)r * Wo + c] = dc;
+      } else {
+        g = grad[(int64_t)r * Wo + c];
+        dc = d[(int64_t)r * Wo + c];
+      }
       // Windows with a non-finite D or grad are reported through poison_sat; zeros keep the
       // sliding sums finite for the others.
       if (!(std::isfinite(g) && std::isfinite(dc)) || g == T(0)) {
@@ -289,22 +318,20 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
   const int pstride = Wo + 1;
   int r_low = pb.rows.out_lo(y0), r_next = r_low;
   for (int y = y0; y < y1; ++y) {
-    // Remove before adding: a ring slot is reused only after its row has left the sum.
-    for (; r_low < pb.rows.out_lo(y); ++r_low) {
-      const T* slot = ring.data() + (int64_t)(r_low % ring_n) * W * L2;
-      double* __restrict dst = acc.data();
-#pragma omp simd
-      for (int64_t k = 0; k < (int64_t)W * L2; ++k) dst[k] -= (double)slot[k];
-    }
-    for (; r_next < pb.rows.out_hi(y); ++r_next) {
-      window_row(r_next);
-      const T* slot = ring.data() + (int64_t)(r_next % ring_n) * W * L2;
-      double* __restrict dst = acc.data();
-#pragma omp simd
-      for (int64_t k = 0; k < (int64_t)W * L2; ++k) dst[k] += (double)slot[k];
-    }
-    const int wr0 = pb.rows.out_lo(y), wr1 = pb.rows.out_hi(y);
+    // acc(x) holds the sum of T_r(x) over rows [r_low, r_next); move it to the rows covering y.
+    // The ring has one slot more than the rows a pixel can see, so the rows computed here never
+    // overwrite a row that is still to be subtracted.
+    const int new_lo = pb.rows.out_lo(y), new_hi = pb.rows.out_hi(y);
+    for (int r = r_next; r < new_hi; ++r) window_row(r);
+    const int n_add = std::max(0, new_hi - r_next), n_sub = std::max(0, new_lo - r_low);
+    const int wr0 = new_lo, wr1 = new_hi;
     for (int x = 0; x < W; ++x) {
+      double* __restrict hx = acc.data() + (int64_t)x * L2;
+      for (int k = 0; k < std::max(n_add, n_sub); ++k) {
+        const T* add = k < n_add ? ring.data() + ((int64_t)((r_next + k) % ring_n) * W + x) * L2 : zeros.data();
+        const T* sub = k < n_sub ? ring.data() + ((int64_t)((r_low + k) % ring_n) * W + x) * L2 : zeros.data();
+        slide(hx, add, sub, L2);
+      }
       const int64_t at = (int64_t)y * W + x;
       const T u = up[at], m = mp[at];
       if (rect_count(poison_sat, pstride, wr0, wr1, pb.cols.out_lo(x), pb.cols.out_hi(x)) > 0 ||
@@ -319,7 +346,7 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
       // v = H^T a', w = H^T a, then grad_u = v . b and grad_m = w . b'.
       std::fill(v.begin(), v.end(), 0.0);
       std::fill(w.begin(), w.end(), 0.0);
-      const double* hp = acc.data() + (int64_t)x * L2;
+      const double* hp = hx;
       for (int i = 0; i < L; ++i) {
         const double dai = da[i], ai = a[i];
         const double* __restrict row = hp + (int64_t)i * L;
@@ -340,6 +367,8 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
       gu[at] = (T)su;
       gm[at] = (T)sm;
     }
+    r_low = std::max(r_low, new_lo);
+    r_next = std::max(r_next, new_hi);
   }
 }
 
@@ -382,16 +411,20 @@ void forward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp,
   });
 }
 
+// d_out defined: the fused forward (D and the gradient for grad_output = 1; d and grad undefined).
 template <typename T, int Kind>
 void backward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp, const at::Tensor& ut,
                    const at::Tensor& mt, const at::Tensor& d, const at::Tensor& grad, const at::Tensor& poison_sat,
-                   at::Tensor& gu, at::Tensor& gm) {
+                   at::Tensor& gu, at::Tensor& gm, at::Tensor d_out = {}, const at::Tensor& bad_sat = {}) {
   const int rows_per_item = backward_rows_per_item(pb.rows);
   const int blocks = (pb.height + rows_per_item - 1) / rows_per_item;
   const int64_t sat_plane = (int64_t)(pb.rows.out + 1) * (pb.cols.out + 1);
   const T *u_p = up.data_ptr<T>(), *m_p = mp.data_ptr<T>(), *u_t = ut.data_ptr<T>(), *m_t = mt.data_ptr<T>();
-  const T *dd = d.data_ptr<T>(), *gg = grad.data_ptr<T>();
+  const T *dd = d.defined() ? d.data_ptr<T>() : nullptr, *gg = grad.defined() ? grad.data_ptr<T>() : nullptr;
   const int32_t* sat = poison_sat.data_ptr<int32_t>();
+  T* d_out_p = d_out.defined() ? d_out.data_ptr<T>() : nullptr;
+  const int32_t* bad = bad_sat.defined() ? bad_sat.data_ptr<int32_t>() : nullptr;
+  const int64_t bad_plane = (int64_t)(pb.height + 1) * (pb.width + 1);
   T *gu_p = gu.data_ptr<T>(), *gm_p = gm.data_ptr<T>();
   at::parallel_for(0, (int64_t)pb.planes * blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushSubnormals flush;
@@ -399,8 +432,9 @@ void backward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp
       const int64_t n = item / blocks;
       const int y0 = (int)(item % blocks) * rows_per_item, y1 = std::min(pb.height, y0 + rows_per_item);
       const int64_t in = n * pb.plane_in(), out = n * pb.plane_out();
-      backward_rows<T, Kind>(pb, u_p + in, m_p + in, u_t + in, m_t + in, dd + out, gg + out, sat + n * sat_plane,
-                             gu_p + in, gm_p + in, y0, y1);
+      backward_rows<T, Kind>(pb, u_p + in, m_p + in, u_t + in, m_t + in, dd ? dd + out : nullptr,
+                             gg ? gg + out : nullptr, sat + n * sat_plane, gu_p + in, gm_p + in, y0, y1,
+                             d_out_p ? d_out_p + out : nullptr, bad ? bad + n * bad_plane : nullptr);
     }
   });
 }
@@ -437,6 +471,22 @@ std::vector<at::Tensor> local_divergence_backward_cpu(const at::Tensor& u_pred, 
       backward_impl<scalar_t, kGaussian>(pb, u_pred, m_pred, u_tgt, m_tgt, d, grad, poison_sat, gu, gm);
   });
   return {gu, gm};
+}
+
+std::vector<at::Tensor> local_divergence_forward_with_grad_cpu(
+    const at::Tensor& u_pred, const at::Tensor& m_pred, const at::Tensor& u_tgt, const at::Tensor& m_tgt,
+    const at::Tensor& bad_sat, const at::Tensor& bad_window_sat, int64_t win_h, int64_t win_w, bool valid,
+    int64_t bins, double bandwidth, int64_t kernel, int64_t divergence, double eps) {
+  const Problem pb = make_problem(u_pred, win_h, win_w, valid, bins, bandwidth, divergence, eps);
+  at::Tensor d = at::empty({pb.planes, pb.rows.out, pb.cols.out}, u_pred.options());
+  at::Tensor gu = at::empty_like(u_pred), gm = at::empty_like(u_pred);
+  AT_DISPATCH_FLOATING_TYPES(u_pred.scalar_type(), "local_divergence_forward_with_grad_cpu", [&] {
+    if (kernel == kLogistic)
+      backward_impl<scalar_t, kLogistic>(pb, u_pred, m_pred, u_tgt, m_tgt, {}, {}, bad_window_sat, gu, gm, d, bad_sat);
+    else
+      backward_impl<scalar_t, kGaussian>(pb, u_pred, m_pred, u_tgt, m_tgt, {}, {}, bad_window_sat, gu, gm, d, bad_sat);
+  });
+  return {d, gu, gm};
 }
 
 }  // namespace entropy_kernels

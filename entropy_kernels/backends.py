@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from functools import lru_cache
 
 import torch
 
@@ -26,12 +25,17 @@ MODULES = {
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
 
 
-@lru_cache(maxsize=None)
+_LOADED = {}
+
+
 def _load(name: str):
-    try:
-        return importlib.import_module(MODULES[name]), None
-    except Exception as exc:  # noqa: BLE001 - any import failure is a reason, reported to the user
-        return None, f"could not import {MODULES[name]}: {type(exc).__name__}: {exc}"
+    # A plain dict, not lru_cache: torch.compile traces a hit of this dict but not the import.
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(MODULES[name]), None
+        except Exception as exc:  # noqa: BLE001 - any import failure is a reason, reported to the user
+            _LOADED[name] = None, f"could not import {MODULES[name]}: {type(exc).__name__}: {exc}"
+    return _LOADED[name]
 
 
 def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype, bins: int):

@@ -42,12 +42,19 @@ def random_maps(gen, n, height, width, bins, low=0.0, high=None):
 
 
 def divergence_and_grads(backend, maps, options, grad_d, dtype):
-    u_pred, m_pred, u_tgt, m_tgt = (x.to(dtype) for x in maps)
+    u_pred, m_pred, u_tgt, m_tgt = (x.detach().to(dtype, copy=True) for x in maps)
     u_pred.requires_grad_()
     m_pred.requires_grad_()
     d = backend.local_divergence(u_pred, m_pred, u_tgt, m_tgt, *options)
     grad_u, grad_m = torch.autograd.grad(d, (u_pred, m_pred), grad_d.to(dtype))
     return [t.double() for t in (d, grad_u, grad_m)]
+
+
+def test_mismatched_maps_are_an_error():
+    maps = [torch.zeros(1, 4, 4, dtype=torch.float64, device=DEVICE) for _ in range(4)]
+    maps[2] = maps[2].float()
+    with pytest.raises(ValueError, match="one shape, dtype and device"):
+        triton_kde.local_divergence(*maps, 3, 3, False, 4, 0.5, "logistic", "kl", 1e-10)
 
 
 def test_not_supported_reasons(monkeypatch):
@@ -58,7 +65,7 @@ def test_not_supported_reasons(monkeypatch):
         for bins in (2, 17, 64):
             for dtype in (torch.float32, torch.float64):
                 assert triton_kde.not_supported_reasons(DEVICE, dtype, bins) == []
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_kde, "_INTERPRETED", False)  # kernels compiled for the GPU
     assert "TRITON_INTERPRET" in " ".join(triton_kde.not_supported_reasons(torch.device("cpu"), torch.float32, 8))
 
 
@@ -71,6 +78,7 @@ PARITY_CASES = [
     (1, 3, 13, 1, 1, False, 2, 0.7, "logistic", "kl", 1e-10, None),  # 1x1 windows, 2 bins
     (1, 5, 5, 3, 5, False, 33, 0.5, "gaussian", "kl", 1e-10, None),  # bins padded to 64
     (1, 5, 7, 3, 3, False, 9, 0.5, "logistic", "hellinger", 1e-6, (-3.0, 11.0)),  # values beyond the bins
+    (1, 4, 15, 3, 11, False, 6, 0.5, "logistic", "kl", 1e-10, None),  # strips of 6 windows (one partial), clipped at both sides
 ]
 
 
@@ -97,17 +105,24 @@ def test_matches_float64_reference(gen, case):
 # errors are exactly zero.
 FLOOR = 1e-30
 ERROR_CASES = [
-    (2, 6, 7, 3, 3, False, 12, 0.5, "logistic", "kl", 1e-10),
-    (2, 6, 7, 5, 5, False, 7, 0.5, "gaussian", "hellinger", 1e-10),
-    (2, 6, 7, 1, 1, False, 5, 0.3, "gaussian", "kl", 1e-10),
+    (2, 6, 7, 3, 3, False, 12, 0.5, "logistic", "kl", 1e-10, None),
+    (2, 6, 7, 5, 5, False, 7, 0.5, "gaussian", "hellinger", 1e-10, None),
+    (2, 6, 7, 1, 1, False, 5, 0.3, "gaussian", "kl", 1e-10, None),
+    # pred in bins 0-3, target in bins 8-11: Q is tiny where P is large, where log(Q + eps) is sensitive.
+    (2, 6, 7, 3, 3, False, 12, 0.5, "logistic", "kl", 1e-10, ((0.0, 3.0), (8.0, 11.0))),
 ]
 
 
 @needs_triton
-@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: f"w{c[3]}-L{c[6]}-{c[8]}-{c[9]}")
+@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: f"w{c[3]}-L{c[6]}-{c[8]}-{c[9]}{'-apart' if c[-1] else ''}")
 def test_float32_error_bound(gen, case):
-    n, height, width, *options = case
-    maps = [x.float().double() for x in random_maps(gen, n, height, width, options[3])]
+    n, height, width, *options, spans = case
+    if spans is None:
+        maps = random_maps(gen, n, height, width, options[3])
+    else:
+        maps = random_maps(gen, n, height, width, options[3], *spans[0])[:2] + \
+            random_maps(gen, n, height, width, options[3], *spans[1])[2:]
+    maps = [x.float().double() for x in maps]
     grad_d = torch.randn(n, height, width, generator=gen).double().to(DEVICE)
     exact = divergence_and_grads(reference, maps, options, grad_d, torch.float64)
     ref32 = divergence_and_grads(reference, maps, options, grad_d, torch.float32)

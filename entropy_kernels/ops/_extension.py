@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -44,7 +43,7 @@ def cxx_flags():
 
 
 def sources(cuda: bool):
-    names = ["bindings.cpp", "entropy_cpu.cpp"] + (["entropy_cuda.cu"] if cuda else [])
+    names = ["bindings_cuda.cpp", "entropy_cpu.cpp", "entropy_cuda.cu"] if cuda else ["bindings.cpp", "entropy_cpu.cpp"]
     return [str(CSRC / n) for n in names]
 
 
@@ -55,21 +54,31 @@ def _jit_build(cuda: bool):
         raise RuntimeError("ninja is not installed (pip install ninja) and no prebuilt extension was found")
     from torch.utils import cpp_extension
 
-    flags = cxx_flags() + (["-DEK_WITH_CUDA"] if cuda else [])
+    flags = cxx_flags()
     return cpp_extension.load(
         name="entropy_kernels_cuda" if cuda else "entropy_kernels_cpu",
         sources=sources(cuda),
         extra_cflags=flags,
-        extra_cuda_cflags=["-O3", "-DEK_WITH_CUDA"] if cuda else None,
+        extra_cuda_cflags=["-O3"] if cuda else None,
         extra_include_paths=[str(CSRC)],
         with_cuda=cuda,
         verbose=os.environ.get("ENTROPY_KERNELS_VERBOSE_BUILD", "0") == "1",
     )
 
 
-@lru_cache(maxsize=None)
+# A plain dict rather than functools.lru_cache: torch.compile traces through a cache hit of this
+# dict, while it ignores lru_cache and would try to trace the import itself.
+_LOADED = {}
+
+
 def load(cuda: bool) -> Tuple[Optional[object], Optional[str]]:
     """(module, None), or (None, why it is unavailable). Tried once per process."""
+    if cuda not in _LOADED:
+        _LOADED[cuda] = _import_or_build(cuda)
+    return _LOADED[cuda]
+
+
+def _import_or_build(cuda: bool):
     try:
         return importlib.import_module("entropy_kernels._C_cuda" if cuda else "entropy_kernels._C_cpu"), None
     except ImportError:
@@ -108,40 +117,49 @@ def register(name: str, device_type: str, cuda: bool):
     def forward(
         u_pred: torch.Tensor, m_pred: torch.Tensor, u_tgt: torch.Tensor, m_tgt: torch.Tensor,
         win_h: int, win_w: int, valid: bool, bins: int, bandwidth: float, kernel: int, divergence: int, eps: float,
-    ) -> torch.Tensor:
-        return ext().forward(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps)
+        with_grad: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d, gu1, gm1 = ext().forward(
+            u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad
+        )
+        return d, gu1, gm1
 
     @forward.register_fake
-    def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
-        return u_pred.new_empty(output_shape(u_pred, win_h, win_w, valid))
+    def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad):
+        grads = cuda is False and with_grad and eps > 0
+        extra = (lambda: torch.empty_like(u_pred)) if grads else (lambda: u_pred.new_empty((0,)))
+        return u_pred.new_empty(output_shape(u_pred, win_h, win_w, valid)), extra(), extra()
 
     @torch.library.custom_op(
         f"entropy_kernels::{name}_local_divergence_backward", mutates_args=(), device_types=device_type
     )
     def backward(
         grad: torch.Tensor, d: torch.Tensor, u_pred: torch.Tensor, m_pred: torch.Tensor, u_tgt: torch.Tensor,
-        m_tgt: torch.Tensor, win_h: int, win_w: int, valid: bool, bins: int, bandwidth: float, kernel: int,
-        divergence: int, eps: float,
+        m_tgt: torch.Tensor, grad_u1: torch.Tensor, grad_m1: torch.Tensor, win_h: int, win_w: int, valid: bool,
+        bins: int, bandwidth: float, kernel: int, divergence: int, eps: float,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         gu, gm = ext().backward(
-            grad, d, u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps
+            grad, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1, win_h, win_w, valid, bins, bandwidth, kernel,
+            divergence, eps,
         )
         return gu, gm
 
     @backward.register_fake
-    def _(grad, d, u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+    def _(grad, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1, win_h, win_w, valid, bins, bandwidth, kernel,
+          divergence, eps):
         return torch.empty_like(u_pred), torch.empty_like(m_pred)
 
     def setup_context(ctx, inputs, output):
         u_pred, m_pred, u_tgt, m_tgt, *params = inputs
-        ctx.save_for_backward(u_pred, m_pred, u_tgt, m_tgt, output)
-        ctx.params = params
+        d, gu1, gm1 = output
+        ctx.save_for_backward(u_pred, m_pred, u_tgt, m_tgt, d, gu1, gm1)
+        ctx.params = params[:-1]  # without with_grad
 
-    def backward_rule(ctx, grad):
-        u_pred, m_pred, u_tgt, m_tgt, d = ctx.saved_tensors
-        gu, gm = backward(grad.contiguous(), d, u_pred, m_pred, u_tgt, m_tgt, *ctx.params)
+    def backward_rule(ctx, grad, _grad_u1, _grad_m1):
+        u_pred, m_pred, u_tgt, m_tgt, d, gu1, gm1 = ctx.saved_tensors
+        gu, gm = backward(grad.contiguous(), d, u_pred, m_pred, u_tgt, m_tgt, gu1, gm1, *ctx.params)
         # The target maps are constants of the loss (SPEC.md): no gradient flows to them.
-        return (gu, gm, None, None) + (None,) * len(ctx.params)
+        return (gu, gm, None, None) + (None,) * (len(ctx.params) + 1)
 
     forward.register_autograd(backward_rule, setup_context=setup_context)
     return forward
@@ -162,9 +180,16 @@ def reasons(device: torch.device, dtype: torch.dtype, device_type: str, cuda: bo
 
 
 def call(op, u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
-    """The backend contract (reference.py) on top of a registered op."""
+    """The backend contract (reference.py) on top of a registered op.
+
+    When a gradient will be needed, the forward also computes the gradient for grad_output = 1
+    (one pass, which a separate backward would have to repeat) and the backward only rescales
+    it when grad_output is uniform, as the 'mean' and 'sum' reductions make it.
+    """
     maps = [t.contiguous() for t in (u_pred, m_pred, u_tgt, m_tgt)]
-    return op(
+    with_grad = torch.is_grad_enabled() and (u_pred.requires_grad or m_pred.requires_grad)
+    d, _, _ = op(
         *maps, int(win_h), int(win_w), bool(valid), int(bins), float(bandwidth),
-        KERNEL_IDS[kernel], DIVERGENCE_IDS[divergence], float(eps),
+        KERNEL_IDS[kernel], DIVERGENCE_IDS[divergence], float(eps), bool(with_grad),
     )
+    return d

@@ -1,30 +1,33 @@
 """Triton backend: fused windowed joint-KDE histograms and their divergence, forward and backward.
 
 Why fuse: the reference materialises the per-pixel joint kernels as an (N, L*L, H, W) tensor and
-box-filters it, so its memory is about 25x N*L^2*H*W floats. Here one Triton program owns one
-window c. It loads the window's pixels in chunks of BLOCK_P, evaluates the separable kernel
-vectors a_p = K((u_p - i)/h)/h and b_p = K((m_p - j)/h)/h (L values each, never the L x L outer
-product) and accumulates the window's histogram A^T B with ``tl.dot`` into an L x L register
-tile, for pred and target. The divergence D_c is reduced from the two tiles in registers and only
-D_c is written. Nothing with a bins axis ever reaches global memory.
+box-filters it, so its memory is about 25x N*L^2*H*W floats. Here nothing with a bins axis ever
+reaches global memory: a window's histogram A^T B (A, B the pixels x L separable kernel values
+a_p = K((u_p - i)/h)/h, b_p = K((m_p - j)/h)/h) is accumulated with ``tl.dot`` into an L x L
+register tile, for pred and target, and only the divergence D_c is written.
 
-Backward recomputes P_c and Q_c (as flash-attention recomputes attention) and forms
-G_c = g_c dD_c/dQ_c / N_c in registers; a second pass over the window's pixels gives
-grad_u_p = a'_p^T G_c b_p and grad_m_p = a_p^T G_c b'_p as two more ``tl.dot`` (B G^T and A G)
-and adds them into the image-sized gradient maps with atomics. The order of those atomic adds
-varies between GPU runs, so gradients agree between runs within float rounding, not bitwise.
+One program owns a strip of T consecutive windows of one output row. The strip's core (the
+columns inside all T windows) is summed once; each window then adds only its own T - 1 columns,
+so a window costs core/T + (T - 1) columns instead of its full width, and every sum adds
+non-negative terms only. There is no subtractive sliding: a cell keeps its relative accuracy even
+when it is many orders of magnitude below the window's peak, which the log of KL needs.
+
+Backward recomputes the strip's histograms (as flash-attention recomputes attention) and forms
+G_c = g_c dD_c/dQ_c / N_c in registers. grad_u_p = a'_p^T G_c b_p and grad_m_p = a_p^T G_c b'_p
+are two more ``tl.dot`` per pixel chunk (B G^T and A G); the core pixels are visited once with
+the sum of the strip's G_c. Results are added into the image-sized gradient maps with atomics,
+whose order varies between GPU runs: gradients agree between runs within rounding, not bitwise.
 
 Extra memory: D (N, Ho, Wo) saved for backward, and the two gradient maps (N, H, W).
 
-Windows are never unrolled: the pixel loop runs over the clipped window's flattened index, so
-window sides 1..31 and the whole-image 'global' window are the same code. Bins are padded to a
-power of two (at least 16, the smallest ``tl.dot`` tile) and the padded cells masked out.
-Sums are accumulated from non-negative terms only (no subtractive sliding), so a cell's value
-keeps its relative accuracy even when it is many orders of magnitude below the window's peak.
+Windows are never unrolled: pixel loops run over a region's flattened index, so window sides
+1..31 and the whole-image 'global' window are the same code. Bins are padded to a power of two
+(at least 16, the smallest ``tl.dot`` tile) and the padded cells masked out. docs/triton.md has
+the operation counts and the floor.
 """
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
@@ -107,40 +110,50 @@ def _kernel_vectors(v, centres, h, WITH_SLOPE: tl.constexpr, KERNEL: tl.constexp
 
 
 @triton.jit
-def _window(pid, H, W, Ho, Wo, win_h, win_w, off_h, off_w):
-    """Image index and clipped pixel rectangle of window pid (row-major over N x Ho x Wo)."""
-    wo = pid % Wo
-    t = pid // Wo
+def _strip(pid, H, W, Ho, Wo, win_h, win_w, off_h, off_w, per_strip):
+    """Image, output row, first window and window count of strip pid, the rows its windows span,
+    and its core columns [core_lo, core_hi): those inside every window of the strip."""
+    strips = tl.cdiv(Wo, per_strip)
+    t = pid // strips
+    wo0 = (pid % strips) * per_strip
     ho = t % Ho
     n = t // Ho
+    count = tl.minimum(per_strip, Wo - wo0)
     top = ho - off_h
-    left = wo - off_w
     row0 = tl.maximum(top, 0)
-    col0 = tl.maximum(left, 0)
     rows = tl.minimum(top + win_h, H) - row0
-    cols = tl.minimum(left + win_w, W) - col0
-    return n, row0, col0, rows, cols
+    core_lo = tl.maximum(wo0 + count - 1 - off_w, 0)
+    core_hi = tl.minimum(wo0 - off_w + win_w, W)
+    return n, ho, wo0, count, row0, rows, core_lo, core_hi
 
 
 @triton.jit
-def _pixel_chunk(n, row0, col0, rows, cols, k0, H, W, BLOCK_P: tl.constexpr):
-    """Offsets and mask of pixels k0 .. k0 + BLOCK_P - 1 of the window, flattened row-major."""
+def _window_cols(wo, W, win_w, off_w):
+    """In-image columns [first, end) of the window at output column wo."""
+    left = wo - off_w
+    return tl.maximum(left, 0), tl.minimum(left + win_w, W)
+
+
+@triton.jit
+def _pixel_chunk(n, row0, rows, a0, a1, b0, b1, k0, H, W, BLOCK_P: tl.constexpr):
+    """Offsets and mask of pixels k0 .. k0 + BLOCK_P - 1 of the region rows x ([a0, a1) + [b0, b1)),
+    flattened row-major (the region is a window's core, or the columns it has beyond the core)."""
     k = k0 + tl.arange(0, BLOCK_P)
+    left = a1 - a0
+    cols = left + b1 - b0
     inside = k < rows * cols
-    offs = (n * H + row0 + k // cols) * W + col0 + k % cols
+    j = k % cols
+    offs = (n * H + row0 + k // cols) * W + tl.where(j < left, a0 + j, b0 + j - left)
     return offs, inside
 
 
 @triton.jit
-def _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H, W, h,
-                      centres, bin_ok, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr, LP: tl.constexpr,
-                      PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
-    """Unnormalised window histograms sum_p a_p b_p^T of pred (hq) and target (hp), LP x LP."""
-    dtype = u_pred.dtype.element_ty
-    hq = tl.zeros((LP, LP), dtype=dtype)
-    hp = tl.zeros((LP, LP), dtype=dtype)
-    for k0 in range(0, rows * cols, BLOCK_P):
-        offs, inside = _pixel_chunk(n, row0, col0, rows, cols, k0, H, W, BLOCK_P)
+def _add_histograms(hp, hq, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, a0, a1, b0, b1, H, W, h,
+                    centres, bin_ok, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr,
+                    PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    """hp + sum_p a_p b_p^T over the region for the target, hq + the same for pred (LP x LP)."""
+    for k0 in range(0, rows * (a1 - a0 + b1 - b0), BLOCK_P):
+        offs, inside = _pixel_chunk(n, row0, rows, a0, a1, b0, b1, k0, H, W, BLOCK_P)
         keep = inside[:, None] & bin_ok[None, :]
         up = tl.load(u_pred + offs, mask=inside, other=0.0)
         mp = tl.load(m_pred + offs, mask=inside, other=0.0)
@@ -150,32 +163,39 @@ def _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H
         b, _ = _kernel_vectors(mp[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
-        hq = tl.dot(tl.trans(a), b, acc=hq, input_precision=PRECISION, out_dtype=dtype)
+        hq = tl.dot(tl.trans(a), b, acc=hq, input_precision=PRECISION, out_dtype=hq.dtype)
         a, _ = _kernel_vectors(ut[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
         b, _ = _kernel_vectors(mt[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
-        hp = tl.dot(tl.trans(a), b, acc=hp, input_precision=PRECISION, out_dtype=dtype)
+        hp = tl.dot(tl.trans(a), b, acc=hp, input_precision=PRECISION, out_dtype=hp.dtype)
     return hp, hq
 
 
 @triton.jit
-def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, params, d_out, H, W, Ho, Wo, win_h, win_w, off_h, off_w,
-                        BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
-                        BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
-    pid = tl.program_id(0)
-    n, row0, col0, rows, cols = _window(pid, H, W, Ho, Wo, win_h, win_w, off_h, off_w)
-    h = tl.load(params)
-    eps = tl.load(params + 1)
-    bin_idx = tl.arange(0, LP)
-    centres = bin_idx.to(u_pred.dtype.element_ty)
-    bin_ok = bin_idx < BINS
-    hp, hq = _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H, W, h,
-                               centres, bin_ok, KERNEL, BLOCK_P, LP, PRECISION, PRECISE_MATH)
-    count = (rows * cols).to(hp.dtype)
-    p = _div(hp, count)
-    q = _div(hq, count)
-    cell_ok = bin_ok[:, None] & bin_ok[None, :]
+def _add_gradients(g, grad_u, grad_m, u_pred, m_pred, n, row0, rows, a0, a1, b0, b1, H, W, h,
+                   centres, bin_ok, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr,
+                   PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    """grad_u_p += a'_p^T G b_p and grad_m_p += a_p^T G b'_p for the pixels of the region."""
+    for k0 in range(0, rows * (a1 - a0 + b1 - b0), BLOCK_P):
+        offs, inside = _pixel_chunk(n, row0, rows, a0, a1, b0, b1, k0, H, W, BLOCK_P)
+        keep = inside[:, None] & bin_ok[None, :]
+        up = tl.load(u_pred + offs, mask=inside, other=0.0)
+        mp = tl.load(m_pred + offs, mask=inside, other=0.0)
+        a, da = _kernel_vectors(up[:, None], centres[None, :], h, True, KERNEL, PRECISE_MATH)
+        b, db = _kernel_vectors(mp[:, None], centres[None, :], h, True, KERNEL, PRECISE_MATH)
+        a = tl.where(keep, a, 0.0)
+        b = tl.where(keep, b, 0.0)
+        gb = tl.dot(b, tl.trans(g), input_precision=PRECISION, out_dtype=g.dtype)  # (G b_p)(i)
+        ag = tl.dot(a, g, input_precision=PRECISION, out_dtype=g.dtype)  # (a_p^T G)(j)
+        gu = tl.sum(tl.where(keep, da * gb, 0.0), axis=1)
+        gm = tl.sum(tl.where(keep, db * ag, 0.0), axis=1)
+        tl.atomic_add(grad_u + offs, gu, mask=inside, sem="relaxed")
+        tl.atomic_add(grad_m + offs, gm, mask=inside, sem="relaxed")
+
+
+@triton.jit
+def _divergence(p, q, eps, cell_ok, DIVERGENCE: tl.constexpr, PRECISE_MATH: tl.constexpr):
     if DIVERGENCE == 0:
         # Generalised KL of the eps-floored densities (docs/spec.md, Decisions 1).
         term = (p + eps) * (_log(p + eps, PRECISE_MATH) - _log(q + eps, PRECISE_MATH)) + q - p
@@ -184,61 +204,95 @@ def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, params, d_out, H, W, Ho, W
         diff = _sqrt(p + eps) - _sqrt(q + eps)
         s = tl.sum(tl.sum(tl.where(cell_ok, diff * diff, 0.0), axis=1), axis=0)
         d = _sqrt(s + eps) * 0.7071067811865476
-    tl.store(d_out + pid, d)
+    return d
 
 
 @triton.jit
-def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, params, d_saved, grad_d, grad_u, grad_m,
-                        H, W, Ho, Wo, win_h, win_w, off_h, off_w,
-                        BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
+def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, params, d_out, H, W, Ho, Wo, win_h, win_w, off_h, off_w,
+                        per_strip, BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
                         BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
-    pid = tl.program_id(0)
-    n, row0, col0, rows, cols = _window(pid, H, W, Ho, Wo, win_h, win_w, off_h, off_w)
+    n, ho, wo0, count, row0, rows, core_lo, core_hi = _strip(tl.program_id(0), H, W, Ho, Wo, win_h, win_w,
+                                                             off_h, off_w, per_strip)
     h = tl.load(params)
     eps = tl.load(params + 1)
     bin_idx = tl.arange(0, LP)
     centres = bin_idx.to(u_pred.dtype.element_ty)
     bin_ok = bin_idx < BINS
-    hp, hq = _joint_histograms(u_pred, m_pred, u_tgt, m_tgt, n, row0, col0, rows, cols, H, W, h,
-                               centres, bin_ok, KERNEL, BLOCK_P, LP, PRECISION, PRECISE_MATH)
-    count = (rows * cols).to(hp.dtype)
-    p = _div(hp, count)
-    q = _div(hq, count)
-    if DIVERGENCE == 0:
-        dq = _div(q - p, q + eps)
-    else:
-        root_q = _sqrt(q + eps)
-        dq = -_div(_sqrt(p + eps) - root_q, 4.0 * tl.load(d_saved + pid) * root_q)
-    # dD/dH_Q = dD/dQ / N_c; padded cells are dropped so eps = 0 cannot make 0/0 there.
     cell_ok = bin_ok[:, None] & bin_ok[None, :]
-    g = tl.where(cell_ok, dq * _div(tl.load(grad_d + pid), count), 0.0)
-    for k0 in range(0, rows * cols, BLOCK_P):
-        offs, inside = _pixel_chunk(n, row0, col0, rows, cols, k0, H, W, BLOCK_P)
-        keep = inside[:, None] & bin_ok[None, :]
-        up = tl.load(u_pred + offs, mask=inside, other=0.0)
-        mp = tl.load(m_pred + offs, mask=inside, other=0.0)
-        a, da = _kernel_vectors(up[:, None], centres[None, :], h, True, KERNEL, PRECISE_MATH)
-        b, db = _kernel_vectors(mp[:, None], centres[None, :], h, True, KERNEL, PRECISE_MATH)
-        a = tl.where(keep, a, 0.0)
-        b = tl.where(keep, b, 0.0)
-        gb = tl.dot(b, tl.trans(g), input_precision=PRECISION, out_dtype=hp.dtype)  # (G b_p)(i)
-        ag = tl.dot(a, g, input_precision=PRECISION, out_dtype=hp.dtype)  # (a_p^T G)(j)
-        gu = tl.sum(tl.where(keep, da * gb, 0.0), axis=1)
-        gm = tl.sum(tl.where(keep, db * ag, 0.0), axis=1)
-        tl.atomic_add(grad_u + offs, gu, mask=inside, sem="relaxed")
-        tl.atomic_add(grad_m + offs, gm, mask=inside, sem="relaxed")
+    zero = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
+    hp_core, hq_core = _add_histograms(zero, zero, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, core_lo, core_hi,
+                                       0, 0, H, W, h, centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+    for t in range(0, count):
+        first, end = _window_cols(wo0 + t, W, win_w, off_w)
+        hp, hq = _add_histograms(hp_core, hq_core, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, first, core_lo,
+                                 core_hi, end, H, W, h, centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+        pixels = (rows * (end - first)).to(hp.dtype)
+        d = _divergence(_div(hp, pixels), _div(hq, pixels), eps, cell_ok, DIVERGENCE, PRECISE_MATH)
+        tl.store(d_out + (n * Ho + ho) * Wo + wo0 + t, d)
+
+
+@triton.jit
+def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, params, d_saved, grad_d, grad_u, grad_m,
+                        H, W, Ho, Wo, win_h, win_w, off_h, off_w, per_strip,
+                        BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
+                        BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    n, ho, wo0, count, row0, rows, core_lo, core_hi = _strip(tl.program_id(0), H, W, Ho, Wo, win_h, win_w,
+                                                             off_h, off_w, per_strip)
+    h = tl.load(params)
+    eps = tl.load(params + 1)
+    bin_idx = tl.arange(0, LP)
+    centres = bin_idx.to(u_pred.dtype.element_ty)
+    bin_ok = bin_idx < BINS
+    cell_ok = bin_ok[:, None] & bin_ok[None, :]
+    zero = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
+    hp_core, hq_core = _add_histograms(zero, zero, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, core_lo, core_hi,
+                                       0, 0, H, W, h, centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+    # Every window of the strip contains the core pixels: their gradient needs only the sum of the G_c.
+    g_core = zero
+    for t in range(0, count):
+        first, end = _window_cols(wo0 + t, W, win_w, off_w)
+        hp, hq = _add_histograms(hp_core, hq_core, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, first, core_lo,
+                                 core_hi, end, H, W, h, centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+        pixels = (rows * (end - first)).to(hp.dtype)
+        p = _div(hp, pixels)
+        q = _div(hq, pixels)
+        c = (n * Ho + ho) * Wo + wo0 + t
+        if DIVERGENCE == 0:
+            dq = _div(q - p, q + eps)
+        else:
+            root_q = _sqrt(q + eps)
+            dq = -_div(_sqrt(p + eps) - root_q, 4.0 * tl.load(d_saved + c) * root_q)
+        # G_c = g_c dD/dH_Q = g_c dD/dQ / N_c; padded cells are dropped so eps = 0 cannot make 0/0 there.
+        g = tl.where(cell_ok, dq * _div(tl.load(grad_d + c), pixels), 0.0)
+        g_core += g
+        _add_gradients(g, grad_u, grad_m, u_pred, m_pred, n, row0, rows, first, core_lo, core_hi, end, H, W, h,
+                       centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+    _add_gradients(g_core, grad_u, grad_m, u_pred, m_pred, n, row0, rows, core_lo, core_hi, 0, 0, H, W, h,
+                   centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
 
 
 _INTERPRETED = isinstance(_kde_divergence_fwd, InterpretedFunction)
 
 
-def _launch_config(win_h: int, win_w: int, bins: int):
+def _launch_config(win_h: int, win_w: int, wo: int, bins: int):
+    """Bins padded for tl.dot, and the strip length and pixel chunk with the fewest padded pixels.
+
+    A strip of T windows reads its core (win_h x (win_w - T + 1) pixels) once and each window's
+    own T - 1 columns, so per window it costs core/T + extra pixels, each rounded up to chunks.
+    """
     lp = max(16, triton.next_power_of_2(bins))
-    # Chunks no longer than the window (1x1 windows waste the least) nor than 64 pixels
-    # (the a, b, a', b' chunks stay in registers next to the L x L tiles).
-    block_p = min(max(16, triton.next_power_of_2(win_h * win_w)), 64 if lp <= 32 else 32)
-    num_warps = 8 if lp >= 64 else 4
-    return dict(BLOCK_P=block_p, LP=lp, num_warps=num_warps)
+    chunks = (16, 32, 64) if lp <= 32 else (16, 32)  # a, b, a', b' chunks sit beside the L x L tiles
+    best = None
+    for per_strip in range(1, min(win_w, wo, 8) + 1):
+        for block_p in chunks:
+            core = triton.cdiv(win_h * (win_w - per_strip + 1), block_p)
+            extra = triton.cdiv(win_h * (per_strip - 1), block_p)
+            # Each chunk also pays a fixed cost (loads, loop, reductions): about 8 pixels' worth.
+            cost = (core / per_strip + extra) * (block_p + 8)
+            if best is None or cost < best[0]:
+                best = (cost, per_strip, block_p)
+    _, per_strip, block_p = best
+    return dict(per_strip=per_strip, BLOCK_P=block_p, LP=lp, num_warps=8 if lp >= 64 else 4)
 
 
 def _geometry(height, width, win_h, win_w, valid):
@@ -247,17 +301,25 @@ def _geometry(height, width, win_h, win_w, valid):
     return height, width, win_h // 2, win_w // 2
 
 
-def _params(like: torch.Tensor, bandwidth: float, eps: float) -> torch.Tensor:
-    # h and eps travel as a tensor so float64 runs keep them in float64 (scalars are fp32).
-    return torch.tensor([bandwidth, eps], dtype=like.dtype, device=like.device)
+@functools.lru_cache(maxsize=64)
+def _params(device: torch.device, dtype: torch.dtype, bandwidth: float, eps: float) -> torch.Tensor:
+    # h and eps travel as a tensor so float64 runs keep them in float64 (Triton's float scalars are
+    # fp32); cached so that a training step does not copy them to the device every call.
+    return torch.tensor([bandwidth, eps], dtype=dtype, device=device)
 
 
 def _check_maps(*maps):
-    for x in maps:
-        if x.dtype not in DTYPES:
-            raise TypeError(f"triton_kde computes in float32 or float64, got {x.dtype}")
-        if x.dim() != 3:
-            raise ValueError(f"triton_kde expects (N, H, W) maps, got shape {tuple(x.shape)}")
+    first = maps[0]
+    if first.dtype not in DTYPES:
+        raise TypeError(f"triton_kde computes in float32 or float64, got {first.dtype}")
+    if first.dim() != 3:
+        raise ValueError(f"triton_kde expects (N, H, W) maps, got shape {tuple(first.shape)}")
+    if first.numel() >= 2**31:
+        raise ValueError(f"triton_kde indexes pixels in int32, got {first.numel()} in shape {tuple(first.shape)}")
+    for x in maps[1:]:
+        if (x.shape, x.dtype, x.device) != (first.shape, first.dtype, first.device):
+            raise ValueError(f"triton_kde needs maps of one shape, dtype and device, got {tuple(x.shape)} "
+                             f"{x.dtype} {x.device} and {tuple(first.shape)} {first.dtype} {first.device}")
 
 
 @torch.library.custom_op("entropy_kernels::triton_local_divergence", mutates_args=())
@@ -270,11 +332,12 @@ def triton_local_divergence(
     n, height, width = u_pred.shape
     ho, wo, off_h, off_w = _geometry(height, width, win_h, win_w, valid)
     d = torch.empty((n, ho, wo), dtype=u_pred.dtype, device=u_pred.device)
-    _kde_divergence_fwd[(n * ho * wo,)](
-        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred, bandwidth, eps), d,
+    config = _launch_config(win_h, win_w, wo, bins)
+    _kde_divergence_fwd[(n * ho * triton.cdiv(wo, config["per_strip"]),)](
+        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d,
         height, width, ho, wo, win_h, win_w, off_h, off_w,
         BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
-        PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **_launch_config(win_h, win_w, bins),
+        PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **config,
     )
     return d
 
@@ -299,11 +362,12 @@ def triton_local_divergence_backward(
     ho, wo, off_h, off_w = _geometry(height, width, win_h, win_w, valid)
     grad_u = torch.zeros_like(u_pred)
     grad_m = torch.zeros_like(m_pred)
-    _kde_divergence_bwd[(n * ho * wo,)](
-        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred, bandwidth, eps), d.contiguous(), grad_d, grad_u, grad_m,
+    config = _launch_config(win_h, win_w, wo, bins)
+    _kde_divergence_bwd[(n * ho * triton.cdiv(wo, config["per_strip"]),)](
+        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d.contiguous(), grad_d, grad_u, grad_m,
         height, width, ho, wo, win_h, win_w, off_h, off_w,
         BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
-        PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **_launch_config(win_h, win_w, bins),
+        PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **config,
     )
     return grad_u, grad_m
 
@@ -332,11 +396,10 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, bins: int):
     """Why this backend cannot serve an input (empty when it can)."""
     reasons = []
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            reasons.append("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
-        elif not _INTERPRETED:
-            reasons.append("TRITON_INTERPRET=1 was set after Triton kernels were compiled for the GPU; "
-                           "set it before importing entropy_kernels")
+        if not _INTERPRETED:
+            # Triton binds a kernel to its interpreter when the kernel is defined, not when it runs.
+            reasons.append("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+                           "entropy_kernels.ops.triton_kde is first imported")
     elif device.type != "cuda":
         reasons.append(f"Triton kernels run on CUDA tensors, got {device.type}")
     if dtype not in DTYPES:

@@ -1,0 +1,355 @@
+// CUDA implementation of the fused local divergence, forward and backward. Plain CUDA (raw
+// pointers, a launcher taking a stream, no torch headers): `nvcc -c` compiles it alone.
+//
+// One thread block per (plane, output row r). The block's threads share the L*L cells of a
+// window's joint histograms (each thread keeps up to 16 cells of P and Q in registers, in
+// double) and slide the window along the row: a column entering the window adds its column
+// sum (the kernel products of the window's rows in that column, computed from kernel values
+// staged in shared memory), a column leaving subtracts the same column sum, recomputed
+// bit-identically. Double accumulators keep the add-then-subtract error near 1e-16, far
+// below eps (see entropy_cpu.cpp for the argument). No tensor with a bins axis is stored.
+//
+// Forward: D_c per window from a deterministic block reduction.
+// Backward: the block of row r builds T_r(x) = sum over the windows c of row r that cover
+// column x of G_c, sliding two window states (the window entering T and the one leaving it),
+// and adds a'^T T b and a^T T b' of the pixels (y, x) under row r's windows to their
+// gradients with atomicAdd, so the last bits of the gradient can vary between runs.
+//
+// NaN/Inf: non-finite pixels contribute nothing to the sums; windows containing one get
+// D = NaN from a summed-area table, and pixels under windows with non-finite D or grad_output
+// get NaN gradients, exactly as on the CPU.
+#include <cuda_runtime.h>
+
+#include "entropy_cuda.h"
+#include "entropy_math.h"
+
+namespace entropy_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 16;  // image rows of kernel values staged in shared memory at a time
+
+struct Geometry {
+  Axis rows, cols;
+  int width, height, bins;
+  double bandwidth, eps;
+  int kernel, divergence;
+};
+
+// The kernel is chosen at run time (a uniform branch) to halve the instantiations, and so
+// the compile time, of the kernels below.
+template <typename T>
+__device__ __forceinline__ T kernel_value(T z, int kind) {
+  return kind == kLogistic ? kde_kernel<kLogistic>(z) : kde_kernel<kGaussian>(z);
+}
+template <typename T>
+__device__ __forceinline__ T kernel_deriv(T z, int kind) {
+  return kind == kLogistic ? kde_kernel_deriv<kLogistic>(z) : kde_kernel_deriv<kGaussian>(z);
+}
+
+__device__ __forceinline__ int rect_count(const int32_t* sat, int stride, int y0, int y1, int x0, int x1) {
+  return sat[y1 * stride + x1] - sat[y0 * stride + x1] - sat[y1 * stride + x0] + sat[y0 * stride + x0];
+}
+
+template <typename T>
+__device__ __forceinline__ bool finite(T v) { return isfinite(v); }
+
+// Sum over the block, in a fixed order (so the forward pass is deterministic). All threads get it.
+__device__ double block_sum(double v, double* scratch) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  return total;
+}
+
+// Kernel values a(i) = K((v - i) / h) / h of the pixels (y0 + t, x), t < n, into sh[t * L + i]
+// (zero for non-finite pixels); likewise b from m.
+template <typename T>
+__device__ void stage_factors(const T* u, const T* m, int y0, int n, int x, const Geometry& g, T* sa, T* sb) {
+  const int L = g.bins;
+  const T h = (T)g.bandwidth;
+  for (int idx = threadIdx.x; idx < n * L; idx += kThreads) {
+    const int t = idx / L, i = idx % L;
+    const int64_t at = (int64_t)(y0 + t) * g.width + x;
+    const T uv = u[at], mv = m[at];
+    const bool ok = finite(uv) && finite(mv);
+    sa[idx] = ok ? kernel_value((uv - T(i)) / h, g.kernel) / h : T(0);
+    sb[idx] = ok ? kernel_value((mv - T(i)) / h, g.kernel) / h : T(0);
+  }
+}
+
+// Window histograms of P (target) and Q (pred) over image rows [y0, y1), kept per thread.
+template <typename T, int CPT>
+struct WindowState {
+  double p[CPT], q[CPT];
+  int lo, hi;
+
+  __device__ void reset(int at) {
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) p[k] = q[k] = 0.0;
+    lo = hi = at;
+  }
+
+  // Add (sign = 1) or remove (sign = -1) the column sum of column x.
+  __device__ void column(int x, double sign, int y0, int y1, const T* up, const T* mp, const T* ut, const T* mt,
+                         const Geometry& g, T* sh) {
+    const int L = g.bins, L2 = L * L;
+    T *sap = sh, *sbp = sh + kChunk * L, *sat = sh + 2 * kChunk * L, *sbt = sh + 3 * kChunk * L;
+    for (int yc = y0; yc < y1; yc += kChunk) {
+      const int n = min(kChunk, y1 - yc);
+      __syncthreads();  // the previous chunk has been read
+      stage_factors<T>(up, mp, yc, n, x, g, sap, sbp);
+      stage_factors<T>(ut, mt, yc, n, x, g, sat, sbt);
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) {
+        const int cell = threadIdx.x + k * kThreads;
+        if (cell < L2) {
+          const int i = cell / L, j = cell % L;
+          T sq = T(0), sp = T(0);
+          for (int t = 0; t < n; ++t) {
+            sq += sap[t * L + i] * sbp[t * L + j];
+            sp += sat[t * L + i] * sbt[t * L + j];
+          }
+          q[k] += sign * (double)sq;
+          p[k] += sign * (double)sp;
+        }
+      }
+    }
+  }
+
+  __device__ void move_to(int new_lo, int new_hi, int y0, int y1, const T* up, const T* mp, const T* ut,
+                          const T* mt, const Geometry& g, T* sh) {
+    for (int x = hi; x < new_hi; ++x) column(x, 1.0, y0, y1, up, mp, ut, mt, g, sh);
+    for (int x = lo; x < new_lo; ++x) column(x, -1.0, y0, y1, up, mp, ut, mt, g, sh);
+    lo = new_lo > lo ? new_lo : lo;
+    hi = new_hi > hi ? new_hi : hi;
+  }
+};
+
+template <typename T, int CPT>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(Geometry g, const T* up, const T* mp, const T* ut, const T* mt, const int32_t* bad_sat, T* d) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sh = reinterpret_cast<T*>(smem);
+  __shared__ double scratch[kWarps];
+  const int r = blockIdx.x, plane = blockIdx.y;
+  const int64_t in = (int64_t)plane * g.height * g.width;
+  up += in; mp += in; ut += in; mt += in;
+  bad_sat += (int64_t)plane * (g.height + 1) * (g.width + 1);
+  d += ((int64_t)plane * g.rows.out + r) * g.cols.out;
+  const int L2 = g.bins * g.bins, y0 = g.rows.lo(r), y1 = g.rows.hi(r);
+  const T eps = (T)g.eps;
+  WindowState<T, CPT> win;
+  win.reset(g.cols.lo(0));
+  for (int c = 0; c < g.cols.out; ++c) {
+    const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
+    win.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh);
+    const double inv_n = 1.0 / ((double)(y1 - y0) * (x1 - x0));
+    double part = 0.0;
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      const int cell = threadIdx.x + k * kThreads;
+      if (cell < L2) {
+        const T p = (T)(win.p[k] * inv_n), q = (T)(win.q[k] * inv_n);
+        part += (double)(g.divergence == kKL ? kl_term(p, q, eps) : hellinger_term(p, q, eps));
+      }
+    }
+    const double total = block_sum(part, scratch);
+    if (threadIdx.x == 0) {
+      const bool bad = rect_count(bad_sat, g.width + 1, y0, y1, x0, x1) > 0;
+      const T value = g.divergence == kKL ? (T)total : hellinger_finish((T)total, eps);
+      d[c] = bad ? (T)NAN : value;
+    }
+  }
+}
+
+// G_c = grad_c / N_c * dD_c/dQ_c for the cells of this thread, or zero for a window whose D or
+// grad is not finite (those are reported through poison_sat) or whose grad is zero.
+template <typename T, int CPT>
+__device__ void window_grad(const WindowState<T, CPT>& win, T grad, T dval, double inv_n, const Geometry& g,
+                            double sign, double* acc) {
+  if (!(finite(grad) && finite(dval)) || grad == T(0)) return;
+  const int L2 = g.bins * g.bins;
+  const T eps = (T)g.eps, coef = (T)(grad * inv_n);
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) {
+    const int cell = threadIdx.x + k * kThreads;
+    if (cell < L2) {
+      const T p = (T)(win.p[k] * inv_n), q = (T)(win.q[k] * inv_n);
+      const T dq = g.divergence == kKL ? kl_dq(p, q, eps) : hellinger_dq(p, q, eps, dval);
+      acc[k] += sign * (double)(coef * dq);
+    }
+  }
+}
+
+template <typename T, int CPT>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(Geometry g, const T* up, const T* mp, const T* ut, const T* mt, const T* d, const T* grad,
+                    const int32_t* poison_sat, T* gu, T* gm) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sh = reinterpret_cast<T*>(smem);
+  __shared__ double partial[kWarps][kChunk][2];
+  const int r = blockIdx.x, plane = blockIdx.y;
+  const int64_t in = (int64_t)plane * g.height * g.width;
+  up += in; mp += in; ut += in; mt += in; gu += in; gm += in;
+  const int64_t out_row = ((int64_t)plane * g.rows.out + r) * g.cols.out;
+  d += out_row;
+  grad += out_row;
+  poison_sat += (int64_t)plane * (g.rows.out + 1) * (g.cols.out + 1);
+  const int L = g.bins, L2 = L * L, y0 = g.rows.lo(r), y1 = g.rows.hi(r);
+  const T h = (T)g.bandwidth;
+
+  WindowState<T, CPT> lead, lag;  // the window entering T and the one leaving it
+  lead.reset(g.cols.lo(0));
+  lag.reset(g.cols.lo(0));
+  double t[CPT];
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) t[k] = 0.0;
+  int t_lo = g.cols.out_lo(0), t_hi = t_lo;
+
+  for (int x = 0; x < g.width; ++x) {
+    const int new_lo = g.cols.out_lo(x), new_hi = g.cols.out_hi(x);
+    for (int c = t_hi; c < new_hi; ++c) {
+      const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
+      lead.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh);
+      window_grad(lead, grad[c], d[c], 1.0 / ((double)(y1 - y0) * (x1 - x0)), g, 1.0, t);
+    }
+    for (int c = t_lo; c < new_lo; ++c) {
+      const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
+      lag.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh);
+      window_grad(lag, grad[c], d[c], 1.0 / ((double)(y1 - y0) * (x1 - x0)), g, -1.0, t);
+    }
+    t_lo = new_lo > t_lo ? new_lo : t_lo;
+    t_hi = new_hi > t_hi ? new_hi : t_hi;
+
+    const bool poisoned = rect_count(poison_sat, g.cols.out + 1, r, r + 1, new_lo, new_hi) > 0;
+    T *sa = sh, *sda = sh + kChunk * L, *sb = sh + 2 * kChunk * L, *sdb = sh + 3 * kChunk * L;
+    for (int yc = y0; yc < y1; yc += kChunk) {
+      const int n = min(kChunk, y1 - yc);
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < n * L; idx += kThreads) {
+        const int tt = idx / L, i = idx % L;
+        const int64_t at = (int64_t)(yc + tt) * g.width + x;
+        const T uv = up[at], mv = mp[at];
+        const bool ok = finite(uv) && finite(mv);
+        const T zu = (uv - T(i)) / h, zm = (mv - T(i)) / h;
+        sa[idx] = ok ? kernel_value(zu, g.kernel) / h : T(0);
+        sda[idx] = ok ? kernel_deriv(zu, g.kernel) / (h * h) : T(0);
+        sb[idx] = ok ? kernel_value(zm, g.kernel) / h : T(0);
+        sdb[idx] = ok ? kernel_deriv(zm, g.kernel) / (h * h) : T(0);
+      }
+      __syncthreads();
+      double pu[kChunk], pm[kChunk];
+#pragma unroll
+      for (int tt = 0; tt < kChunk; ++tt) pu[tt] = pm[tt] = 0.0;
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) {
+        const int cell = threadIdx.x + k * kThreads;
+        if (cell < L2) {
+          const int i = cell / L, j = cell % L;
+#pragma unroll
+          for (int tt = 0; tt < kChunk; ++tt) {
+            if (tt < n) {
+              pu[tt] += (double)sda[tt * L + i] * t[k] * (double)sb[tt * L + j];
+              pm[tt] += (double)sa[tt * L + i] * t[k] * (double)sdb[tt * L + j];
+            }
+          }
+        }
+      }
+      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+      for (int tt = 0; tt < kChunk; ++tt) {
+        double vu = pu[tt], vm = pm[tt];
+        for (int off = 16; off > 0; off >>= 1) {
+          vu += __shfl_down_sync(0xffffffffu, vu, off);
+          vm += __shfl_down_sync(0xffffffffu, vm, off);
+        }
+        if (lane == 0) {
+          partial[warp][tt][0] = vu;
+          partial[warp][tt][1] = vm;
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x < 2 * n) {
+        const int tt = threadIdx.x / 2, which = threadIdx.x % 2;
+        double s = 0.0;
+        for (int w = 0; w < kWarps; ++w) s += partial[w][tt][which];
+        const int64_t at = (int64_t)(yc + tt) * g.width + x;
+        const T value = poisoned ? (T)NAN : (T)s;
+        atomicAdd(which == 0 ? gu + at : gm + at, value);
+      }
+    }
+  }
+}
+
+// Cells of the L*L histograms per thread: two instantiations cover bins <= 32 and <= 64.
+int cells_per_thread(int bins) { return bins * bins <= 4 * kThreads ? 4 : 16; }
+
+Geometry geometry(const CudaProblem& pb) {
+  Geometry g;
+  g.rows = make_axis(pb.height, pb.win_h, pb.valid);
+  g.cols = make_axis(pb.width, pb.win_w, pb.valid);
+  g.width = pb.width;
+  g.height = pb.height;
+  g.bins = pb.bins;
+  g.bandwidth = pb.bandwidth;
+  g.eps = pb.eps;
+  g.kernel = pb.kernel;
+  g.divergence = pb.divergence;
+  return g;
+}
+
+// Launches KERNEL<T, CPT> for the problem's cells per thread.
+#define EK_LAUNCH(KERNEL, ...)                                                         \
+  if (cells_per_thread(pb.bins) == 4)                                                  \
+    KERNEL<T, 4><<<grid, kThreads, shared, stream>>>(__VA_ARGS__);                     \
+  else                                                                                 \
+    KERNEL<T, 16><<<grid, kThreads, shared, stream>>>(__VA_ARGS__);                    \
+  return cudaGetLastError();
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_local_divergence_forward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt,
+                                            const T* m_tgt, const int32_t* bad_sat, T* d, cudaStream_t stream) {
+  const Geometry g = geometry(pb);
+  if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
+  const dim3 grid(g.rows.out, pb.planes);
+  const size_t shared = 4 * kChunk * pb.bins * sizeof(T);
+  if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
+  EK_LAUNCH(forward_kernel, g, u_pred, m_pred, u_tgt, m_tgt, bad_sat, d)
+}
+
+template <typename T>
+cudaError_t launch_local_divergence_backward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt,
+                                             const T* m_tgt, const T* d, const T* grad, const int32_t* poison_sat,
+                                             T* grad_u, T* grad_m, cudaStream_t stream) {
+  const Geometry g = geometry(pb);
+  if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
+  const dim3 grid(g.rows.out, pb.planes);
+  const size_t shared = 4 * kChunk * pb.bins * sizeof(T);
+  if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
+  EK_LAUNCH(backward_kernel, g, u_pred, m_pred, u_tgt, m_tgt, d, grad, poison_sat, grad_u, grad_m)
+}
+
+template cudaError_t launch_local_divergence_forward<float>(const CudaProblem&, const float*, const float*,
+                                                            const float*, const float*, const int32_t*, float*,
+                                                            cudaStream_t);
+template cudaError_t launch_local_divergence_forward<double>(const CudaProblem&, const double*, const double*,
+                                                             const double*, const double*, const int32_t*, double*,
+                                                             cudaStream_t);
+template cudaError_t launch_local_divergence_backward<float>(const CudaProblem&, const float*, const float*,
+                                                             const float*, const float*, const float*, const float*,
+                                                             const int32_t*, float*, float*, cudaStream_t);
+template cudaError_t launch_local_divergence_backward<double>(const CudaProblem&, const double*, const double*,
+                                                              const double*, const double*, const double*,
+                                                              const double*, const int32_t*, double*, double*,
+                                                              cudaStream_t);
+
+}  // namespace entropy_kernels
