@@ -66,9 +66,13 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def plot_max_crop(folder: Path, out: Path) -> list:
-    info, probes = read_csv(folder / "max_crop_probes.csv")
-    _, summary = read_csv(folder / "max_crop.csv")
+def plot_max_crop(folders: list, out: Path) -> list:
+    """Probes of one or more max_crop.py runs (same machine and budget) on one set of axes."""
+    probes, summary = [], []
+    for folder in folders:
+        info, more = read_csv(folder / "max_crop_probes.csv")
+        probes += more
+        summary += read_csv(folder / "max_crop.csv")[1]
     budget_mib = summary[0]["budget_GiB"] * 1024 if summary else None
     written = []
     for key, label, name in (("peak_MiB", "peak memory of one training step (MiB)", "max_crop_memory.png"),
@@ -187,7 +191,7 @@ def ablation_grid(record: dict, folder: Path, path: Path, count: int) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-crop", help="folder with max_crop.csv and max_crop_probes.csv")
+    parser.add_argument("--max-crop", nargs="+", help="folders with max_crop.csv and max_crop_probes.csv")
     parser.add_argument("--bench", nargs="+", help="CSVs written by benchmarks/bench.py (one machine)")
     parser.add_argument("--ablation", help="folder with ablation.json and runs/")
     parser.add_argument("--grid-images", type=int, default=4)
@@ -196,7 +200,7 @@ def main(argv=None):
     out = Path(args.out)
     written = []
     if args.max_crop:
-        written += plot_max_crop(Path(args.max_crop), out)
+        written += plot_max_crop([Path(p) for p in args.max_crop], out)
     if args.bench:
         written += plot_bench([Path(p) for p in args.bench], out)
     if args.ablation:

@@ -38,7 +38,7 @@ def test_search_finds_the_largest_fitting_multiple(limit):
 
 def fake_args(**overrides):
     values = dict(budget_gib=1.0, device="cpu", model="tiny", batch=8, bins=32, window=11, threads=1, amp=False,
-                  repeats=1, predict=True, timeout=10.0, multiple=16, max_side=2048)
+                  repeats=1, predict=True, timeout=10.0, multiple=16, max_side=2048, time_at=None)
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -185,7 +185,7 @@ def test_max_crop_and_bench_plots_from_csv(tmp_path):
         for backend in ("reference", "cpp"):
             for side in (16, 32):
                 fh.write(f"{backend},cpu,1,3,{side},{side},32,11,1.0,2.0,3.0,{side * 1.5},ok\n")
-    written = plots.plot_max_crop(tmp_path, tmp_path / "img") + plots.plot_bench([tmp_path / "bench.csv"], tmp_path / "img")
+    written = plots.plot_max_crop([tmp_path], tmp_path / "img") + plots.plot_bench([tmp_path / "bench.csv"], tmp_path / "img")
     assert [p.name for p in written] == ["max_crop_memory.png", "max_crop_time.png", "bench_loss.png"]
     assert all(0 < p.stat().st_size < plots.MAX_PNG_BYTES for p in written)
 
