@@ -205,3 +205,8 @@ def test_arms_become_train_configs_that_differ_only_in_the_loss():
     for config in configs.values():
         assert (config["seed"], config["train"]["steps"], config["data"]["crop"]) == (3, 7, 16)
         assert {k: v for k, v in config.items() if k != "loss"} == {k: v for k, v in configs["l1"].items() if k != "loss"}
+
+
+def test_below_zero_fraction_grows_with_the_noise_level():
+    fractions = ablation.below_zero_fraction(16, steps=(1, 100), crops=8)
+    assert 0 <= fractions[1] < fractions[100] <= 1
