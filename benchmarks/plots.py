@@ -22,6 +22,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -67,11 +68,14 @@ def save(fig, path: Path) -> Path:
 
 
 def plot_max_crop(folders: list, out: Path) -> list:
-    """Probes of one or more max_crop.py runs (same machine and budget) on one set of axes."""
-    probes, summary = [], []
+    """Probes of one or more max_crop.py runs (same machine and budget) on one set of axes; a backend
+    measured again in a later folder replaces its probes from the earlier ones."""
+    probes, summary, captions = [], [], []
     for folder in folders:
         info, more = read_csv(folder / "max_crop_probes.csv")
-        probes += more
+        captions.append(f"{folder.name}: " + _caption(info))
+        again = {p["backend"] for p in more}
+        probes = [p for p in probes if p["backend"] not in again] + more
         summary += read_csv(folder / "max_crop.csv")[1]
     budget_mib = summary[0]["budget_GiB"] * 1024 if summary else None
     written = []
@@ -83,19 +87,24 @@ def plot_max_crop(folders: list, out: Path) -> list:
                             if p["backend"] == backend and p["status"] == "ok" and isinstance(p[key], float))
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, "o-", color=COLOURS.get(backend), label=backend)
+                ax.plot(xs, ys, "o--" if backend == "l1" else "o-", color=COLOURS.get(backend), label=backend,
+                        zorder=3 if backend == "l1" else 2)
             over = [p["side"] for p in probes if p["backend"] == backend and p["status"] != "ok"]
             if over and key == "peak_MiB" and budget_mib:
                 ax.plot(over, [budget_mib] * len(over), "x", color=COLOURS.get(backend))
         if key == "peak_MiB" and budget_mib:
             ax.axhline(budget_mib, color="k", ls="--", lw=1, label=f"budget {budget_mib / 1024:g} GiB (x: over)")
         ax.set(xscale="log", yscale="log", xlabel="square crop side (px)", ylabel=label)
+        sides = [16, 32, 64, 128, 256, 512, 1024, 2048]
+        ax.set_xticks([x for x in sides if x <= max(p["side"] for p in probes)], minor=False)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         row = summary[0] if summary else {}
         ax.set_title(f"B={row.get('B', '?'):g}, bins {row.get('bins', '?'):g}, window {row.get('window', '?'):g}, "
                      f"model {row.get('model', '?')}", fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-        fig.text(0.01, -0.02, _caption(info), fontsize=7)
+        fig.text(0.01, -0.02 - 0.03 * (len(captions) - 1), "\n".join(captions), fontsize=7)
         written.append(save(fig, out / name))
     return written
 
@@ -150,7 +159,10 @@ def plot_ablation(folder: Path, out: Path, grid_images: int) -> list:
         ax.set_title(metric.upper() + (" (higher better)" if metric in ("psnr", "ssim") else " (lower better)"),
                      fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"held-out photographs ({len(record['heldout'])}), {len(record['seeds'])} seeds, "
+    seeds = {arm: len({r["seed"] for r in runs if r["arm"] == arm}) for arm in arms}
+    seed_text = f"{seeds[arms[0]]} seeds" if len(set(seeds.values())) == 1 else \
+        "seeds " + ", ".join(f"{arm} {n}" for arm, n in seeds.items()) + " (incomplete run)"
+    fig.suptitle(f"held-out photographs ({len(record['heldout'])}), {seed_text}, "
                  f"{profile['steps']} steps, crop {profile['crop']}, B={profile['batch']}, "
                  f"entropy bins {profile['bins']} window {profile['window']}", fontsize=9)
     fig.text(0.01, -0.03, _caption(info), fontsize=7)
