@@ -52,7 +52,10 @@ def local_density(u, m, win_h, win_w, valid, bins, bandwidth, kernel) -> torch.T
 def divergence_of(p: torch.Tensor, q: torch.Tensor, divergence: str, eps: float) -> torch.Tensor:
     """D_c from densities (N, L, L, Ho, Wo), P from the target (SPEC.md step 5)."""
     if divergence == "kl":
-        return (p * (torch.log(p + eps) - torch.log(q + eps))).sum((1, 2))
+        # Generalised KL of the eps-floored densities. The "+ q - p" term makes D and its
+        # gradient exactly zero at q == p even though KDE densities are not normalised
+        # (their mass varies with the pixel values); see docs/spec.md.
+        return ((p + eps) * (torch.log(p + eps) - torch.log(q + eps)) + q - p).sum((1, 2))
     sq = (torch.sqrt(p + eps) - torch.sqrt(q + eps)) ** 2
     return torch.sqrt(sq.sum((1, 2)) + eps) / math.sqrt(2)
 

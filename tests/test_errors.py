@@ -1,0 +1,68 @@
+"""Every bad input named in SPEC.md raises the error it names, with the argument and value."""
+import pytest
+import torch
+
+import entropy_kernels as ek
+
+loss = ek.spatial_entropy_loss
+X = torch.rand(1, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(bins=1), ValueError, "bins.*1"),
+        (dict(bins=2.5), TypeError, "bins"),
+        (dict(bins=True), TypeError, "bins"),
+        (dict(bandwidth=0), ValueError, "bandwidth.*0"),
+        (dict(bandwidth=-1.0), ValueError, "bandwidth"),
+        (dict(bandwidth=float("nan")), ValueError, "bandwidth"),
+        (dict(bandwidth="wide"), TypeError, "bandwidth"),
+        (dict(kernel="box"), ValueError, "kernel.*box"),
+        (dict(window=4), ValueError, "window.*4"),
+        (dict(window=(3, 6)), ValueError, "6"),
+        (dict(window=0), ValueError, "window"),
+        (dict(window=()), TypeError, "window"),
+        (dict(window="local"), ValueError, "window.*local"),
+        (dict(window=3.0), TypeError, "window"),
+        (dict(neighbor_weights="gauss"), ValueError, "neighbor_weights.*gauss"),
+        (dict(neighbor_weights=torch.ones(7)), ValueError, "neighbor_weights.*7"),
+        (dict(neighbor_weights=torch.zeros(8)), ValueError, "zero"),
+        (dict(neighbor_weights=[0.125] * 8), TypeError, "neighbor_weights"),
+        (dict(divergence="js"), ValueError, "divergence.*js"),
+        (dict(padding="reflect"), ValueError, "padding.*reflect"),
+        (dict(clamp="yes"), TypeError, "clamp"),
+        (dict(eps=-1e-3), ValueError, "eps"),
+        (dict(reduction="max"), ValueError, "reduction.*max"),
+        (dict(generator=0), TypeError, "generator"),
+        (dict(backend="opencl"), ValueError, "backend.*opencl"),
+        (dict(padding="valid", window=(3, 5), reduction="none"), ValueError, "none.*valid"),
+        (dict(padding="valid", window=9), ValueError, "window=9.*8x8"),
+    ],
+)
+def test_bad_parameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        loss(X, X, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "pred,target,error,match",
+    [
+        (X, torch.rand(1, 3, 8, 9), ValueError, r"same shape.*\(1, 3, 8, 9\)"),
+        (torch.rand(8, 8), torch.rand(8, 8), ValueError, r"pred.*\(8, 8\)"),
+        (torch.rand(1, 1, 1, 8, 8), torch.rand(1, 1, 1, 8, 8), ValueError, "pred"),
+        (torch.rand(0, 3, 8, 8), torch.rand(0, 3, 8, 8), ValueError, "empty"),
+        (torch.randint(0, 255, (1, 3, 8, 8)), X, TypeError, "pred.*int64"),
+        (X, torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8), TypeError, "target.*uint8"),
+        (X.numpy(), X, TypeError, "pred.*ndarray"),
+        (X, X.to("meta"), ValueError, "device.*meta"),
+    ],
+)
+def test_bad_inputs(pred, target, error, match):
+    with pytest.raises(error, match=match):
+        loss(pred, target)
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        loss(X, X, backend="cuda")
