@@ -27,6 +27,7 @@ from tqdm import tqdm
 from entropy_kernels import SpatialEntropyLoss
 from model import IRSDE, build_network
 
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import save_config
 from .data import RandomCrops, split_pairs
 from .inference import evaluate_pairs, run_evaluation
@@ -94,43 +95,6 @@ def step_loss(network, sde, criterion, low, high, generator, use_amp=False):
         noise_pred = network(x_t, low, t)
     predicted = sde.predicted_previous(x_t, low, noise_pred.float(), t)
     return criterion(predicted, sde.optimal_previous(x_t, high, low, t))
-
-
-# ---- checkpoints ----
-
-def save_checkpoint(path, state: dict) -> None:
-    """Written to a temporary file and renamed over the old one: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def rng_state(generators: dict) -> dict:
-    state = {name: g.get_state() for name, g in generators.items()}
-    state["torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
-    state["python"] = random.getstate()
-    return state
-
-
-def set_rng_state(state: dict, generators: dict) -> None:
-    for name, g in generators.items():
-        g.set_state(state[name])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
 
 
 # ---- logging ----
