@@ -115,6 +115,8 @@ def test_resume_continues_exactly(data_root, tmp_path, monkeypatch):
     assert all(torch.equal(x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()))
     losses = lambda run: [json.loads(l)["loss"] for l in open(tmp_path / run / "log.jsonl") if '"loss"' in l]  # noqa: E731
     assert losses("whole")[3:] == losses("resumed")
+    fit(tiny_config(data_root, tmp_path / "whole", "train.steps=2"))  # a fresh run in the same folder
+    assert len(losses("whole")) == 2
 
 
 def test_checkpoint_is_written_atomically_and_loads_weights_only(tmp_path):

@@ -100,13 +100,17 @@ def step_loss(network, sde, criterion, low, high, generator, use_amp=False):
 # ---- logging ----
 
 class RunLog:
-    """JSON lines in out_dir/log.jsonl, and TensorBoard scalars when tensorboard is installed."""
+    """JSON lines in out_dir/log.jsonl, and TensorBoard scalars when tensorboard is installed.
+    A fresh run starts a new log; a resumed one appends to it."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, fresh: bool):
         self.enabled = enabled
         self.path = out_dir / "log.jsonl"
         self.writer = None
         if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                self.path.write_text("")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -198,7 +202,7 @@ def fit(config: dict, resume=None) -> dict:
         if rank == 0:
             save_checkpoint(out_dir / "checkpoints" / name, state)
 
-    log = RunLog(out_dir, enabled=rank == 0)
+    log = RunLog(out_dir, enabled=rank == 0, fresh=resume is None)
     if rank == 0:
         save_config(config, out_dir / "config.yaml")
     val_pairs = split_pairs(data_cfg, "test")[: int(data_cfg["val_images"])] if train_cfg["val_every"] else []
