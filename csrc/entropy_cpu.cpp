@@ -256,18 +256,43 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
   BandHistograms<T, Kind> band(pb, up, mp, ut, mt);
   WindowSums win(L2);
   const int ring_n = std::min(pb.rows.side, pb.rows.out) + 1;
-  std::vector<T> g_row((size_t)Wo * L2), ring((size_t)ring_n * W * L2), zeros(L2, T(0));
+  const int g_slots = std::min(pb.cols.side + 2, Wo);
+  std::vector<T> g_ring((size_t)g_slots * L2), ring((size_t)ring_n * W * L2), zeros(L2, T(0));
   std::vector<double> t_row(L2), acc((size_t)W * L2, 0.0);
 
   // T_r(x) = sum of G_{r, c} over the windows c of row r covering column x, into ring slot r.
+  // T_r is produced column by column as soon as the G_c it needs exist, so G lives in a ring of
+  // g_slots windows (at most side + 1 are live: those of T(x - 1) and the ones entering T(x)),
+  // which stays in L1/L2 instead of a whole row of G.
   auto window_row = [&](int r) {
     const int wy0 = pb.rows.lo(r), wy1 = pb.rows.hi(r);
     band.move_to(wy0, wy1);
     win.reset(pb.cols.lo(0));
+    T* slot = ring.data() + (int64_t)(r % ring_n) * W * L2;
+    std::fill(t_row.begin(), t_row.end(), 0.0);
+    int tx = 0, lo = pb.cols.out_lo(0), hi = lo;
+    // Emit T_r(x) for every x whose windows are all below `ready` (G_c exists for c < ready).
+    auto emit_until = [&](int ready) {
+      for (; tx < W && pb.cols.out_hi(tx) <= ready; ++tx) {
+        const int new_lo = pb.cols.out_lo(tx), new_hi = pb.cols.out_hi(tx);
+        const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo);
+        for (int k = 0; k < std::max(n_add, n_sub); ++k) {
+          const T* add = k < n_add ? g_ring.data() + (int64_t)((hi + k) % g_slots) * L2 : zeros.data();
+          const T* sub = k < n_sub ? g_ring.data() + (int64_t)((lo + k) % g_slots) * L2 : zeros.data();
+          slide(t_row.data(), add, sub, L2);
+        }
+        lo = new_lo;
+        hi = new_hi;
+        T* dst = slot + (int64_t)tx * L2;
+#pragma omp simd
+        for (int k = 0; k < L2; ++k) dst[k] = (T)t_row[k];
+      }
+    };
     for (int c = 0; c < Wo; ++c) {
+      emit_until(c);  // before slot c % g_slots is overwritten
       const int x0 = pb.cols.lo(c), x1 = pb.cols.hi(c);
       win.move_to(x0, x1, band);
-      T* gc = g_row.data() + (int64_t)c * L2;
+      T* gc = g_ring.data() + (int64_t)(c % g_slots) * L2;
       T g, dc;
       if (d_out != nullptr) {
         const bool owned = r >= y0 && r < y1;
@@ -316,23 +341,7 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
         for (int k = 0; k < L2; ++k) gc[k] = coef * hellinger_dq((T)(wp[k] * inv_n), (T)(wq[k] * inv_n), eps, dc);
       }
     }
-    T* slot = ring.data() + (int64_t)(r % ring_n) * W * L2;
-    std::fill(t_row.begin(), t_row.end(), 0.0);
-    int lo = pb.cols.out_lo(0), hi = lo;
-    for (int x = 0; x < W; ++x) {
-      const int new_lo = pb.cols.out_lo(x), new_hi = pb.cols.out_hi(x);
-      const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo);
-      for (int k = 0; k < std::max(n_add, n_sub); ++k) {
-        const T* add = k < n_add ? g_row.data() + (int64_t)(hi + k) * L2 : zeros.data();
-        const T* sub = k < n_sub ? g_row.data() + (int64_t)(lo + k) * L2 : zeros.data();
-        slide(t_row.data(), add, sub, L2);
-      }
-      lo = new_lo;
-      hi = new_hi;
-      T* dst = slot + (int64_t)x * L2;
-#pragma omp simd
-      for (int k = 0; k < L2; ++k) dst[k] = (T)t_row[k];
-    }
+    emit_until(Wo);
   };
 
   std::vector<T> f(4 * (size_t)L);
