@@ -309,8 +309,9 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
 #pragma omp simd reduction(+ : sum)
           for (int k = 0; k < L2; ++k) {
             const T pk = (T)(wp[k] * inv_n), qk = (T)(wq[k] * inv_n);
-            sum += (double)kl_term(pk, qk, eps);
-            gc[k] = coef * kl_dq(pk, qk, eps);
+            T dq;
+            sum += (double)kl_term_dq(pk, qk, eps, &dq);
+            gc[k] = coef * dq;
           }
           d_out[(int64_t)r * Wo + c] = (T)sum;
           if (!std::isfinite((T)sum)) std::fill(gc, gc + L2, T(0));

@@ -166,6 +166,13 @@ EK_HD T kl_term(T p, T q, T eps) {
 // dD/dQ for kl: 1 - (P + eps) / (Q + eps) = (Q - P) / (Q + eps).
 template <typename T>
 EK_HD T kl_dq(T p, T q, T eps) { return (q - p) / (q + eps); }
+// Both at once with one division (the value and dD/dQ of a cell share 1 / (Q + eps)).
+template <typename T>
+EK_HD T kl_term_dq(T p, T q, T eps, T* dq) {
+  const T pe = p + eps, r = T(1) / (q + eps), diff = q - p;
+  *dq = diff * r;
+  return pe * ek_log(pe * r) + diff;
+}
 
 // hellinger: D = sqrt(sum (sqrt(P + eps) - sqrt(Q + eps))^2 + eps) / sqrt(2).
 template <typename T>
