@@ -71,7 +71,7 @@ setup(
     description="Fused differentiable spatial entropy loss and an IR-SDE low-light enhancement stack",
     packages=find_packages(include=["entropy_kernels", "entropy_kernels.*", "model", "model.*", "train", "train.*"]),
     python_requires=">=3.9",
-    install_requires=["torch", "numpy"],
+    install_requires=["torch", "numpy", "pyyaml", "tqdm", "pillow", "scipy", "scikit-image"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -89,15 +89,16 @@ inline void kernel_deriv_row(T v, T h, int L, T* __restrict da) {
 template <typename T>
 inline bool finite_pixel(T u, T m) { return std::isfinite(u) && std::isfinite(m); }
 
-// acc += a_add b_add^T - a_sub b_sub^T (an L x L row-major matrix).
+// acc += a_add b_add^T - a_sub b_sub^T (an L x L row-major matrix). The b factors come in
+// double (converted once per pixel, not once per cell).
 template <typename T>
-inline void rank1_slide(double* __restrict acc, const T* __restrict a_add, const T* __restrict b_add,
-                        const T* __restrict a_sub, const T* __restrict b_sub, int L) {
+inline void rank1_slide(double* __restrict acc, const T* __restrict a_add, const double* __restrict b_add,
+                        const T* __restrict a_sub, const double* __restrict b_sub, int L) {
   for (int i = 0; i < L; ++i) {
     const double ai = a_add[i], si = a_sub[i];
     double* __restrict row = acc + (int64_t)i * L;
 #pragma omp simd
-    for (int j = 0; j < L; ++j) row[j] += ai * (double)b_add[j] - si * (double)b_sub[j];
+    for (int j = 0; j < L; ++j) row[j] += ai * b_add[j] - si * b_sub[j];
   }
 }
 
@@ -119,11 +120,12 @@ struct BandHistograms {
   std::vector<double> p, q;                 // width x L2 each
   std::vector<int> col_lo, col_hi;          // the rows each column holds now
   std::vector<T> factors;                   // 8 vectors of L: pred/target x add/sub x (a, b)
+  std::vector<double> bd;                   // the 4 b vectors of `factors` in double
 
   BandHistograms(const Problem& pb_, const T* up_, const T* mp_, const T* ut_, const T* mt_)
       : pb(pb_), up(up_), mp(mp_), ut(ut_), mt(mt_), L(pb_.bins), L2(pb_.bins * pb_.bins),
         p((size_t)pb_.width * L2, 0.0), q((size_t)pb_.width * L2, 0.0), col_lo(pb_.width, 0),
-        col_hi(pb_.width, 0), factors(8 * (size_t)L) {}
+        col_hi(pb_.width, 0), factors(8 * (size_t)L), bd(4 * (size_t)L) {}
 
   // Kernel factors of pixel (y, x) of one image into (a, b); the zero vector when y < 0 or
   // when the pixel is not finite.
@@ -158,8 +160,14 @@ struct BandHistograms {
       pixel(up, mp, y_sub, x, f + 2 * L, f + 3 * L);
       pixel(ut, mt, y_add, x, f + 4 * L, f + 5 * L);
       pixel(ut, mt, y_sub, x, f + 6 * L, f + 7 * L);
-      rank1_slide(q.data() + (int64_t)x * L2, f, f + L, f + 2 * L, f + 3 * L, L);
-      rank1_slide(p.data() + (int64_t)x * L2, f + 4 * L, f + 5 * L, f + 6 * L, f + 7 * L, L);
+      double* g = bd.data();
+      for (int v = 0; v < 4; ++v) {
+        const T* src = f + (2 * v + 1) * L;
+#pragma omp simd
+        for (int j = 0; j < L; ++j) g[v * L + j] = (double)src[j];
+      }
+      rank1_slide(q.data() + (int64_t)x * L2, f, g, f + 2 * L, g + L, L);
+      rank1_slide(p.data() + (int64_t)x * L2, f + 4 * L, g + 2 * L, f + 6 * L, g + 3 * L, L);
     }
     cl = lo;
     ch = hi;
@@ -248,18 +256,43 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
   BandHistograms<T, Kind> band(pb, up, mp, ut, mt);
   WindowSums win(L2);
   const int ring_n = std::min(pb.rows.side, pb.rows.out) + 1;
-  std::vector<T> g_row((size_t)Wo * L2), ring((size_t)ring_n * W * L2), zeros(L2, T(0));
+  const int g_slots = std::min(pb.cols.side + 2, Wo);
+  std::vector<T> g_ring((size_t)g_slots * L2), ring((size_t)ring_n * W * L2), zeros(L2, T(0));
   std::vector<double> t_row(L2), acc((size_t)W * L2, 0.0);
 
   // T_r(x) = sum of G_{r, c} over the windows c of row r covering column x, into ring slot r.
+  // T_r is produced column by column as soon as the G_c it needs exist, so G lives in a ring of
+  // g_slots windows (at most side + 1 are live: those of T(x - 1) and the ones entering T(x)),
+  // which stays in L1/L2 instead of a whole row of G.
   auto window_row = [&](int r) {
     const int wy0 = pb.rows.lo(r), wy1 = pb.rows.hi(r);
     band.move_to(wy0, wy1);
     win.reset(pb.cols.lo(0));
+    T* slot = ring.data() + (int64_t)(r % ring_n) * W * L2;
+    std::fill(t_row.begin(), t_row.end(), 0.0);
+    int tx = 0, lo = pb.cols.out_lo(0), hi = lo;
+    // Emit T_r(x) for every x whose windows are all below `ready` (G_c exists for c < ready).
+    auto emit_until = [&](int ready) {
+      for (; tx < W && pb.cols.out_hi(tx) <= ready; ++tx) {
+        const int new_lo = pb.cols.out_lo(tx), new_hi = pb.cols.out_hi(tx);
+        const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo);
+        for (int k = 0; k < std::max(n_add, n_sub); ++k) {
+          const T* add = k < n_add ? g_ring.data() + (int64_t)((hi + k) % g_slots) * L2 : zeros.data();
+          const T* sub = k < n_sub ? g_ring.data() + (int64_t)((lo + k) % g_slots) * L2 : zeros.data();
+          slide(t_row.data(), add, sub, L2);
+        }
+        lo = new_lo;
+        hi = new_hi;
+        T* dst = slot + (int64_t)tx * L2;
+#pragma omp simd
+        for (int k = 0; k < L2; ++k) dst[k] = (T)t_row[k];
+      }
+    };
     for (int c = 0; c < Wo; ++c) {
+      emit_until(c);  // before slot c % g_slots is overwritten
       const int x0 = pb.cols.lo(c), x1 = pb.cols.hi(c);
       win.move_to(x0, x1, band);
-      T* gc = g_row.data() + (int64_t)c * L2;
+      T* gc = g_ring.data() + (int64_t)(c % g_slots) * L2;
       T g, dc;
       if (d_out != nullptr) {
         const bool owned = r >= y0 && r < y1;
@@ -267,6 +300,22 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
         dc = T(0);  // KL's G does not use D
         if (rect_count(bad_sat, W + 1, wy0, wy1, x0, x1) > 0) {
           dc = std::numeric_limits<T>::quiet_NaN();
+        } else if (owned && pb.divergence == kKL) {
+          // D and G in one pass over the cells (G for grad_output = 1).
+          const double inv_n = 1.0 / ((double)(wy1 - wy0) * (x1 - x0));
+          const T coef = (T)inv_n;
+          const double *wp = win.p.data(), *wq = win.q.data();
+          double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+          for (int k = 0; k < L2; ++k) {
+            const T pk = (T)(wp[k] * inv_n), qk = (T)(wq[k] * inv_n);
+            T dq;
+            sum += (double)kl_term_dq(pk, qk, eps, &dq);
+            gc[k] = coef * dq;
+          }
+          d_out[(int64_t)r * Wo + c] = (T)sum;
+          if (!std::isfinite((T)sum)) std::fill(gc, gc + L2, T(0));
+          continue;
         } else if (owned || pb.divergence == kHellinger) {
           const double inv_n = 1.0 / ((double)(wy1 - wy0) * (x1 - x0));
           dc = window_divergence<T>(win.p.data(), win.q.data(), L2, inv_n, eps, pb.divergence);
@@ -293,23 +342,7 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
         for (int k = 0; k < L2; ++k) gc[k] = coef * hellinger_dq((T)(wp[k] * inv_n), (T)(wq[k] * inv_n), eps, dc);
       }
     }
-    T* slot = ring.data() + (int64_t)(r % ring_n) * W * L2;
-    std::fill(t_row.begin(), t_row.end(), 0.0);
-    int lo = pb.cols.out_lo(0), hi = lo;
-    for (int x = 0; x < W; ++x) {
-      const int new_lo = pb.cols.out_lo(x), new_hi = pb.cols.out_hi(x);
-      const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo);
-      for (int k = 0; k < std::max(n_add, n_sub); ++k) {
-        const T* add = k < n_add ? g_row.data() + (int64_t)(hi + k) * L2 : zeros.data();
-        const T* sub = k < n_sub ? g_row.data() + (int64_t)(lo + k) * L2 : zeros.data();
-        slide(t_row.data(), add, sub, L2);
-      }
-      lo = new_lo;
-      hi = new_hi;
-      T* dst = slot + (int64_t)x * L2;
-#pragma omp simd
-      for (int k = 0; k < L2; ++k) dst[k] = (T)t_row[k];
-    }
+    emit_until(Wo);
   };
 
   std::vector<T> f(4 * (size_t)L);

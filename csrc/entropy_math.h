@@ -154,14 +154,25 @@ EK_HD T kde_kernel_deriv(T z) {
 // ---------------------------------------------------------------------------------------
 // Per-cell divergence terms. P is the target density, Q the prediction's.
 // ---------------------------------------------------------------------------------------
-// kl: D = sum P (log(P + eps) - log(Q + eps)), evaluated as P log((P + eps) / (Q + eps)): one
-// log instead of two, and more accurate in float, where each log of a value near eps is ~-23
-// with an ulp of 2e-6 while the log of the ratio carries only the ratio's relative rounding.
+// kl: the generalised KL of the eps-floored densities (the densities are not normalised),
+// D = sum (P + eps) (log(P + eps) - log(Q + eps)) + Q - P, evaluated with one log of the ratio
+// per cell: more accurate in float, where each log of a value near eps is ~-23 with an ulp of
+// 2e-6, while the log of the ratio carries only the ratio's relative rounding.
 template <typename T>
-EK_HD T kl_term(T p, T q, T eps) { return p * ek_log((p + eps) / (q + eps)); }
-// dD/dQ for kl.
+EK_HD T kl_term(T p, T q, T eps) {
+  const T pe = p + eps;
+  return pe * ek_log(pe / (q + eps)) + (q - p);
+}
+// dD/dQ for kl: 1 - (P + eps) / (Q + eps) = (Q - P) / (Q + eps).
 template <typename T>
-EK_HD T kl_dq(T p, T q, T eps) { return -p / (q + eps); }
+EK_HD T kl_dq(T p, T q, T eps) { return (q - p) / (q + eps); }
+// Both at once with one division (the value and dD/dQ of a cell share 1 / (Q + eps)).
+template <typename T>
+EK_HD T kl_term_dq(T p, T q, T eps, T* dq) {
+  const T pe = p + eps, r = T(1) / (q + eps), diff = q - p;
+  *dq = diff * r;
+  return pe * ek_log(pe * r) + diff;
+}
 
 // hellinger: D = sqrt(sum (sqrt(P + eps) - sqrt(Q + eps))^2 + eps) / sqrt(2).
 template <typename T>

