@@ -121,7 +121,8 @@ def _yaml_flow(mapping: dict) -> str:
 
 
 def fit_overrides(arm: str, seed: int, run_dir: Path, p: dict) -> list:
-    entropy = {"bins": p["bins"], "window": p["window"], "backend": p["entropy_backend"], **ARMS[arm].get("entropy", {})}
+    entropy = {"bins": p["bins"], "window": p["window"], "backend": p["entropy_backend"],
+               **ARMS[arm].get("entropy", {})}
     return [
         f"seed={seed}", f"out_dir={run_dir}", "data.layout=demo", f"data.crop={p['crop']}",
         f"data.batch_size={p['batch']}", "model.preset=tiny", f"loss.weights={_yaml_flow(ARMS[arm]['weights'])}",
@@ -190,7 +191,8 @@ def run_one(arm: str, seed: int, heldout: Path, out: Path, p: dict) -> dict:
                            stdout=log, stderr=subprocess.STDOUT, check=True)
             train_seconds = time.time() - started
         started = time.time()
-        subprocess.run([sys.executable, "-m", "train", "evaluate", "--checkpoint", str(run_dir / "checkpoints" / "last.pt"),
+        checkpoint = run_dir / "checkpoints" / "last.pt"
+        subprocess.run([sys.executable, "-m", "train", "evaluate", "--checkpoint", str(checkpoint),
                         "--data", str(heldout), "--out", str(run_dir / "heldout"), "--seed", "0"],
                        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     with open(run_dir / "heldout" / "results.json") as fh:

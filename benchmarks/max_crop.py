@@ -309,7 +309,8 @@ def format_summary(rows: list) -> str:
         share_max = r["loss_share_at_max"] * 100 if isinstance(r.get("loss_share_at_max"), float) else ""
         share_128 = r["loss_share_128"] * 100 if isinstance(r.get("loss_share_128"), float) else ""
         lines.append(
-            f"{r['backend']:>9} {r['max_side']:8d} {cell(r, 'peak_MiB_at_max', '9.1f')} {cell(r, 'step_s_at_max', '8.3f')} "
+            f"{r['backend']:>9} {r['max_side']:8d} {cell(r, 'peak_MiB_at_max', '9.1f')} "
+            f"{cell(r, 'step_s_at_max', '8.3f')} "
             f"{cell(r, 'loss_s_at_max', '8.3f')} {cell({'v': share_max}, 'v', '7.1f')} | "
             f"{cell(r, 'step_s_128', '11.3f')} {cell(r, 'loss_s_128', '8.3f')} {cell({'v': share_128}, 'v', '7.1f')}"
             f"  {r.get('status_128', '-')}")

@@ -57,7 +57,8 @@ def _caption(info: dict) -> str:
     load = info.get("load_average")
     where = info.get("gpu") or (f"{info.get('cpu', '?')} CPU, {threads} thread(s) per run"
                                 + (f", load average {load[0]:.1f} at start" if load else ""))
-    return f"{where}, torch {info.get('torch', '?')}, {str(info.get('date', '?'))[:10]}, commit {info.get('commit', '?')}"
+    date = str(info.get("date", "?"))[:10]
+    return f"{where}, torch {info.get('torch', '?')}, {date}, commit {info.get('commit', '?')}"
 
 
 def save(fig, path: Path) -> Path:
@@ -128,7 +129,8 @@ def plot_bench(paths: list, out: Path) -> list:
         ax.set(xscale="log", yscale="log", xlabel="image side (px)", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"the loss alone: B={first.get('B', '?'):g}, C={first.get('C', '?'):g}, bins {first.get('bins', '?'):g}, "
+    fig.suptitle(f"the loss alone: B={first.get('B', '?'):g}, C={first.get('C', '?'):g}, "
+                 f"bins {first.get('bins', '?'):g}, "
                  f"window {first.get('window', '?')}", fontsize=10)
     fig.text(0.01, -0.02, _caption(info), fontsize=7)
     return [save(fig, out / "bench_loss.png")]
@@ -184,7 +186,8 @@ def ablation_grid(record: dict, folder: Path, path: Path, count: int) -> Path:
     fig, axes = plt.subplots(len(names), columns, figsize=(2 * columns, (2 * aspect + 0.3) * len(names) + 0.3),
                              squeeze=False)
     for row, name in zip(axes, names):
-        tiles = [("low-light input", heldout / "low" / f"{name}.png", by_arm[arms[0]]["images"][f"{name}.png"]["input"])]
+        first = by_arm[arms[0]]["images"][f"{name}.png"]
+        tiles = [("low-light input", heldout / "low" / f"{name}.png", first["input"])]
         for arm in arms:
             tiles.append((arm, folder / "runs" / f"{arm}_seed{seed}" / "heldout" / "outputs" / f"{name}.png",
                           by_arm[arm]["images"][f"{name}.png"]["output"]))

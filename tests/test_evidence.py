@@ -127,7 +127,8 @@ def test_summarise_means_spread_and_paired_wins():
     assert diff["mean"] == pytest.approx(1.0) and diff["n"] == 2
     assert diff["std"] == pytest.approx(math.sqrt(2.0))  # per-seed differences 0 and 2
     assert (diff["better_cases"], diff["cases"]) == (3, 4)
-    assert s["minus_l1"]["entropy"]["lpips"]["mean"] == pytest.approx(-0.1) and s["minus_l1"]["entropy"]["lpips"]["n"] == 1
+    lpips = s["minus_l1"]["entropy"]["lpips"]
+    assert lpips["mean"] == pytest.approx(-0.1) and lpips["n"] == 1
     noclamp = s["minus_l1"]["entropy-noclamp"]["psnr"]  # paired on seed 1 alone
     assert (noclamp["mean"], noclamp["n"], noclamp["better_cases"], noclamp["cases"]) == (-0.5, 1, 0, 2)
     assert "entropy - l1 psnr: +1.0000" in ablation.format_summary(s)
@@ -181,11 +182,13 @@ def test_max_crop_and_bench_plots_from_csv(tmp_path):
     max_crop.write_csv(tmp_path / "max_crop_probes.csv", info, max_crop.PROBE_FIELDS, probes)
     assert "reference" in max_crop.format_summary(rows)
     with open(tmp_path / "bench.csv", "w") as fh:
-        fh.write("# " + json.dumps(info) + "\nbackend,device,B,C,H,W,bins,window,fwd_ms,bwd_ms,fwd_bwd_ms,peak_extra_MiB,status\n")
+        fh.write("# " + json.dumps(info) + "\n")
+        fh.write("backend,device,B,C,H,W,bins,window,fwd_ms,bwd_ms,fwd_bwd_ms,peak_extra_MiB,status\n")
         for backend in ("reference", "cpp"):
             for side in (16, 32):
                 fh.write(f"{backend},cpu,1,3,{side},{side},32,11,1.0,2.0,3.0,{side * 1.5},ok\n")
-    written = plots.plot_max_crop([tmp_path], tmp_path / "img") + plots.plot_bench([tmp_path / "bench.csv"], tmp_path / "img")
+    written = plots.plot_max_crop([tmp_path], tmp_path / "img")
+    written += plots.plot_bench([tmp_path / "bench.csv"], tmp_path / "img")
     assert [p.name for p in written] == ["max_crop_memory.png", "max_crop_time.png", "bench_loss.png"]
     assert all(0 < p.stat().st_size < plots.MAX_PNG_BYTES for p in written)
 
@@ -204,7 +207,8 @@ def test_arms_become_train_configs_that_differ_only_in_the_loss():
                                                              "clamp": False}
     for config in configs.values():
         assert (config["seed"], config["train"]["steps"], config["data"]["crop"]) == (3, 7, 16)
-        assert {k: v for k, v in config.items() if k != "loss"} == {k: v for k, v in configs["l1"].items() if k != "loss"}
+        others = {k: v for k, v in config.items() if k != "loss"}
+        assert others == {k: v for k, v in configs["l1"].items() if k != "loss"}
 
 
 def test_below_zero_fraction_grows_with_the_noise_level():
