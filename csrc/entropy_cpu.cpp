@@ -255,7 +255,9 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
   const T eps = (T)pb.eps, h = (T)pb.bandwidth;
   BandHistograms<T, Kind> band(pb, up, mp, ut, mt);
   WindowSums win(L2);
-  const int ring_n = std::min(pb.rows.side, pb.rows.out) + 1;
+  // One slot per row a pixel can see: a new row's slot holds the row that leaves at the same y,
+  // which is subtracted from acc just before it is overwritten (see window_row).
+  const int ring_n = std::min(pb.rows.side, pb.rows.out);
   const int g_slots = std::min(pb.cols.side + 2, Wo);
   std::vector<T> g_ring((size_t)g_slots * L2), ring((size_t)ring_n * W * L2), zeros(L2, T(0));
   std::vector<double> t_row(L2), acc((size_t)W * L2, 0.0);
@@ -264,8 +266,14 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
   // T_r is produced column by column as soon as the G_c it needs exist, so G lives in a ring of
   // g_slots windows (at most side + 1 are live: those of T(x - 1) and the ones entering T(x)),
   // which stays in L1/L2 instead of a whole row of G.
+  // acc(x) holds the sum of T_r(x) over rows [r_low, r_next).
+  int r_low = pb.rows.out_lo(y0), r_next = r_low;
   auto window_row = [&](int r) {
     const int wy0 = pb.rows.lo(r), wy1 = pb.rows.hi(r);
+    // The slot of row r holds row r - ring_n. If that row is still in acc, it leaves acc at the
+    // y that needs row r (a pixel sees at most ring_n rows), so it is subtracted here, column by
+    // column, just before T_r overwrites it.
+    const bool take_out = r - ring_n >= r_low;
     band.move_to(wy0, wy1);
     win.reset(pb.cols.lo(0));
     T* slot = ring.data() + (int64_t)(r % ring_n) * W * L2;
@@ -284,8 +292,17 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
         lo = new_lo;
         hi = new_hi;
         T* dst = slot + (int64_t)tx * L2;
+        if (take_out) {
+          double* __restrict hx = acc.data() + (int64_t)tx * L2;
 #pragma omp simd
-        for (int k = 0; k < L2; ++k) dst[k] = (T)t_row[k];
+          for (int k = 0; k < L2; ++k) {
+            hx[k] -= (double)dst[k];
+            dst[k] = (T)t_row[k];
+          }
+        } else {
+#pragma omp simd
+          for (int k = 0; k < L2; ++k) dst[k] = (T)t_row[k];
+        }
       }
     };
     for (int c = 0; c < Wo; ++c) {
@@ -343,17 +360,16 @@ void backward_rows(const Problem& pb, const T* up, const T* mp, const T* ut, con
       }
     }
     emit_until(Wo);
+    if (take_out) r_low = r - ring_n + 1;
   };
 
   std::vector<T> f(4 * (size_t)L);
   T *a = f.data(), *da = a + L, *b = da + L, *db = b + L;
   std::vector<double> v(L), w(L);
   const int pstride = Wo + 1;
-  int r_low = pb.rows.out_lo(y0), r_next = r_low;
   for (int y = y0; y < y1; ++y) {
-    // acc(x) holds the sum of T_r(x) over rows [r_low, r_next); move it to the rows covering y.
-    // The ring has one slot more than the rows a pixel can see, so the rows computed here never
-    // overwrite a row that is still to be subtracted.
+    // Move acc to the rows covering y: compute the entering rows (which subtract the leaving
+    // rows whose slots they take), then add them and subtract the remaining leaving rows.
     const int new_lo = pb.rows.out_lo(y), new_hi = pb.rows.out_hi(y);
     for (int r = r_next; r < new_hi; ++r) window_row(r);
     const int n_add = std::max(0, new_hi - r_next), n_sub = std::max(0, new_lo - r_low);
