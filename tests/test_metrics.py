@@ -95,3 +95,15 @@ def test_optional_metrics_say_how_to_get_missing_weights(tmp_path):
     extra = optional_metrics(images, "cpu", cache=tmp_path)
     assert "fetch-metric-weights" in extra["lpips"] and "fetch-metric-weights" in extra["niqe"]
     assert not (tmp_path / NIQE_FILE).exists()
+
+
+def test_optional_metrics_refuse_images_too_small_for_their_networks(tmp_path):
+    from train.checkpoint import save_checkpoint
+    from train.metrics import LPIPS_FILE
+
+    save_checkpoint(tmp_path / LPIPS_FILE, LPIPS().state_dict())
+    small = [(torch.rand(3, 20, 24),) * 3]
+    assert "at least 32 px, got 20" in optional_metrics(small, "cpu", cache=tmp_path)["lpips"]
+    large = [(torch.rand(3, 40, 36), torch.rand(3, 40, 36), torch.rand(3, 40, 36))]
+    value = optional_metrics(large, "cpu", cache=tmp_path)["lpips"]
+    assert isinstance(value, float) and math.isfinite(value)

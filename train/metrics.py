@@ -107,6 +107,10 @@ def fetch_metric_weights(cache=None) -> dict:
 
 # ---- LPIPS (AlexNet, v0.1) ----
 
+# The smallest side for which AlexNet's strides and pools leave a feature map at every layer.
+LPIPS_MIN_SIDE = 32
+
+
 class LPIPS(nn.Module):
     """LPIPS with the AlexNet trunk: unit-normalised features of five ReLU layers, squared
     differences weighted by the learned 1x1 heads, averaged over space, summed over layers."""
@@ -233,8 +237,11 @@ def optional_metrics(images, device, cache=None) -> dict:
     """Mean LPIPS and NIQE of the outputs (and NIQE of the targets) where their weights are cached."""
     extra = {}
     lpips = load_lpips(cache, device)
+    smallest = min(min(o.shape[-2:]) for _, o, _ in images)
     if lpips is None:
         extra["lpips"] = "unavailable (run `python -m train fetch-metric-weights`)"
+    elif smallest < LPIPS_MIN_SIDE:
+        extra["lpips"] = f"unavailable (AlexNet needs images of at least {LPIPS_MIN_SIDE} px, got {smallest})"
     else:
         with torch.no_grad():
             extra["lpips"] = float(sum(lpips(o[None].to(device), t[None].to(device)) for _, o, t in images)) / len(images)
@@ -242,5 +249,7 @@ def optional_metrics(images, device, cache=None) -> dict:
     if params is None:
         extra["niqe"] = "unavailable (run `python -m train fetch-metric-weights`)"
     else:
-        extra["niqe"] = float(np.nanmean([niqe(o, params) for _, o, _ in images]))
+        scores = [niqe(o, params) for _, o, _ in images]
+        finite = [v for v in scores if not math.isnan(v)]
+        extra["niqe"] = float(np.mean(finite)) if finite else "unavailable (NIQE needs images of at least 96x96 px)"
     return extra
