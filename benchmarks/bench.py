@@ -5,7 +5,9 @@
 
 Each case runs in a fresh subprocess, so a backend that runs out of memory or crashes costs
 only its row, and on CPU the peak memory is honest: the increase of the process's peak
-resident set size (ru_maxrss) over its level just before the first loss call. On CUDA it
+resident set size (VmHWM, reset with clear_refs) over its level just before the measured call,
+after a call on a tiny input has loaded the backend, with glibc returning freed blocks above
+64 KiB to the system. On CUDA it
 is torch.cuda.max_memory_allocated over the memory held by the inputs. Times are medians
 of repeated runs after a warm-up: forward (with autograd recording), forward+backward,
 and backward as their difference. Prints a table and writes CSV (default bench_out/).
@@ -34,10 +36,29 @@ def _window_arg(text: str):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def rss_kib(field: str) -> int:
+    """A memory field of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in KiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux clear_refs) and return that, in KiB."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return rss_kib("VmRSS")
+
+
+# Every allocation above 64 KiB goes back to the system when freed; otherwise glibc keeps freed
+# scratch in its arenas and a measured call that reuses it would not show in the RSS.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def run_case(case: dict) -> dict:
     """Executed inside the child process: one backend, one shape."""
-    import resource
-
     import torch
 
     import entropy_kernels as ek
@@ -57,7 +78,7 @@ def run_case(case: dict) -> dict:
     def peak_now():
         if cuda:
             return torch.cuda.max_memory_allocated()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return rss_kib("VmHWM") * 1024
 
     # Load the backend (extension, kernels, op registration) on a tiny input first, so that
     # the code and its one-off allocations are not counted as the loss's memory.
@@ -68,7 +89,7 @@ def run_case(case: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = peak_now()
+        base = reset_peak_rss() * 1024
     value = ek.spatial_entropy_loss(pred, target, **kwargs)
     value.backward()
     sync()
@@ -127,7 +148,7 @@ def sweep(args) -> list:
                     window=window, repeats=args.repeats, seconds=args.seconds)
         try:
             child = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True,
-                                   text=True, timeout=args.timeout, cwd=ROOT)
+                                   text=True, timeout=args.timeout, cwd=ROOT, env={**os.environ, **MALLOC_ENV})
             lines = [ln for ln in child.stdout.splitlines() if ln.startswith("{")]
             if child.returncode == 0 and lines:
                 result = json.loads(lines[-1])

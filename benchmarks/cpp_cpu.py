@@ -20,16 +20,9 @@ import time
 
 import torch
 
+from bench import MALLOC_ENV, reset_peak_rss, rss_kib
 from entropy_kernels import reference
 from entropy_kernels.ops import cpp
-
-
-def rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 GRAD_OUTPUT = "uniform"
@@ -52,17 +45,15 @@ def measure(impl, maps, args, repeats):
         step(impl, maps, args)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = rss_kib("VmRSS")
+    before = reset_peak_rss()
     step(impl, maps, args)
     peak = rss_kib("VmHWM") - before
     return statistics.median(times), statistics.median(cpu), peak / 1024
 
 
 def main():
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.environ.update(MALLOC_ENV)
         os.execv(sys.executable, [sys.executable] + sys.argv)
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
