@@ -34,8 +34,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import entropy_kernels as ek  # noqa: E402
-from entropy_kernels import reference  # noqa: E402
-from entropy_kernels.ops import triton_kde  # noqa: E402
+from entropy_kernels import backends as backends_module  # noqa: E402
 
 FIELDS = ["backend", "B", "C", "H", "W", "bins", "window", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_extra_MiB",
           "floor_ms", "over_floor", "status"]
@@ -98,8 +97,8 @@ def loss_fn(pred, target, backend, bins, window, **kwargs):
     return run
 
 
-def parity(log):
-    """Triton vs the float64 reference on small cases: float64 to 1e-9, float32 by the error-bound rule."""
+def parity(log, backend="triton"):
+    """A backend vs the float64 reference on small cases: float64 to 1e-9, float32 by the error-bound rule."""
     ok = True
     for shape, kwargs in PARITY_CASES:
         pred64, target64 = make_inputs(*shape, seed=2, dtype=torch.float64)
@@ -107,7 +106,7 @@ def parity(log):
         target64 = target64.float().double()
         results = {}
         for name, backend, dtype in (("exact", "reference", torch.float64), ("ref32", "reference", torch.float32),
-                                     ("tri32", "triton", torch.float32), ("tri64", "triton", torch.float64)):
+                                     ("tri32", backend, torch.float32), ("tri64", backend, torch.float64)):
             pred = pred64.detach().to(dtype).requires_grad_()
             value = loss_fn(pred, target64.to(dtype), backend, **kwargs)()
             grad_out = torch.linspace(0.5, 1.5, value.numel(), device=value.device, dtype=dtype).reshape(value.shape)
@@ -120,13 +119,13 @@ def parity(log):
         rule = all(t <= 2 * r + 1e-30 for t, r in zip(err["tri32"], err["ref32"]))
         case_ok = rel64 < 1e-9 and rule
         ok &= case_ok
-        log(f"parity {shape} {kwargs}: float64 max rel err {rel64:.1e}; float32 RMS err (loss, grad) triton "
+        log(f"parity {backend} {shape} {kwargs}: float64 max rel err {rel64:.1e}; float32 RMS err (loss, grad) triton "
             f"{err['tri32'][0]:.2e}, {err['tri32'][1]:.2e} vs reference {err['ref32'][0]:.2e}, {err['ref32'][1]:.2e}"
             f" -> {'PASS' if case_ok else 'FAIL'}")
     pred, target = make_inputs(*ATOMICS_SHAPE, seed=3)
-    grads = [torch.autograd.grad(loss_fn(pred, target, "triton", 32, 11)(), pred)[0] for _ in range(3)]
+    grads = [torch.autograd.grad(loss_fn(pred, target, backend, 32, 11)(), pred)[0] for _ in range(3)]
     spread = max((g - grads[0]).abs().max().item() for g in grads) / grads[0].abs().max().item()
-    log(f"atomics: max relative run-to-run gradient difference {spread:.1e} (rounding only expected)")
+    log(f"atomics {backend}: max relative run-to-run gradient difference {spread:.1e} (rounding only expected)")
     return ok
 
 
@@ -176,10 +175,12 @@ def measure(backend, batch, channels, size, bins, window, single_shot_s, rates):
             loss = run()
             row["bwd_ms"] = do_bench(lambda: torch.autograd.grad(loss, pred, retain_graph=True), return_mode="median")
             row["status"] = "ok"
-        if backend == "triton":
+        if backend != "reference":
             row["over_floor"] = row["fwd_bwd_ms"] / row["floor_ms"]
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
+    except Exception as exc:  # noqa: BLE001 - a failing case is a row of the table, not the end of the sweep
+        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     finally:
         del pred, target
         torch.cuda.empty_cache()
@@ -194,12 +195,28 @@ def fmt(value):
     return str(value)
 
 
+def write(out, rows, lines):
+    """gpu_sweep.csv, .md and .log under out; returns the Markdown table's lines."""
+    with open(out / "gpu_sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) for k in FIELDS})
+    table = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
+    table += ["| " + " | ".join(fmt(r.get(k)) for k in FIELDS) + " |" for r in rows]
+    (out / "gpu_sweep.md").write_text("\n".join(lines[:2] + [""] + table) + "\n")
+    (out / "gpu_sweep.log").write_text("\n".join(lines) + "\n")
+    return table
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the two target cases of the issue")
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this")
     parser.add_argument("--single-shot-s", type=float, default=1.0)
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--backends", nargs="+", default=["reference", "triton", "cuda"],
+                        help="backends to time (unavailable ones are reported and left out)")
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench_out")))
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
@@ -223,7 +240,21 @@ def main():
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}, commit {commit}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     log(f"floor rates: FP32 FMA {rates['fma']:.3g}/s, MUFU {rates['mufu']:.3g}/s, DRAM {rates['dram']:.3g} B/s")
-    ok = parity(log)
+    backends = []
+    for backend in args.backends:
+        reasons = backends_module.not_supported_reasons(backend, torch.device("cuda"), torch.float32, 64)
+        if reasons:
+            log(f"backend {backend} left out: {'; '.join(reasons)}")
+        else:
+            backends.append(backend)
+    ok = True
+    for backend in backends:
+        if backend != "reference":
+            try:
+                ok &= parity(log, backend)
+            except Exception as exc:  # noqa: BLE001 - report and go on to the next backend
+                ok = False
+                log(f"parity {backend} FAILED to run: {type(exc).__name__}: {exc}")
 
     cases = list(TARGETS)
     if not args.quick:
@@ -232,7 +263,7 @@ def main():
         cases += [c for c in sweep if c not in cases]
     rows = []
     for batch, size, bins, window in cases:
-        for backend in ("reference", "triton"):
+        for backend in backends:
             if time.monotonic() > deadline:
                 row = dict(backend=backend, B=batch, C=3, H=size, W=size, bins=bins, window=window,
                            status="skipped (time budget)")
@@ -240,20 +271,13 @@ def main():
                 row = measure(backend, batch, 3, size, bins, window, args.single_shot_s, rates)
             rows.append(row)
             log(" ".join(f"{k}={fmt(row.get(k))}" for k in FIELDS))
-        ref, tri = rows[-2], rows[-1]
-        if ref.get("fwd_bwd_ms") and tri.get("fwd_bwd_ms"):
-            log(f"  speed-up fwd+bwd {ref['fwd_bwd_ms'] / tri['fwd_bwd_ms']:.1f}x")
-
-    with open(out / "gpu_sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k) for k in FIELDS})
-    table = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-    table += ["| " + " | ".join(fmt(r.get(k)) for k in FIELDS) + " |" for r in rows]
-    (out / "gpu_sweep.md").write_text("\n".join(lines[:2] + [""] + table) + "\n")
-    (out / "gpu_sweep.log").write_text("\n".join(lines) + "\n")
-    print("\n".join(table))
+        case_rows = dict(zip(backends, rows[-len(backends):]))
+        ref = case_rows.get("reference", {})
+        for backend, row in case_rows.items():
+            if backend != "reference" and ref.get("fwd_bwd_ms") and row.get("fwd_bwd_ms"):
+                log(f"  {backend} speed-up fwd+bwd {ref['fwd_bwd_ms'] / row['fwd_bwd_ms']:.1f}x")
+        write(out, rows, lines)  # after every case, so a run cut short keeps what it measured
+    print("\n".join(write(out, rows, lines)))
     print(f"parity {'PASS' if ok else 'FAIL'}; wrote {out}/gpu_sweep.csv, gpu_sweep.md, gpu_sweep.log")
     return 0 if ok else 1
 

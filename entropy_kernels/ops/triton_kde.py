@@ -272,6 +272,10 @@ def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, params, d_saved, grad_d, g
 
 
 _INTERPRETED = isinstance(_kde_divergence_fwd, InterpretedFunction)
+# libdevice expf/logf and IEEE division on the GPU (the interpreter has no libdevice).
+PRECISE_MATH = not _INTERPRETED
+# Benchmarks may pin launch parameters here (per_strip, BLOCK_P, num_warps) to compare variants.
+LAUNCH_OVERRIDES: dict = {}
 
 
 def _launch_config(win_h: int, win_w: int, wo: int, bins: int):
@@ -292,7 +296,10 @@ def _launch_config(win_h: int, win_w: int, wo: int, bins: int):
             if best is None or cost < best[0]:
                 best = (cost, per_strip, block_p)
     _, per_strip, block_p = best
-    return dict(per_strip=per_strip, BLOCK_P=block_p, LP=lp, num_warps=8 if lp >= 64 else 4)
+    config = dict(per_strip=per_strip, BLOCK_P=block_p, LP=lp, num_warps=8 if lp >= 64 else 4)
+    config.update(LAUNCH_OVERRIDES)
+    config["per_strip"] = max(1, min(config["per_strip"], win_w, wo))  # a strip longer than a window has no core
+    return config
 
 
 def _geometry(height, width, win_h, win_w, valid):
@@ -337,7 +344,7 @@ def triton_local_divergence(
         u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d,
         height, width, ho, wo, win_h, win_w, off_h, off_w,
         BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
-        PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **config,
+        PRECISION=DOT_PRECISION, PRECISE_MATH=PRECISE_MATH and not _INTERPRETED, **config,
     )
     return d
 
@@ -367,7 +374,7 @@ def triton_local_divergence_backward(
         u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d.contiguous(), grad_d, grad_u, grad_m,
         height, width, ho, wo, win_h, win_w, off_h, off_w,
         BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
-        PRECISION=DOT_PRECISION, PRECISE_MATH=not _INTERPRETED, **config,
+        PRECISION=DOT_PRECISION, PRECISE_MATH=PRECISE_MATH and not _INTERPRETED, **config,
     )
     return grad_u, grad_m
 

@@ -1,0 +1,152 @@
+"""Where the Triton kernels' time goes: the target case timed under variants of their knobs.
+
+    python benchmarks/triton_variants.py                 # on a GPU
+    TRITON_INTERPRET=1 python benchmarks/triton_variants.py --smoke   # the script itself, on CPU
+
+Each variant changes one thing against the default launch (docs/triton.md): the dot precision
+('ieee' default; 'tf32x3' and 'tf32' use tensor cores), libdevice math against Triton's fast
+exp/log (PRECISE_MATH), the strip length (per_strip), the pixel chunk (BLOCK_P) and num_warps.
+For each it prints forward and forward+backward time (median of triton.testing.do_bench) at
+B=8, C=3, 128x128, bins 32, window 11, and the float32 error-bound ratios (RMS error against the
+float64 reference, over the reference's own float32 error; the rule wants <= 2) of D and of the
+gradient on a 2 x 3 x 48 x 48 case. A variant that speeds the kernel up but breaks the rule is not
+a candidate for the default.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from entropy_kernels import reference  # noqa: E402
+from entropy_kernels.ops import triton_kde  # noqa: E402
+
+VARIANTS = [
+    ("default", {}),
+    ("fast-math", {"precise": False}),
+    ("tf32x3", {"precision": "tf32x3"}),
+    ("tf32x3+fast-math", {"precision": "tf32x3", "precise": False}),
+    ("tf32", {"precision": "tf32"}),
+    ("warps2", {"launch": {"num_warps": 2}}),
+    ("warps8", {"launch": {"num_warps": 8}}),
+    ("strip1-P64", {"launch": {"per_strip": 1, "BLOCK_P": 64}}),
+    ("strip8-P32", {"launch": {"per_strip": 8, "BLOCK_P": 32}}),
+    ("P16", {"launch": {"BLOCK_P": 16}}),
+    ("P64", {"launch": {"BLOCK_P": 64}}),
+]
+FIELDS = ["variant", "config", "fwd_ms", "fwd_bwd_ms", "ratio_D", "ratio_grad", "status"]
+
+
+def _contract_inputs(n, size, seed, dtype, device, bins):
+    """u_pred, m_pred, u_tgt, m_tgt in bin units (values in [0, bins - 1])."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(n, size, size, generator=gen, dtype=torch.float64) * (bins - 1)).to(dtype).to(device)
+            for _ in range(4)]
+
+
+def run(inputs, bins, window, with_grad):
+    u_pred, m_pred, u_tgt, m_tgt = inputs
+    if with_grad:
+        u_pred = u_pred.detach().requires_grad_()
+        m_pred = m_pred.detach().requires_grad_()
+    d = triton_kde.local_divergence(u_pred, m_pred, u_tgt, m_tgt, window, window, False, bins, 1.0, "logistic",
+                                    "kl", 1e-10)
+    if not with_grad:
+        return d, None
+    grad_out = torch.linspace(0.5, 1.5, d.numel(), device=d.device, dtype=d.dtype).reshape(d.shape)
+    grads = torch.autograd.grad(d, (u_pred, m_pred), grad_out)
+    return d, torch.cat([g.flatten() for g in grads])
+
+
+def reference_run(inputs, bins, window):
+    u_pred, m_pred, u_tgt, m_tgt = (x.detach() for x in inputs)
+    u_pred.requires_grad_()
+    m_pred.requires_grad_()
+    d = reference.local_divergence(u_pred, m_pred, u_tgt, m_tgt, window, window, False, bins, 1.0, "logistic",
+                                   "kl", 1e-10)
+    grad_out = torch.linspace(0.5, 1.5, d.numel(), device=d.device, dtype=d.dtype).reshape(d.shape)
+    grads = torch.autograd.grad(d, (u_pred, m_pred), grad_out)
+    return d, torch.cat([g.flatten() for g in grads])
+
+
+def rms(a, b):
+    return (a.double() - b.double()).norm().item() / max(b.numel(), 1) ** 0.5
+
+
+def apply(variant):
+    triton_kde.DOT_PRECISION = variant.get("precision", "ieee")
+    triton_kde.PRECISE_MATH = variant.get("precise", True)
+    triton_kde.LAUNCH_OVERRIDES.clear()
+    triton_kde.LAUNCH_OVERRIDES.update(variant.get("launch", {}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (for TRITON_INTERPRET=1 on CPU)")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="stop starting new variants after this")
+    parser.add_argument("--only", nargs="*", help="variant names to run")
+    parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench_out")))
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.budget_s
+    device = torch.device("cpu" if args.smoke else "cuda")
+    bins, window = (8, 3) if args.smoke else (32, 11)
+    big = _contract_inputs(1 if args.smoke else 24, 12 if args.smoke else 128, 0, torch.float32, device, bins)
+    small64 = _contract_inputs(2 if args.smoke else 6, 9 if args.smoke else 48, 1, torch.float64, device, bins)
+    exact_d, exact_g = reference_run(small64, bins, window)
+    ref32_d, ref32_g = reference_run([x.float() for x in small64], bins, window)
+    ref_err = (rms(ref32_d, exact_d), rms(ref32_g, exact_g))
+    if args.smoke:
+        def bench(fn):
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+    else:
+        from triton.testing import do_bench
+
+        def bench(fn):
+            return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(f"reference float32 RMS error: D {ref_err[0]:.2e}, grad {ref_err[1]:.2e}", flush=True)
+    for name, variant in VARIANTS:
+        if args.only and name not in args.only:
+            continue
+        row = dict(variant=name)
+        if time.monotonic() > deadline:
+            row["status"] = "skipped (time budget)"
+            rows.append(row)
+            continue
+        apply(variant)
+        try:
+            row["config"] = " ".join(f"{k}={v}" for k, v in triton_kde._launch_config(window, window, 128, bins).items())
+            d, g = run([x.float() for x in small64], bins, window, True)
+            row["ratio_D"] = rms(d, exact_d) / max(ref_err[0], 1e-30)
+            row["ratio_grad"] = rms(g, exact_g) / max(ref_err[1], 1e-30)
+            row["fwd_ms"] = bench(lambda: run(big, bins, window, False))
+            row["fwd_bwd_ms"] = bench(lambda: run(big, bins, window, True))
+            row["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is a result too
+            row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        rows.append(row)
+        print("  ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
+                        for k in FIELDS), flush=True)
+    apply({})
+    with open(out / "triton_variants.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in FIELDS} for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
