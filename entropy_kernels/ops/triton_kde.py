@@ -208,13 +208,13 @@ def _divergence(p, q, eps, cell_ok, DIVERGENCE: tl.constexpr, PRECISE_MATH: tl.c
 
 
 @triton.jit
-def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, params, d_out, H, W, Ho, Wo, win_h, win_w, off_h, off_w,
+def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, scalars, d_out, H, W, Ho, Wo, win_h, win_w, off_h, off_w,
                         per_strip, BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
                         BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
     n, ho, wo0, count, row0, rows, core_lo, core_hi = _strip(tl.program_id(0), H, W, Ho, Wo, win_h, win_w,
                                                              off_h, off_w, per_strip)
-    h = tl.load(params)
-    eps = tl.load(params + 1)
+    h = tl.load(scalars)
+    eps = tl.load(scalars + 1)
     bin_idx = tl.arange(0, LP)
     centres = bin_idx.to(u_pred.dtype.element_ty)
     bin_ok = bin_idx < BINS
@@ -232,14 +232,14 @@ def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, params, d_out, H, W, Ho, W
 
 
 @triton.jit
-def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, params, d_saved, grad_d, grad_u, grad_m,
+def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, grad_d, grad_u, grad_m,
                         H, W, Ho, Wo, win_h, win_w, off_h, off_w, per_strip,
                         BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
                         BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
     n, ho, wo0, count, row0, rows, core_lo, core_hi = _strip(tl.program_id(0), H, W, Ho, Wo, win_h, win_w,
                                                              off_h, off_w, per_strip)
-    h = tl.load(params)
-    eps = tl.load(params + 1)
+    h = tl.load(scalars)
+    eps = tl.load(scalars + 1)
     bin_idx = tl.arange(0, LP)
     centres = bin_idx.to(u_pred.dtype.element_ty)
     bin_ok = bin_idx < BINS
