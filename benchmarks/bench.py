@@ -134,7 +134,7 @@ def environment(device: str) -> dict:
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
-        info["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        info["commit"] = subprocess.check_output(["git", "describe", "--always", "--dirty"], cwd=ROOT, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None
     return info

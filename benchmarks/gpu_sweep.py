@@ -203,7 +203,10 @@ def write(out, rows, lines):
         for row in rows:
             writer.writerow({k: row.get(k) for k in FIELDS})
     table = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-    table += ["| " + " | ".join(fmt(r.get(k)) for k in FIELDS) + " |" for r in rows]
+    done = [r for r in rows if not str(r.get("status", "")).startswith("skipped")]
+    table += ["| " + " | ".join(fmt(r.get(k)) for k in FIELDS) + " |" for r in done]
+    if len(done) < len(rows):
+        table.append(f"\n{len(rows) - len(done)} rows skipped (time budget); the CSV lists them.")
     (out / "gpu_sweep.md").write_text("\n".join(lines[:2] + [""] + table) + "\n")
     (out / "gpu_sweep.log").write_text("\n".join(lines) + "\n")
     return table
@@ -231,7 +234,7 @@ def main():
     commit = args.commit
     if commit is None:
         try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+            commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                     text=True, timeout=10).stdout.strip() or "unknown"
         except Exception:  # noqa: BLE001
             commit = "unknown"

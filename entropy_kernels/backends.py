@@ -21,8 +21,10 @@ MODULES = {
     "cpp": "entropy_kernels.ops.cpp",
     "cuda": "entropy_kernels.ops.cuda",
 }
-# Preference of backend='auto' per device type; the reference serves everything.
-AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+# Preference of backend='auto' per device type, fastest measured first; the reference serves
+# everything. On an H100 (docs/results.md, B=8, C=3, 128^2, bins 32, window 11, fwd+bwd) the CUDA
+# extension took 58.8 ms, the reference 122 ms and Triton 147 ms, so 'cuda' leads while it is built.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 
 _LOADED = {}

@@ -294,3 +294,29 @@ def test_bad_arguments_raise(cpp):
         module.forward(h, h, h, h, 3, 3, False, 4, 0.5, 0, 0, 1e-10, False)
     assert cpp.not_supported_reasons(torch.device("cpu"), torch.float16, 8)
     assert cpp.not_supported_reasons(torch.device("cuda"), torch.float32, 8)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(dtype=torch.float16), TypeError, "float32 or float64"),
+        (dict(win=(0, 3)), ValueError, "window sides"),
+        (dict(win=(5, 5), valid=True), ValueError, "does not fit"),
+        (dict(bins=1), ValueError, "bins must be >= 2"),
+        (dict(bandwidth=0.0), ValueError, "bandwidth"),
+        (dict(kernel=7), ValueError, "unknown kernel"),
+        (dict(shape=(2, 4)), ValueError, r"\(N, H, W\)"),
+        (dict(mismatch=True), ValueError, "share shape"),
+    ],
+)
+def test_op_checks_arguments_before_the_extension(cpp, change, error, match):
+    """The ops raise Python errors without reaching the C++ checks (docs/cpp.md: an exception
+    thrown inside the extension crashed one GPU image)."""
+    shape = change.get("shape", (1, 4, 4))
+    u = torch.rand(*shape, dtype=change.get("dtype", torch.float32))
+    other = torch.rand(1, 4, 5) if change.get("mismatch") else u
+    win_h, win_w = change.get("win", (3, 3))
+    args = (u, u, u, other, win_h, win_w, change.get("valid", False), change.get("bins", 4),
+            change.get("bandwidth", 0.5), change.get("kernel", 0), 0, 1e-10, False)
+    with pytest.raises(error, match=match):
+        cpp.local_divergence_op(*args)

@@ -104,6 +104,36 @@ def output_shape(u: torch.Tensor, win_h: int, win_w: int, valid: bool):
     return (n, height - win_h + 1, width - win_w + 1) if valid else (n, height, width)
 
 
+def check_call(maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, cuda: bool):
+    """The checks of csrc/bindings.cpp, made in Python first.
+
+    The C++ checks stay (they guard direct calls of the module), but an exception thrown inside
+    the extension killed the process with a segmentation fault on one GPU image (torch 2.11 +
+    CUDA 13.0, extension built there; docs/cpp.md), so the ops never rely on them.
+    """
+    first = maps[0]
+    if first.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"entropy_kernels: maps must be float32 or float64, got {first.dtype}")
+    if first.dim() != 3:
+        raise ValueError(f"entropy_kernels: maps must be (N, H, W), got shape {tuple(first.shape)}")
+    for t in maps[1:]:
+        if (t.shape, t.dtype, t.device) != (first.shape, first.dtype, first.device):
+            raise ValueError(f"entropy_kernels: maps must share shape, dtype and device, got {tuple(t.shape)} "
+                             f"{t.dtype} {t.device} and {tuple(first.shape)} {first.dtype} {first.device}")
+    if win_h < 1 or win_w < 1:
+        raise ValueError(f"entropy_kernels: window sides must be >= 1, got {win_h}x{win_w}")
+    if valid and (win_h > first.shape[1] or win_w > first.shape[2]):
+        raise ValueError(f"entropy_kernels: a 'valid' window of {win_h}x{win_w} does not fit an image of "
+                         f"{first.shape[1]}x{first.shape[2]}")
+    if bins < 2 or (cuda and bins > CUDA_MAX_BINS):
+        limit = f" and <= {CUDA_MAX_BINS}" if cuda else ""
+        raise ValueError(f"entropy_kernels: bins must be >= 2{limit}, got {bins}")
+    if not bandwidth > 0:
+        raise ValueError(f"entropy_kernels: bandwidth must be > 0, got {bandwidth}")
+    if kernel not in KERNEL_IDS.values() or divergence not in DIVERGENCE_IDS.values():
+        raise ValueError(f"entropy_kernels: unknown kernel id {kernel} or divergence id {divergence}")
+
+
 def register(name: str, device_type: str, cuda: bool):
     """Define entropy_kernels::<name>_local_divergence (+ backward) served by the extension."""
 
@@ -119,6 +149,7 @@ def register(name: str, device_type: str, cuda: bool):
         win_h: int, win_w: int, valid: bool, bins: int, bandwidth: float, kernel: int, divergence: int, eps: float,
         with_grad: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_call((u_pred, m_pred, u_tgt, m_tgt), win_h, win_w, valid, bins, bandwidth, kernel, divergence, cuda)
         d, gu1, gm1 = ext().forward(
             u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad
         )
@@ -138,6 +169,12 @@ def register(name: str, device_type: str, cuda: bool):
         m_tgt: torch.Tensor, grad_u1: torch.Tensor, grad_m1: torch.Tensor, win_h: int, win_w: int, valid: bool,
         bins: int, bandwidth: float, kernel: int, divergence: int, eps: float,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        check_call((u_pred, m_pred, u_tgt, m_tgt), win_h, win_w, valid, bins, bandwidth, kernel, divergence, cuda)
+        expected = output_shape(u_pred, win_h, win_w, valid)
+        for what, t in (("D", d), ("grad_output", grad)):
+            if tuple(t.shape) != expected or t.dtype != u_pred.dtype or t.device != u_pred.device:
+                raise ValueError(f"entropy_kernels: {what} must be {expected} {u_pred.dtype} on {u_pred.device}, "
+                                 f"got {tuple(t.shape)} {t.dtype} {t.device}")
         gu, gm = ext().backward(
             grad, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1, win_h, win_w, valid, bins, bandwidth, kernel,
             divergence, eps,
