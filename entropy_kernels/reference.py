@@ -40,12 +40,16 @@ def kernel_values(v: torch.Tensor, bins: int, bandwidth: float, kernel: str) -> 
 def local_density(u, m, win_h, win_w, valid, bins, bandwidth, kernel) -> torch.Tensor:
     """P_c(i, j) for every window c: (N, L, L, Ho, Wo) (SPEC.md steps 3-4)."""
     n, height, width = u.shape
-    a = kernel_values(u, bins, bandwidth, kernel).permute(0, 3, 1, 2).contiguous()  # (N, L, H, W): intensity i
-    b = kernel_values(m, bins, bandwidth, kernel).permute(0, 3, 1, 2).contiguous()  # (N, L, H, W): neighbour j
-    # A plain (N, L*L, H, W) layout: einsum would return a channels-last view, and on CUDA the
-    # channels-last backward of avg_pool2d returned wrong gradients for L*L >= 1024 channels
-    # (H100, torch 2.11; docs/spec.md, Decisions).
-    joint = (a.unsqueeze(2) * b.unsqueeze(1)).reshape(n, bins * bins, height, width).contiguous()
+    a = kernel_values(u, bins, bandwidth, kernel)  # (N, H, W, L): intensity axis i
+    b = kernel_values(m, bins, bandwidth, kernel)  # (N, H, W, L): neighbour axis j
+    if u.is_cuda:
+        # A plain (N, L*L, H, W) layout on CUDA: there the channels-last backward of avg_pool2d
+        # returned wrong gradients (H100, torch 2.11; docs/spec.md, Decisions 10).
+        a, b = (t.permute(0, 3, 1, 2).contiguous() for t in (a, b))
+        joint = (a.unsqueeze(2) * b.unsqueeze(1)).reshape(n, bins * bins, height, width)
+    else:
+        # einsum gives a channels-last view, whose avg_pool2d is the fast one on the CPU (2x).
+        joint = torch.einsum("nhwi,nhwj->nijhw", a, b).reshape(n, bins * bins, height, width)
     pad = (0, 0) if valid else (win_h // 2, win_w // 2)
     # count_include_pad=False divides each window by its number of in-image pixels N_c.
     density = F.avg_pool2d(joint, (win_h, win_w), stride=1, padding=pad, count_include_pad=False)
