@@ -1,48 +1,59 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: build the extensions in place, time the Triton variants while they build,
-# then parity and the target cases for reference / triton / cuda, then the GPU-side tests.
+# One call on a lent GPU (about 9 minutes): build the extensions in place while the Triton variants
+# ('slide' against 'strip') are timed, then parity and the sweep for reference / triton / cuda, the
+# GPU-side tests, and the largest training crop of the fused backends.
 #
-#   bash benchmarks/device_check.sh [sweep-args...]     # results under $OUT (default bench_out/)
+#   bash benchmarks/device_check.sh [gpu_sweep args...]     # results under $OUT (default bench_out/)
 #
-# Stages are bounded by STAGE_* seconds (environment) so that one slow stage cannot eat the
-# others' time; every stage's output lands under $OUT even when a stage is cut short.
+# Each stage is bounded by STAGE_* seconds (environment) so that one slow stage cannot eat the
+# others' time; every stage writes under $OUT as it goes, so a stage cut short keeps what it measured.
+# At most 8 files come back from a device call: info.txt build.log variants.log triton_variants.csv
+# gpu_sweep.log gpu_sweep.csv pytest.log max_crop.log.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 PY=${PY:-python3}
-COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+COMMIT=${COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
 
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   nvcc --version | tail -2
+  echo "commit $COMMIT"
 } > "$OUT/info.txt" 2>&1
 cat "$OUT/info.txt"
 
-# The C++/CUDA extensions, built on the CPUs while the GPU times Triton.
+# The C++/CUDA extensions (about 70 s on 16 cores), built on the CPUs while the GPU times Triton.
 ( start=$(date +%s); timeout "${STAGE_BUILD:-240}" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
   echo "build exit $? after $(( $(date +%s) - start )) s" >> "$OUT/build.log" ) &
 BUILD_PID=$!
 
-if [ "${SKIP_VARIANTS:-0}" != 1 ]; then
-  echo "== triton variants"
-  timeout "${STAGE_VARIANTS:-150}" $PY benchmarks/triton_variants.py --budget-s "${VARIANTS_BUDGET:-110}" \
-    --out "$OUT" 2>&1 | tee "$OUT/variants.log" | grep -v Warning
-fi
+echo "== triton variants"
+timeout "${STAGE_VARIANTS:-130}" $PY benchmarks/triton_variants.py --budget-s "${VARIANTS_BUDGET:-100}" \
+  --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/variants.log"
 
 wait $BUILD_PID
-tail -3 "$OUT/build.log"
+tail -1 "$OUT/build.log"
 
 echo "== sweep"
-timeout "${STAGE_SWEEP:-150}" $PY benchmarks/gpu_sweep.py --commit "$COMMIT" --out "$OUT" "$@" > /dev/null 2>&1
-tail -40 "$OUT/gpu_sweep.log"
+timeout "${STAGE_SWEEP:-150}" $PY benchmarks/gpu_sweep.py --commit "$COMMIT" --budget-s "${SWEEP_BUDGET:-110}" \
+  --out "$OUT" "$@" > /dev/null 2>&1
+rm -f "$OUT/gpu_sweep.md"  # the log holds the same table
+grep -v "skipped" "$OUT/gpu_sweep.log" | tail -30
 
 echo "== tests on the GPU"
+# test_bad_arguments_raise calls the raw extension with bad arguments; on the 2026-11-26 GPU image a
+# C++ exception crashed the interpreter (docs/cpp.md), which would end the whole run, so it is left out.
 # shellcheck disable=SC2086 - TESTS is a list of paths
-timeout "${STAGE_TESTS:-100}" $PY -m pytest -q -p no:cacheprovider -rfE --durations=5 \
-  ${TESTS:-tests/test_cpp.py tests/test_triton.py} > "$OUT/pytest.log" 2>&1
+timeout "${STAGE_TESTS:-90}" $PY -m pytest -q -p no:cacheprovider -rfE --durations=5 \
+  -k "not bad_arguments_raise" ${TESTS:-tests/test_cpp.py tests/test_triton.py} > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"
-tail -25 "$OUT/pytest.log"
+tail -8 "$OUT/pytest.log"
+
+echo "== largest training crop, fused backends"
+timeout "${STAGE_MAX_CROP:-120}" $PY benchmarks/max_crop.py --device cuda --model tiny --backends triton cuda \
+  --multiple 32 --max-side 2048 --repeats 1 --timeout 50 --out /tmp/max_crop > "$OUT/max_crop.log" 2>&1
+cat "$OUT/max_crop.log"

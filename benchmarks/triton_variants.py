@@ -3,9 +3,10 @@
     python benchmarks/triton_variants.py                 # on a GPU
     TRITON_INTERPRET=1 python benchmarks/triton_variants.py --smoke   # the script itself, on CPU
 
-Each variant changes one thing against the default launch (docs/triton.md): the dot precision
-('ieee' default; 'tf32x3' and 'tf32' use tensor cores), libdevice math against Triton's fast
-exp/log (PRECISE_MATH), the strip length (per_strip), the pixel chunk (BLOCK_P) and num_warps.
+Each variant changes one thing against the default launch (docs/triton.md): the algorithm
+('slide', the default, or 'strip', the first design), the dot precision ('ieee' default; 'tf32x3'
+uses tensor cores), libdevice math against Triton's fast exp/log (PRECISE_MATH), the pixel chunk
+(BLOCK_P) and num_warps.
 For each it prints forward and forward+backward time (median of triton.testing.do_bench) at
 B=8, C=3, 128x128, bins 32, window 11, and the float32 error-bound ratios (RMS error against the
 float64 reference, over the reference's own float32 error; the rule wants <= 2) of D and of the
@@ -30,17 +31,14 @@ from entropy_kernels import reference  # noqa: E402
 from entropy_kernels.ops import triton_kde  # noqa: E402
 
 VARIANTS = [
-    ("default", {}),
-    ("fast-math", {"precise": False}),
-    ("tf32x3", {"precision": "tf32x3"}),
-    ("tf32x3+fast-math", {"precision": "tf32x3", "precise": False}),
-    ("tf32", {"precision": "tf32"}),
-    ("warps2", {"launch": {"num_warps": 2}}),
-    ("warps8", {"launch": {"num_warps": 8}}),
-    ("strip1-P64", {"launch": {"per_strip": 1, "BLOCK_P": 64}}),
-    ("strip8-P32", {"launch": {"per_strip": 8, "BLOCK_P": 32}}),
-    ("P16", {"launch": {"BLOCK_P": 16}}),
-    ("P64", {"launch": {"BLOCK_P": 64}}),
+    ("slide", {}),
+    ("slide-warps4", {"launch": {"num_warps": 4}}),
+    ("slide-fast-math", {"precise": False}),
+    ("slide-P32", {"launch": {"BLOCK_P": 32}}),
+    ("slide-tf32x3", {"precision": "tf32x3"}),
+    ("strip", {"algorithm": "strip"}),
+    ("strip-warps8", {"algorithm": "strip", "launch": {"num_warps": 8}}),
+    ("strip-fast-math", {"algorithm": "strip", "precise": False}),
 ]
 FIELDS = ["variant", "config", "fwd_ms", "fwd_bwd_ms", "ratio_D", "ratio_grad", "status"]
 
@@ -82,6 +80,7 @@ def rms(a, b):
 
 
 def apply(variant):
+    triton_kde.ALGORITHM = variant.get("algorithm", "slide")
     triton_kde.DOT_PRECISION = variant.get("precision", "ieee")
     triton_kde.PRECISE_MATH = variant.get("precise", True)
     triton_kde.LAUNCH_OVERRIDES.clear()
@@ -100,8 +99,9 @@ def main():
     bins, window = (8, 3) if args.smoke else (32, 11)
     big = _contract_inputs(1 if args.smoke else 24, 12 if args.smoke else 128, 0, torch.float32, device, bins)
     small64 = _contract_inputs(2 if args.smoke else 6, 9 if args.smoke else 48, 1, torch.float64, device, bins)
-    exact_d, exact_g = reference_run(small64, bins, window)
-    ref32_d, ref32_g = reference_run([x.float() for x in small64], bins, window)
+    cpu64 = [x.cpu() for x in small64]  # the float64 reference runs on the CPU (docs/spec.md, Decisions 10)
+    exact_d, exact_g = (x.to(device) for x in reference_run(cpu64, bins, window))
+    ref32_d, ref32_g = (x.to(device) for x in reference_run([x.float() for x in cpu64], bins, window))
     ref_err = (rms(ref32_d, exact_d), rms(ref32_g, exact_g))
     if args.smoke:
         def bench(fn):
@@ -128,7 +128,9 @@ def main():
             continue
         apply(variant)
         try:
-            row["config"] = " ".join(f"{k}={v}" for k, v in triton_kde._launch_config(window, window, 128, bins).items())
+            config = (triton_kde._slide_config(window, bins) if triton_kde.ALGORITHM == "slide"
+                      else triton_kde._launch_config(window, window, 128, bins))
+            row["config"] = triton_kde.ALGORITHM + " " + " ".join(f"{k}={v}" for k, v in config.items())
             d, g = run([x.float() for x in small64], bins, window, True)
             row["ratio_D"] = rms(d, exact_d) / max(ref_err[0], 1e-30)
             row["ratio_grad"] = rms(g, exact_g) / max(ref_err[1], 1e-30)

@@ -6,17 +6,22 @@ reaches global memory: a window's histogram A^T B (A, B the pixels x L separable
 a_p = K((u_p - i)/h)/h, b_p = K((m_p - j)/h)/h) is accumulated with ``tl.dot`` into an L x L
 register tile, for pred and target, and only the divergence D_c is written.
 
-One program owns a strip of T consecutive windows of one output row. The strip's core (the
-columns inside all T windows) is summed once; each window then adds only its own T - 1 columns,
-so a window costs core/T + (T - 1) columns instead of its full width, and every sum adds
-non-negative terms only. There is no subtractive sliding: a cell keeps its relative accuracy even
-when it is many orders of magnitude below the window's peak, which the log of KL needs.
+Two algorithms (``ALGORITHM``), both tested against the float64 reference:
 
-Backward recomputes the strip's histograms (as flash-attention recomputes attention) and forms
-G_c = g_c dD_c/dQ_c / N_c in registers. grad_u_p = a'_p^T G_c b_p and grad_m_p = a_p^T G_c b'_p
-are two more ``tl.dot`` per pixel chunk (B G^T and A G); the core pixels are visited once with
-the sum of the strip's G_c. Results are added into the image-sized gradient maps with atomics,
-whose order varies between GPU runs: gradients agree between runs within rounding, not bitwise.
+- 'slide' (default): one program per output row. The joint sums of one column of the window's
+  rows (a (LP x rows) x (rows x LP) ``tl.dot``) enter a float64 window state when the window
+  reaches the column and leave it, recomputed bit for bit, when the window passes it, so a window
+  costs two column sums per histogram. Backward slides two such states (the window entering
+  T(x) = sum of the G_c covering column x and the one leaving it) and gives every pixel of column x
+  a'_p^T T b_p and a_p^T T b'_p with two more dots. Same scheme as the CUDA and C++ backends.
+- 'strip': one program per strip of T consecutive windows of a row; the strip's core (the columns
+  inside all T windows) is summed once and each window adds its own T - 1 columns; no subtractive
+  sliding. Backward recomputes the strip's histograms (as flash-attention recomputes attention),
+  forms G_c, and adds B G^T and A G per pixel chunk. Measured at 109x the floor on an H100
+  (docs/triton.md); kept so that a GPU session can time both in one call.
+
+Gradients are added into the image-sized maps with atomics, whose order varies between GPU runs:
+they agree between runs within rounding, not bitwise.
 
 Extra memory: D (N, Ho, Wo) saved for backward, and the two gradient maps (N, H, W).
 
@@ -274,11 +279,225 @@ def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, grad_d, 
                    centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
 
 
+# ---- 'slide': one program per output row, windows slid along it (the CUDA backend's scheme) ----
+#
+# The joint sums of a column of the window's rows (A^T B over <= win_h pixels: one tl.dot) enter a
+# float64 window state when the window reaches the column and leave it, recomputed bit for bit, when
+# the window passes it, so a window costs two column sums per histogram instead of its ~win^2 pixels.
+# float64 keeps the add-then-subtract error near 1e-16 of the window's largest cell, far below eps
+# (docs/cpp.md has the argument; the CUDA and C++ backends use the same scheme). Non-finite pixels add
+# nothing to the sums; sliding counts of them (forward) and of poisoned windows (backward) give the
+# NaN results instead, so one NaN cannot spread along the row through the sliding state.
+
+
+@triton.jit
+def _is_finite(v):
+    return tl.abs(v) < float("inf")  # False for NaN and +-Inf
+
+
+@triton.jit
+def _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
+                 LP: tl.constexpr, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr,
+                 PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    """Target and pred joint sums sum_y a_y b_y^T over rows [row0, row0 + rows) of column x (LP x LP,
+    in the maps' dtype), and the number of non-finite pixels there, which add nothing."""
+    hp = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
+    hq = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
+    bad = rows * 0
+    for k0 in range(0, rows, BLOCK_P):
+        r = k0 + tl.arange(0, BLOCK_P)
+        inside = r < rows
+        offs = (n * H + row0 + r) * W + x
+        up = tl.load(u_pred + offs, mask=inside, other=0.0)
+        mp = tl.load(m_pred + offs, mask=inside, other=0.0)
+        ut = tl.load(u_tgt + offs, mask=inside, other=0.0)
+        mt = tl.load(m_tgt + offs, mask=inside, other=0.0)
+        finite = inside & _is_finite(up) & _is_finite(mp) & _is_finite(ut) & _is_finite(mt)
+        bad += tl.sum((inside & ~finite).to(tl.int32), axis=0)
+        keep = finite[:, None] & bin_ok[None, :]
+        a, _ = _kernel_vectors(up[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+        b, _ = _kernel_vectors(mp[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+        hq = tl.dot(tl.trans(tl.where(keep, a, 0.0)), tl.where(keep, b, 0.0), acc=hq, input_precision=PRECISION,
+                    out_dtype=hq.dtype)
+        a, _ = _kernel_vectors(ut[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+        b, _ = _kernel_vectors(mt[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+        hp = tl.dot(tl.trans(tl.where(keep, a, 0.0)), tl.where(keep, b, 0.0), acc=hp, input_precision=PRECISION,
+                    out_dtype=hp.dtype)
+    return hp, hq, bad
+
+
+@triton.jit
+def _slide_window(sp, sq, sbad, lo, hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h, centres,
+                  bin_ok, LP: tl.constexpr, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr,
+                  PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    """The float64 window state (sp, sq, sbad) over columns [lo, hi) moved to [first, end) (both ends
+    only move right): entering columns are added, leaving ones subtracted."""
+    for x in range(hi, end):
+        cp, cq, cbad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
+                                    LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+        sp += cp.to(tl.float64)
+        sq += cq.to(tl.float64)
+        sbad += cbad
+    for x in range(lo, first):
+        cp, cq, cbad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
+                                    LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+        sp -= cp.to(tl.float64)
+        sq -= cq.to(tl.float64)
+        sbad -= cbad
+    return sp, sq, sbad, tl.maximum(lo, first), tl.maximum(hi, end)
+
+
+@triton.jit
+def _row(pid, H, Ho, win_h, off_h):
+    """Image, output row and the image rows [row0, row0 + rows) of program pid's windows."""
+    ho = pid % Ho
+    n = pid // Ho
+    top = ho - off_h
+    row0 = tl.maximum(top, 0)
+    return n, ho, row0, tl.minimum(top + win_h, H) - row0
+
+
+@triton.jit
+def _kde_divergence_fwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_out, H, W, Ho, Wo, win_h, win_w, off_h,
+                              off_w, BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
+                              BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr,
+                              PRECISE_MATH: tl.constexpr):
+    n, ho, row0, rows = _row(tl.program_id(0), H, Ho, win_h, off_h)
+    h = tl.load(scalars)
+    eps = tl.load(scalars + 1)
+    bin_idx = tl.arange(0, LP)
+    centres = bin_idx.to(u_pred.dtype.element_ty)
+    bin_ok = bin_idx < BINS
+    cell_ok = bin_ok[:, None] & bin_ok[None, :]
+    sp = tl.zeros((LP, LP), dtype=tl.float64)
+    sq = tl.zeros((LP, LP), dtype=tl.float64)
+    sbad = rows * 0
+    lo = rows * 0
+    hi = rows * 0
+    for c in range(0, Wo):
+        first, end = _window_cols(c, W, win_w, off_w)
+        sp, sq, sbad, lo, hi = _slide_window(sp, sq, sbad, lo, hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n,
+                                             row0, rows, H, W, h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION,
+                                             PRECISE_MATH)
+        pixels = (rows * (end - first)).to(tl.float64)
+        p = (sp / pixels).to(u_pred.dtype.element_ty)
+        q = (sq / pixels).to(u_pred.dtype.element_ty)
+        d = _divergence(p, q, eps, cell_ok, DIVERGENCE, PRECISE_MATH)
+        d = tl.where(sbad > 0, float("nan"), d)
+        tl.store(d_out + (n * Ho + ho) * Wo + c, d)
+
+
+@triton.jit
+def _window_g(sp, sq, c, d_saved, grad_d, rows, first, end, eps, cell_ok, DIVERGENCE: tl.constexpr):
+    """(G_c = g_c dD/dQ / N_c, poisoned): poisoned windows (D or g_c not finite) give G = 0."""
+    pixels = (rows * (end - first)).to(tl.float64)
+    p = (sp / pixels).to(grad_d.dtype.element_ty)
+    q = (sq / pixels).to(grad_d.dtype.element_ty)
+    d = tl.load(d_saved + c)
+    g = tl.load(grad_d + c)
+    if DIVERGENCE == 0:
+        dq = _div(q - p, q + eps)
+    else:
+        root_q = _sqrt(q + eps)
+        dq = -_div(_sqrt(p + eps) - root_q, 4.0 * d * root_q)
+    healthy = _is_finite(d) & _is_finite(g)
+    # Padded cells are dropped so that eps = 0 cannot make 0/0 there.
+    G = tl.where(cell_ok, dq * _div(g, pixels.to(grad_d.dtype.element_ty)), 0.0)
+    return tl.where(healthy, G, 0.0), tl.where(healthy, 0, 1)
+
+
+@triton.jit
+def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, grad_d, grad_u, grad_m,
+                              H, W, Ho, Wo, win_h, win_w, off_h, off_w,
+                              BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
+                              BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr,
+                              PRECISE_MATH: tl.constexpr):
+    """T(x) = sum of G_c over this row's windows c that cover column x, slid along the row with two
+    window states (the window entering T and the one leaving it); then every pixel (y, x) of the
+    rows gets a'^T T b and a^T T b' (atomics: each pixel is under win_h output rows)."""
+    n, ho, row0, rows = _row(tl.program_id(0), H, Ho, win_h, off_h)
+    h = tl.load(scalars)
+    eps = tl.load(scalars + 1)
+    bin_idx = tl.arange(0, LP)
+    centres = bin_idx.to(u_pred.dtype.element_ty)
+    bin_ok = bin_idx < BINS
+    cell_ok = bin_ok[:, None] & bin_ok[None, :]
+    d_row = d_saved + (n * Ho + ho) * Wo
+    g_row = grad_d + (n * Ho + ho) * Wo
+    lead_p = tl.zeros((LP, LP), dtype=tl.float64)
+    lead_q = tl.zeros((LP, LP), dtype=tl.float64)
+    lag_p = tl.zeros((LP, LP), dtype=tl.float64)
+    lag_q = tl.zeros((LP, LP), dtype=tl.float64)
+    t_sum = tl.zeros((LP, LP), dtype=tl.float64)
+    zero = rows * 0
+    lead_bad = zero
+    lead_lo = zero
+    lead_hi = zero
+    lag_bad = zero
+    lag_lo = zero
+    lag_hi = zero
+    t_lo = zero
+    t_hi = zero
+    poison = zero
+    for x in range(0, W):
+        # The windows c covering column x: c - off_w <= x < c - off_w + win_w.
+        new_lo = tl.maximum(x + off_w - win_w + 1, 0)
+        new_hi = tl.minimum(x + off_w + 1, Wo)
+        for c in range(t_hi, new_hi):
+            first, end = _window_cols(c, W, win_w, off_w)
+            lead_p, lead_q, lead_bad, lead_lo, lead_hi = _slide_window(
+                lead_p, lead_q, lead_bad, lead_lo, lead_hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows,
+                H, W, h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+            G, bad = _window_g(lead_p, lead_q, c, d_row, g_row, rows, first, end, eps, cell_ok, DIVERGENCE)
+            t_sum += G.to(tl.float64)
+            poison += bad
+        for c in range(t_lo, new_lo):
+            first, end = _window_cols(c, W, win_w, off_w)
+            lag_p, lag_q, lag_bad, lag_lo, lag_hi = _slide_window(
+                lag_p, lag_q, lag_bad, lag_lo, lag_hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows,
+                H, W, h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+            G, bad = _window_g(lag_p, lag_q, c, d_row, g_row, rows, first, end, eps, cell_ok, DIVERGENCE)
+            t_sum -= G.to(tl.float64)
+            poison -= bad
+        t_lo = tl.maximum(t_lo, new_lo)
+        t_hi = tl.maximum(t_hi, new_hi)
+        t = tl.where(poison > 0, float("nan"), t_sum.to(u_pred.dtype.element_ty))
+        _add_gradients(t, grad_u, grad_m, u_pred, m_pred, n, row0, rows, x, x + 1, 0, 0, H, W, h,
+                       centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+
+
 _INTERPRETED = isinstance(_kde_divergence_fwd, InterpretedFunction)
 # libdevice expf/logf and IEEE division on the GPU (the interpreter has no libdevice).
 PRECISE_MATH = not _INTERPRETED
 # Benchmarks may pin launch parameters here (per_strip, BLOCK_P, num_warps) to compare variants.
 LAUNCH_OVERRIDES: dict = {}
+# 'slide' (default): one program per output row, windows slid along it; 'strip': the first design,
+# strips of windows each summed directly (measured at 109x the floor on an H100, docs/triton.md).
+ALGORITHM = "slide"
+ALGORITHMS = ("slide", "strip")
+
+
+def _slide_config(win_h: int, bins: int):
+    """Bins padded for tl.dot; pixel chunks of a column as short as tl.dot allows (16) for short windows."""
+    lp = max(16, triton.next_power_of_2(bins))
+    # 8 warps: the backward carries five float64 LP x LP tiles (two window states, T) in registers.
+    config = dict(BLOCK_P=16 if win_h <= 16 else 32, LP=lp, num_warps=8)
+    config.update({k: v for k, v in LAUNCH_OVERRIDES.items() if k in config})
+    return config
+
+
+def _launch(fwd: bool, args, win_h, win_w, n, ho, wo, bins, constants):
+    """Runs the forward or backward kernel of ALGORITHM on (args..., geometry) with the constexprs."""
+    if ALGORITHM not in ALGORITHMS:
+        raise ValueError(f"triton_kde.ALGORITHM must be one of {ALGORITHMS}, got {ALGORITHM!r}")
+    if ALGORITHM == "slide":
+        kernel = _kde_divergence_fwd_slide if fwd else _kde_divergence_bwd_slide
+        kernel[(n * ho,)](*args, **constants, **_slide_config(win_h, bins))
+    else:
+        config = _launch_config(win_h, win_w, wo, bins)
+        kernel = _kde_divergence_fwd if fwd else _kde_divergence_bwd
+        per_strip = config.pop("per_strip")
+        kernel[(n * ho * triton.cdiv(wo, per_strip),)](*args, per_strip, **constants, **config)
 
 
 def _launch_config(win_h: int, win_w: int, wo: int, bins: int):
@@ -303,6 +522,11 @@ def _launch_config(win_h: int, win_w: int, wo: int, bins: int):
     config.update(LAUNCH_OVERRIDES)
     config["per_strip"] = max(1, min(config["per_strip"], win_w, wo))  # a strip longer than a window has no core
     return config
+
+
+def _constants(bins, kernel, divergence):
+    return dict(BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
+                PRECISION=DOT_PRECISION, PRECISE_MATH=PRECISE_MATH and not _INTERPRETED)
 
 
 def _geometry(height, width, win_h, win_w, valid):
@@ -342,13 +566,9 @@ def triton_local_divergence(
     n, height, width = u_pred.shape
     ho, wo, off_h, off_w = _geometry(height, width, win_h, win_w, valid)
     d = torch.empty((n, ho, wo), dtype=u_pred.dtype, device=u_pred.device)
-    config = _launch_config(win_h, win_w, wo, bins)
-    _kde_divergence_fwd[(n * ho * triton.cdiv(wo, config["per_strip"]),)](
-        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d,
-        height, width, ho, wo, win_h, win_w, off_h, off_w,
-        BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
-        PRECISION=DOT_PRECISION, PRECISE_MATH=PRECISE_MATH and not _INTERPRETED, **config,
-    )
+    args = (u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d,
+            height, width, ho, wo, win_h, win_w, off_h, off_w)
+    _launch(True, args, win_h, win_w, n, ho, wo, bins, _constants(bins, kernel, divergence))
     return d
 
 
@@ -372,13 +592,9 @@ def triton_local_divergence_backward(
     ho, wo, off_h, off_w = _geometry(height, width, win_h, win_w, valid)
     grad_u = torch.zeros_like(u_pred)
     grad_m = torch.zeros_like(m_pred)
-    config = _launch_config(win_h, win_w, wo, bins)
-    _kde_divergence_bwd[(n * ho * triton.cdiv(wo, config["per_strip"]),)](
-        u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d.contiguous(), grad_d, grad_u, grad_m,
-        height, width, ho, wo, win_h, win_w, off_h, off_w,
-        BINS=bins, KERNEL=KERNEL_CODES[kernel], DIVERGENCE=DIVERGENCE_CODES[divergence],
-        PRECISION=DOT_PRECISION, PRECISE_MATH=PRECISE_MATH and not _INTERPRETED, **config,
-    )
+    args = (u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d.contiguous(),
+            grad_d, grad_u, grad_m, height, width, ho, wo, win_h, win_w, off_h, off_w)
+    _launch(False, args, win_h, win_w, n, ho, wo, bins, _constants(bins, kernel, divergence))
     return grad_u, grad_m
 
 
