@@ -7,7 +7,7 @@
 #
 # Each stage is bounded by STAGE_* seconds (environment) so that one slow stage cannot eat the
 # others' time; every stage writes under $OUT as it goes, so a stage cut short keeps what it measured.
-# At most 8 files come back from a device call: info.txt build.log variants.log triton_variants.csv
+# At most 8 files come back from a device call: info.txt variants.log triton_variants.csv matrix.log
 # gpu_sweep.log gpu_sweep.csv pytest.log max_crop.log.
 set -u
 cd "$(dirname "$0")/.."
@@ -36,7 +36,15 @@ timeout "${STAGE_VARIANTS:-130}" $PY benchmarks/triton_variants.py --budget-s "$
   --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/variants.log"
 
 wait $BUILD_PID
-tail -1 "$OUT/build.log"
+tail -5 "$OUT/build.log"
+rm -f "$OUT/build.log"  # its tail is above; at most 8 files come back
+
+echo "== parity grid of the compiled kernels (float32 too, bins 64 included, refusals bypassed)"
+for b in triton cuda; do
+  timeout "${STAGE_MATRIX:-45}" $PY benchmarks/backend_matrix.py --backend "$b" --dtype float32 --bins 17 32 64 \
+    --windows 3 11 --planes 6 --bandwidth 0.5 --size 23 29 2>&1
+done > "$OUT/matrix.log"
+grep -E "FAIL|worst" "$OUT/matrix.log"
 
 echo "== sweep"
 timeout "${STAGE_SWEEP:-150}" $PY benchmarks/gpu_sweep.py --commit "$COMMIT" --budget-s "${SWEEP_BUDGET:-110}" \
