@@ -62,6 +62,6 @@ echo "pytest exit $?"
 tail -8 "$OUT/pytest.log"
 
 echo "== largest training crop, fused backends"
-timeout "${STAGE_MAX_CROP:-120}" $PY benchmarks/max_crop.py --device cuda --model tiny --backends triton cuda \
+timeout "${STAGE_MAX_CROP:-120}" env -u OUT $PY benchmarks/max_crop.py --device cuda --model tiny --backends triton cuda \
   --multiple 32 --max-side 2048 --repeats 1 --timeout 50 --out /tmp/max_crop > "$OUT/max_crop.log" 2>&1
 cat "$OUT/max_crop.log"
