@@ -66,3 +66,23 @@ def test_bad_inputs(pred, target, error, match):
 def test_unavailable_backend_says_why():
     with pytest.raises(ValueError, match="backend='cuda'"):
         loss(X, X, backend="cuda")
+
+
+def test_auto_on_cuda_prefers_the_cuda_extension_then_triton(monkeypatch):
+    """The order measured on an H100 (docs/results.md): cuda, then triton, then the reference; a
+    skipped backend is named with its reason. Simulated: no GPU is needed to test the choice."""
+    from entropy_kernels import backends
+
+    unavailable = set()
+    monkeypatch.setattr(backends, "not_supported_reasons",
+                        lambda name, device, dtype, bins: ["not built here"] if name in unavailable else [])
+    monkeypatch.setattr(backends, "_warned", set())
+    cuda = torch.device("cuda")
+    assert backends.select("auto", cuda, torch.float32, 32) is backends._load("cuda")[0]
+    unavailable.add("cuda")
+    with pytest.warns(UserWarning, match=r"uses 'triton'.*cuda unavailable \(not built here\)"):
+        chosen = backends.select("auto", cuda, torch.float32, 32)
+    assert chosen is backends._load("triton")[0]
+    unavailable.add("triton")
+    with pytest.warns(UserWarning, match="uses 'reference'"):
+        assert backends.select("auto", cuda, torch.float32, 32) is backends._load("reference")[0]
