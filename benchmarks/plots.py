@@ -110,6 +110,11 @@ def plot_max_crop(folders: list, out: Path) -> list:
     return written
 
 
+def _window_text(window) -> str:
+    """11.0 (a CSV number) as '11'; '1,3,5' unchanged."""
+    return f"{window:g}" if isinstance(window, float) else str(window)
+
+
 def plot_bench(paths: list, out: Path) -> list:
     rows = []
     for path in paths:
@@ -127,11 +132,14 @@ def plot_bench(paths: list, out: Path) -> list:
     first = rows[0] if rows else {}
     for ax, label in zip(axes, ("loss forward+backward (ms)", "peak memory increase (MiB)")):
         ax.set(xscale="log", yscale="log", xlabel="image side (px)", ylabel=label)
+        sides_all = sorted({r["H"] for r in rows})
+        ax.set_xticks(sides_all, [f"{v:g}" for v in sides_all])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"the loss alone: B={first.get('B', '?'):g}, C={first.get('C', '?'):g}, "
                  f"bins {first.get('bins', '?'):g}, "
-                 f"window {first.get('window', '?')}", fontsize=10)
+                 f"window {_window_text(first.get('window', '?'))}", fontsize=10)
     fig.text(0.01, -0.02, _caption(info), fontsize=7)
     return [save(fig, out / "bench_loss.png")]
 
