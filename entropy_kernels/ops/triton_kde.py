@@ -156,27 +156,33 @@ def _pixel_chunk(n, row0, rows, a0, a1, b0, b1, k0, H, W, BLOCK_P: tl.constexpr)
 
 
 @triton.jit
+def _add_chunk(hp, hq, up, mp, ut, mt, keep, h, centres, KERNEL: tl.constexpr, PRECISION: tl.constexpr,
+               PRECISE_MATH: tl.constexpr):
+    """hp + A_t^T B_t and hq + A_p^T B_p for a chunk of pixels (values (P,), keep (P, LP))."""
+    a, _ = _kernel_vectors(up[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+    b, _ = _kernel_vectors(mp[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+    hq = tl.dot(tl.trans(tl.where(keep, a, 0.0)), tl.where(keep, b, 0.0), acc=hq, input_precision=PRECISION,
+                out_dtype=hq.dtype)
+    a, _ = _kernel_vectors(ut[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+    b, _ = _kernel_vectors(mt[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
+    hp = tl.dot(tl.trans(tl.where(keep, a, 0.0)), tl.where(keep, b, 0.0), acc=hp, input_precision=PRECISION,
+                out_dtype=hp.dtype)
+    return hp, hq
+
+
+@triton.jit
 def _add_histograms(hp, hq, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, a0, a1, b0, b1, H, W, h,
                     centres, bin_ok, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr,
                     PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
     """hp + sum_p a_p b_p^T over the region for the target, hq + the same for pred (LP x LP)."""
     for k0 in range(0, rows * (a1 - a0 + b1 - b0), BLOCK_P):
         offs, inside = _pixel_chunk(n, row0, rows, a0, a1, b0, b1, k0, H, W, BLOCK_P)
-        keep = inside[:, None] & bin_ok[None, :]
         up = tl.load(u_pred + offs, mask=inside, other=0.0)
         mp = tl.load(m_pred + offs, mask=inside, other=0.0)
         ut = tl.load(u_tgt + offs, mask=inside, other=0.0)
         mt = tl.load(m_tgt + offs, mask=inside, other=0.0)
-        a, _ = _kernel_vectors(up[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
-        b, _ = _kernel_vectors(mp[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
-        a = tl.where(keep, a, 0.0)
-        b = tl.where(keep, b, 0.0)
-        hq = tl.dot(tl.trans(a), b, acc=hq, input_precision=PRECISION, out_dtype=hq.dtype)
-        a, _ = _kernel_vectors(ut[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
-        b, _ = _kernel_vectors(mt[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
-        a = tl.where(keep, a, 0.0)
-        b = tl.where(keep, b, 0.0)
-        hp = tl.dot(tl.trans(a), b, acc=hp, input_precision=PRECISION, out_dtype=hp.dtype)
+        hp, hq = _add_chunk(hp, hq, up, mp, ut, mt, inside[:, None] & bin_ok[None, :], h, centres, KERNEL,
+                            PRECISION, PRECISE_MATH)
     return hp, hq
 
 
@@ -314,15 +320,8 @@ def _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centre
         mt = tl.load(m_tgt + offs, mask=inside, other=0.0)
         finite = inside & _is_finite(up) & _is_finite(mp) & _is_finite(ut) & _is_finite(mt)
         bad += tl.sum((inside & ~finite).to(tl.int32), axis=0)
-        keep = finite[:, None] & bin_ok[None, :]
-        a, _ = _kernel_vectors(up[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
-        b, _ = _kernel_vectors(mp[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
-        hq = tl.dot(tl.trans(tl.where(keep, a, 0.0)), tl.where(keep, b, 0.0), acc=hq, input_precision=PRECISION,
-                    out_dtype=hq.dtype)
-        a, _ = _kernel_vectors(ut[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
-        b, _ = _kernel_vectors(mt[:, None], centres[None, :], h, False, KERNEL, PRECISE_MATH)
-        hp = tl.dot(tl.trans(tl.where(keep, a, 0.0)), tl.where(keep, b, 0.0), acc=hp, input_precision=PRECISION,
-                    out_dtype=hp.dtype)
+        hp, hq = _add_chunk(hp, hq, up, mp, ut, mt, finite[:, None] & bin_ok[None, :], h, centres, KERNEL,
+                            PRECISION, PRECISE_MATH)
     return hp, hq, bad
 
 
@@ -407,6 +406,19 @@ def _window_g(sp, sq, c, d_saved, grad_d, rows, first, end, eps, cell_ok, DIVERG
 
 
 @triton.jit
+def _window_at(sp, sq, sbad, lo, hi, c, d_row, g_row, eps, cell_ok, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows,
+               H, W, win_w, off_w, h, centres, bin_ok, LP: tl.constexpr, KERNEL: tl.constexpr,
+               DIVERGENCE: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
+               PRECISE_MATH: tl.constexpr):
+    """A window state moved to window c, and that window's (G_c, poisoned)."""
+    first, end = _window_cols(c, W, win_w, off_w)
+    sp, sq, sbad, lo, hi = _slide_window(sp, sq, sbad, lo, hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n, row0,
+                                         rows, H, W, h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+    G, bad = _window_g(sp, sq, c, d_row, g_row, rows, first, end, eps, cell_ok, DIVERGENCE)
+    return sp, sq, sbad, lo, hi, G, bad
+
+
+@triton.jit
 def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, grad_d, grad_u, grad_m,
                               H, W, Ho, Wo, win_h, win_w, off_h, off_w,
                               BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
@@ -444,19 +456,17 @@ def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, gr
         new_lo = tl.maximum(x + off_w - win_w + 1, 0)
         new_hi = tl.minimum(x + off_w + 1, Wo)
         for c in range(t_hi, new_hi):
-            first, end = _window_cols(c, W, win_w, off_w)
-            lead_p, lead_q, lead_bad, lead_lo, lead_hi = _slide_window(
-                lead_p, lead_q, lead_bad, lead_lo, lead_hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows,
-                H, W, h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
-            G, bad = _window_g(lead_p, lead_q, c, d_row, g_row, rows, first, end, eps, cell_ok, DIVERGENCE)
+            lead_p, lead_q, lead_bad, lead_lo, lead_hi, G, bad = _window_at(
+                lead_p, lead_q, lead_bad, lead_lo, lead_hi, c, d_row, g_row, eps, cell_ok, u_pred, m_pred, u_tgt,
+                m_tgt, n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP, KERNEL, DIVERGENCE, BLOCK_P,
+                PRECISION, PRECISE_MATH)
             t_sum += G.to(tl.float64)
             poison += bad
         for c in range(t_lo, new_lo):
-            first, end = _window_cols(c, W, win_w, off_w)
-            lag_p, lag_q, lag_bad, lag_lo, lag_hi = _slide_window(
-                lag_p, lag_q, lag_bad, lag_lo, lag_hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows,
-                H, W, h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
-            G, bad = _window_g(lag_p, lag_q, c, d_row, g_row, rows, first, end, eps, cell_ok, DIVERGENCE)
+            lag_p, lag_q, lag_bad, lag_lo, lag_hi, G, bad = _window_at(
+                lag_p, lag_q, lag_bad, lag_lo, lag_hi, c, d_row, g_row, eps, cell_ok, u_pred, m_pred, u_tgt,
+                m_tgt, n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP, KERNEL, DIVERGENCE, BLOCK_P,
+                PRECISION, PRECISE_MATH)
             t_sum -= G.to(tl.float64)
             poison -= bad
         t_lo = tl.maximum(t_lo, new_lo)
