@@ -132,12 +132,28 @@ class ConditionalNAFNet(nn.Module):
             chan //= 2
             self.decoders.append(Stage(chan, count, time_dim))
         self.multiple = 2 ** len(enc_blocks)
+        self.preconditioned = False
+
+    def set_preconditioning(self, c_in: torch.Tensor, c_skip: torch.Tensor, c_out: torch.Tensor) -> "ConditionalNAFNet":
+        """Predict eps_hat = c_skip[t] (x_t - mu) + c_out[t] F(mu + c_in[t] (x_t - mu), mu, t), F being
+        the network (tables indexed by t, from `IRSDE.preconditioning`). Not saved in the state dict:
+        the tables follow from the configuration."""
+        for name, table in (("c_in", c_in), ("c_skip", c_skip), ("c_out", c_out)):
+            self.register_buffer(name, table.float(), persistent=False)
+        self.preconditioned = True
+        return self
+
+    def _coefficient(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name)[t].reshape(-1, 1, 1, 1)
 
     def forward(self, x_t: torch.Tensor, mu: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         height, width = x_t.shape[-2:]
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
         time = self.time_embedding(t)
-        x = torch.cat([x_t - mu, mu], dim=1)
+        residual = x_t - mu
+        if self.preconditioned:
+            residual = residual * self._coefficient("c_in", t).to(residual.dtype)
+        x = torch.cat([residual, mu], dim=1)
         pad_h, pad_w = -height % self.multiple, -width % self.multiple
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")  # valid for any size, unlike reflect
         x = self.intro(x)
@@ -149,7 +165,25 @@ class ConditionalNAFNet(nn.Module):
         x = self.middle(x, time)
         for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
             x = decoder(up(x) + skip, time)
-        return self.ending(x)[..., :height, :width]
+        out = self.ending(x)[..., :height, :width]
+        if self.preconditioned:
+            c_skip, c_out = (self._coefficient(name, t).to(out.dtype) for name in ("c_skip", "c_out"))
+            out = c_skip * (x_t - mu).to(out.dtype) + c_out * out
+        return out
+
+
+def build_noise_network(model_cfg: dict, sde) -> ConditionalNAFNet:
+    """The network of a run's `model` configuration: `preset`, size overrides, and `sigma_data`
+    (a number: preconditioned by `sde.preconditioning(sigma_data)`; absent or null: the plain
+    noise network of the paper)."""
+    model_cfg = dict(model_cfg)
+    sigma_data = model_cfg.pop("sigma_data", None)
+    network = build_network(model_cfg.pop("preset"), **model_cfg)
+    if sigma_data is not None:
+        if not float(sigma_data) > 0:
+            raise ValueError(f"model.sigma_data must be a positive number or null, got {sigma_data!r}")
+        network.set_preconditioning(*sde.preconditioning(float(sigma_data)))
+    return network
 
 
 def build_network(preset: str = "tiny", **overrides) -> ConditionalNAFNet:

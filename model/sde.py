@@ -109,6 +109,26 @@ class IRSDE:
         sigmabar, growth = self.marginal_std(t), torch.exp(self._at("thetabar", t) * self.dt)
         return mu + (x_t - mu - sigmabar.to(x_t.dtype) * noise_pred) * growth.to(x_t.dtype)
 
+    def preconditioning(self, sigma_data: float):
+        """(c_in, c_skip, c_out), each (T + 1,) float64, for a network that predicts the noise as
+        eps_hat = c_skip (x_t - mu) + c_out F(mu + c_in (x_t - mu), mu, t).
+
+        x_t - mu = B r + sigmabar eps with B = exp(-thetabar_t dt) and r = x_0 - mu, whose RMS is
+        taken to be ``sigma_data``. c_in scales x_t - mu to unit RMS; c_skip is the best linear
+        estimate of eps from x_t - mu (sigmabar / v^2, v^2 = B^2 sigma_data^2 + sigmabar^2); c_out is
+        the RMS of what that estimate leaves (B sigma_data / v), so F's target has unit RMS at every t
+        (EDM's preconditioning, applied to the IR-SDE's noise). At t = T the skip alone is almost the
+        answer and F's errors are scaled down by c_out ~ B sigma_data / lambda; the plain noise network
+        must learn the factor 1 / sigmabar_t itself. t = 0 (never an input) gets zeros.
+        """
+        b = torch.exp(-self.thetabar * self.dt)
+        v = torch.sqrt(b**2 * sigma_data**2 + self.sigmabar**2)
+        c_in = 1 / v
+        c_skip = self.sigmabar / v**2
+        c_out = b * sigma_data / v
+        c_skip[0] = c_out[0] = 0.0
+        return c_in, c_skip, c_out
+
     def noisy_start(self, mu: torch.Tensor, generator=None) -> torch.Tensor:
         """x_T = mu + lambda * N(0, I)."""
         return mu + self.max_sigma * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import IRSDE, build_network
+from model import IRSDE, build_network, build_noise_network
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,45 @@ def test_preset_parameter_counts(preset, millions):
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match="paper"):
         build_network("huge")
+
+
+@pytest.mark.parametrize("t", [1, 10, 50, 100])
+def test_preconditioning_is_the_linear_estimate_of_the_noise(sde, t):
+    """With x_t - mu = B r + sigmabar eps, r of RMS sigma_data: c_in (x_t - mu) has unit RMS, c_skip (x_t - mu)
+    is the least-squares linear estimate of eps, and what it leaves has RMS c_out."""
+    sigma_data = 0.3
+    c_in, c_skip, c_out = (float(c[t]) for c in sde.preconditioning(sigma_data))
+    b, sigmabar = math.exp(-float(sde.thetabar[t]) * sde.dt), float(sde.sigmabar[t])
+    gen = torch.Generator().manual_seed(t)
+    r = sigma_data * torch.randn(400_000, generator=gen, dtype=torch.float64)
+    eps = torch.randn(400_000, generator=gen, dtype=torch.float64)
+    y = b * r + sigmabar * eps
+    assert float((c_in * y).pow(2).mean().sqrt()) == pytest.approx(1.0, rel=0.01)
+    best = float((y * eps).mean() / (y * y).mean())  # least squares fit of eps on y
+    standard_error = c_out / (c_in**-1 * math.sqrt(y.numel()))  # of that fit's slope
+    assert abs(c_skip - best) < 5 * standard_error
+    assert float((eps - c_skip * y).pow(2).mean().sqrt()) == pytest.approx(c_out, rel=0.01)
+
+
+def test_preconditioned_network_wraps_the_plain_one(sde):
+    torch.manual_seed(0)
+    plain = build_noise_network({"preset": "tiny", "width": 8}, sde)
+    wrapped = build_noise_network({"preset": "tiny", "width": 8, "sigma_data": 0.4}, sde)
+    wrapped.load_state_dict(plain.state_dict())  # the tables are not in the state dict
+    assert set(plain.state_dict()) == set(wrapped.state_dict())
+    for p in plain.parameters():  # the zero-initialised residual scales would hide the blocks
+        p.data.add_(0.1 * torch.randn_like(p))
+    wrapped.load_state_dict(plain.state_dict())
+    x_t, mu = torch.rand(2, 2, 3, 13, 9).unbind(0)
+    t = torch.tensor([3, 97])
+    c_in, c_skip, c_out = (c[t].reshape(-1, 1, 1, 1).float() for c in sde.preconditioning(0.4))
+    with torch.no_grad():
+        expected = c_skip * (x_t - mu) + c_out * plain(mu + c_in * (x_t - mu), mu, t)
+        got = wrapped(x_t, mu, t)
+    assert float((expected - c_skip * (x_t - mu)).abs().max()) > 0.01  # the network's part is not negligible
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sigma_data_must_be_positive(sde):
+    with pytest.raises(ValueError, match="model.sigma_data must be a positive number or null, got -1"):
+        build_noise_network({"preset": "tiny", "sigma_data": -1}, sde)

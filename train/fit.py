@@ -25,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from entropy_kernels import SpatialEntropyLoss
-from model import IRSDE, build_network
+from model import IRSDE, build_noise_network
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import save_config
@@ -161,8 +161,7 @@ def fit(config: dict, resume=None) -> dict:
 
     # SDE and network
     sde = IRSDE(**config["sde"], device=device)
-    model_cfg = dict(config["model"])
-    network = build_network(model_cfg.pop("preset"), **model_cfg).to(device)
+    network = build_noise_network(config["model"], sde).to(device)
     ema = copy.deepcopy(network).requires_grad_(False)
     trained = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else network
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import IRSDE, build_network
+from model import IRSDE, build_noise_network
 
 from .checkpoint import load_checkpoint
 from .data import IMAGE_SUFFIXES, DataError, list_images, read_image, write_image
@@ -24,10 +24,10 @@ def load_for_sampling(checkpoint, device="cpu"):
     """(EMA network in eval mode, IRSDE, config) from a checkpoint, loaded with weights_only=True."""
     state = load_checkpoint(checkpoint, device)
     config = state["config"]
-    model_cfg = dict(config["model"])
-    network = build_network(model_cfg.pop("preset"), **model_cfg)
+    sde = IRSDE(**config["sde"], device=device)
+    network = build_noise_network(config["model"], sde)
     network.load_state_dict(state["ema"])
-    return network.to(device).eval(), IRSDE(**config["sde"], device=device), config
+    return network.to(device).eval(), sde, config
 
 
 def enhance_image(network, sde, low: torch.Tensor, device, sample_cfg: dict, seed: int = 0) -> torch.Tensor:
