@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from model import IRSDE, build_network
+from model import IRSDE, build_network, build_noise_network
 from train import fit as fit_module
 from train.__main__ import main
 from train.config import load_config
 from train.data import DataError, RandomCrops, make_demo_dataset, pair_folders, read_image, split_pairs
 from train.fit import TrainingLoss, fit, load_checkpoint, save_checkpoint, step_loss
+from train.inference import load_for_sampling
 from train.metrics import psnr, ssim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    summary = fit(tiny_config(data_root, out, "train.val_every=3"))
+    summary = fit(tiny_config(data_root, out, "train.val_every=3", "model.sigma_data=0.3"))
     return Path(summary["checkpoint"])
 
 
@@ -133,6 +134,9 @@ def test_checkpoint_is_written_atomically_and_loads_weights_only(tmp_path):
 def test_checkpoint_and_log_contents(checkpoint):
     state = load_checkpoint(checkpoint)
     assert state["step"] == 6 and state["config"]["model"]["width"] == 8
+    assert not any(name.startswith("c_") for name in state["ema"])  # preconditioning follows from the config
+    network, sde, _ = load_for_sampling(checkpoint)
+    torch.testing.assert_close(network.c_skip, sde.preconditioning(0.3)[1].float())
     records = [json.loads(l) for l in open(checkpoint.parent.parent / "log.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "val_psnr" in r] == [3, 6]
@@ -202,6 +206,16 @@ def test_unknown_config_key_is_an_error():
     with pytest.raises(ValueError, match="train.stepz"):
         load_config(None, ["train.stepz=3"])
     assert load_config(None, ["loss=l1"])["loss"]["weights"] == {"l1": 1.0}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_build(path):
+    config = load_config(path)
+    sde = IRSDE(**config["sde"])
+    with torch.device("meta"):
+        network = build_noise_network(config["model"], sde)
+    assert network.preconditioned == (config["model"].get("sigma_data") is not None)
+    TrainingLoss(config["loss"], torch.Generator())
 
 
 def test_demo_dataset_is_made_once(tmp_path):
