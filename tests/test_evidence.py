@@ -142,7 +142,7 @@ def test_two_step_ablation_end_to_end(tmp_path, monkeypatch):
     heldout = ablation.make_heldout_set(tmp_path / "heldout", side=32, extra=0)
     assert sorted(p.name for p in (heldout / "low").iterdir()) == ["chelsea.png", "coffee.png", "grace_hopper.png"]
     profile = dict(steps=2, crop=16, batch=2, bins=8, window=3, lr=1e-3, sample_steps=2, threads=1,
-                   entropy_backend="reference")
+                   entropy_backend="reference", sigma_data=0.3)
     (tmp_path / "out" / "runs").mkdir(parents=True)
     arms = ["l1", "entropy"]
     runs = [ablation.run_one(arm, 0, heldout, tmp_path / "out", profile) for arm in arms]
@@ -197,7 +197,7 @@ def test_arms_become_train_configs_that_differ_only_in_the_loss():
     from train.config import load_config
 
     profile = dict(steps=7, crop=16, batch=2, bins=8, window=3, lr=1e-3, sample_steps=2, threads=1,
-                   entropy_backend="reference")
+                   entropy_backend="reference", sigma_data=0.3)
     configs = {arm: load_config(None, ablation.fit_overrides(arm, 3, Path("/tmp/x"), profile)) for arm in ablation.ARMS}
     assert configs["l1"]["loss"]["weights"] == {"l1": 1.0}
     assert configs["entropy"]["loss"]["weights"] == {"entropy": 1.0}
@@ -205,8 +205,11 @@ def test_arms_become_train_configs_that_differ_only_in_the_loss():
     assert configs["entropy"]["loss"]["entropy"] == {"bins": 8, "window": 3, "backend": "reference"}
     assert configs["entropy-noclamp"]["loss"]["entropy"] == {"bins": 8, "window": 3, "backend": "reference",
                                                              "clamp": False}
+    plain = load_config(None, ablation.fit_overrides("l1", 3, Path("/tmp/x"), dict(profile, sigma_data=0)))
+    assert plain["model"]["sigma_data"] is None  # --sigma-data 0: the paper's plain noise network
     for config in configs.values():
         assert (config["seed"], config["train"]["steps"], config["data"]["crop"]) == (3, 7, 16)
+        assert config["model"]["sigma_data"] == 0.3
         others = {k: v for k, v in config.items() if k != "loss"}
         assert others == {k: v for k, v in configs["l1"].items() if k != "loss"}
 
