@@ -47,6 +47,7 @@ ARMS = {
     "entropy": {"weights": {"entropy": 1.0}},
     "entropy-noclamp": {"weights": {"entropy": 1.0}, "entropy": {"clamp": False}},
     "l1+entropy": {"weights": {"l1": 1.0, "entropy": 1.0}},
+    "l1+entropy-noclamp": {"weights": {"l1": 1.0, "entropy": 1.0}, "entropy": {"clamp": False}},
 }
 DEFAULT_ARMS = ("l1", "entropy", "l1+entropy")
 HELDOUT_VERSION = "1"

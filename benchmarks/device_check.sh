@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (about 9 minutes): build the extensions in place while the Triton variants
 # ('slide' against 'strip') are timed, then parity and the sweep for reference / triton / cuda, the
-# GPU-side tests, and the largest training crop of the fused backends.
+# GPU-side tests, the largest training crop of the fused backends, and a short GPU training run
+# (train fit with mixed precision, the demo's network and loss on the GPU backends).
 #
 #   bash benchmarks/device_check.sh [gpu_sweep args...]     # results under $OUT (default bench_out/)
 #
 # Each stage is bounded by STAGE_* seconds (environment) so that one slow stage cannot eat the
 # others' time; every stage writes under $OUT as it goes, so a stage cut short keeps what it measured.
 # At most 8 files come back from a device call: info.txt variants.log triton_variants.csv matrix.log
-# gpu_sweep.log gpu_sweep.csv pytest.log max_crop.log.
+# gpu_sweep.log gpu_sweep.csv pytest.log max_crop.log (the training run's tail is appended to it).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -62,6 +63,13 @@ echo "pytest exit $?"
 tail -8 "$OUT/pytest.log"
 
 echo "== largest training crop, fused backends"
-timeout "${STAGE_MAX_CROP:-120}" env -u OUT $PY benchmarks/max_crop.py --device cuda --model tiny --backends triton cuda \
+timeout "${STAGE_MAX_CROP:-100}" env -u OUT $PY benchmarks/max_crop.py --device cuda --model tiny --backends triton cuda \
   --multiple 32 --max-side 2048 --repeats 1 --timeout 50 --out /tmp/max_crop > "$OUT/max_crop.log" 2>&1
 cat "$OUT/max_crop.log"
+
+echo "== training on the GPU: 200 steps of the demo (bfloat16 autocast, backend auto), then its evaluation"
+{ echo "== train fit on the GPU"
+  timeout "${STAGE_FIT:-50}" env -u OUT $PY -m train fit --config configs/demo.yaml out_dir=/tmp/fit_gpu \
+    train.steps=200 train.threads=null train.log_every=50 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -12
+  echo "fit exit ${PIPESTATUS[0]}"; } >> "$OUT/max_crop.log"
+tail -14 "$OUT/max_crop.log"
