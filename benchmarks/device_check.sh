@@ -57,10 +57,12 @@ echo "== tests on the GPU"
 # test_bad_arguments_raise calls the raw extension with bad arguments; on the 2026-11-26 GPU image a
 # C++ exception crashed the interpreter (docs/cpp.md), which would end the whole run, so it is left out.
 # shellcheck disable=SC2086 - TESTS is a list of paths
-timeout "${STAGE_TESTS:-90}" $PY -m pytest -q -p no:cacheprovider -rfE --durations=5 \
+timeout "${STAGE_TESTS:-80}" $PY -m pytest -q -p no:cacheprovider -rfE --durations=5 \
   -k "not bad_arguments_raise" ${TESTS:-tests/test_cpp.py tests/test_triton.py} > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"
 tail -8 "$OUT/pytest.log"
+echo "== python -m entropy_kernels.check --device cuda (appended to pytest.log)"
+timeout "${STAGE_CHECK:-40}" $PY -m entropy_kernels.check --device cuda 2>&1 | grep -v Warning | tee -a "$OUT/pytest.log"
 
 echo "== largest training crop, fused backends"
 timeout "${STAGE_MAX_CROP:-100}" env -u OUT $PY benchmarks/max_crop.py --device cuda --model tiny --backends triton cuda \
