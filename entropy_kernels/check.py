@@ -122,9 +122,9 @@ def loss_options(args) -> dict:
     return opts
 
 
-def run(backend_names: Sequence[str], device: torch.device, args, out=print) -> Optional[bool]:
-    """Runs every check for every named backend; True when all pass, None when none could run."""
-    opts = loss_options(args)
+def run(backend_names: Sequence[str], device: torch.device, args, opts: dict, out=print) -> Optional[bool]:
+    """Runs every check for every named backend with the loss keywords `opts` (`loss_options`);
+    True when all pass, None when none could run."""
     ran, passed = False, True
     for name in backend_names:
         reasons = backends.not_supported_reasons(name, device, torch.float64, args.bins)
@@ -168,14 +168,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
-        loss_options(args)
+        opts = loss_options(args)
     except (RuntimeError, ValueError) as exc:
         parser.error(str(exc))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: torch.cuda.is_available() is False")
         return 2
     names = args.backends or [n for n in backends.MODULES if n != "reference"]
-    result = run(names, device, args)
+    result = run(names, device, args, opts)
     if result is None:
         print(f"no backend could run on {device.type}")
         return 2

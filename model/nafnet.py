@@ -151,9 +151,8 @@ class ConditionalNAFNet(nn.Module):
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
         time = self.time_embedding(t)
         residual = x_t - mu
-        if self.preconditioned:
-            residual = residual * self._coefficient("c_in", t).to(residual.dtype)
-        x = torch.cat([residual, mu], dim=1)
+        scale = self._coefficient("c_in", t).to(residual.dtype) if self.preconditioned else 1
+        x = torch.cat([residual * scale, mu], dim=1)
         pad_h, pad_w = -height % self.multiple, -width % self.multiple
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")  # valid for any size, unlike reflect
         x = self.intro(x)
@@ -168,7 +167,7 @@ class ConditionalNAFNet(nn.Module):
         out = self.ending(x)[..., :height, :width]
         if self.preconditioned:
             c_skip, c_out = (self._coefficient(name, t).to(out.dtype) for name in ("c_skip", "c_out"))
-            out = c_skip * (x_t - mu).to(out.dtype) + c_out * out
+            out = c_skip * residual.to(out.dtype) + c_out * out
         return out
 
 
