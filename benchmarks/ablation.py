@@ -5,9 +5,10 @@
 
 For every seed, `python -m train fit` trains the same network from the same initialisation on
 the same crops (the seed fixes both) with `loss.weights={l1: 1}`, with `loss.weights={entropy: 1}`
-and with both at 1:1 (the default arms; --arms picks others); only the loss differs. The network is
-preconditioned (`model.sigma_data`, as the demo; --sigma-data 0 trains the paper's plain one). Training data is the train package's demo
-set: low-light pairs synthesised from scikit-image photographs. `python -m train evaluate` then
+and with both at 1:1 (the default arms; --arms picks others); only the loss differs. The network
+is preconditioned (`model.sigma_data`, as the demo; --sigma-data 0 trains the paper's plain one).
+Training data is the train package's demo set: low-light pairs synthesised from scikit-image
+photographs. `python -m train evaluate` then
 enhances a held-out set of photographs that no run trained on: the demo set's test split
 (chelsea, coffee), matplotlib's grace_hopper and, where the Debian package mate-backgrounds is
 installed, its nature photographs, all synthesised to low light the same way, with a fixed seed.
