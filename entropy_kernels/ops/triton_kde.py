@@ -222,17 +222,22 @@ def _divergence(p, q, eps, cell_ok, DIVERGENCE: tl.constexpr, PRECISE_MATH: tl.c
 
 
 @triton.jit
+def _kernel_setup(scalars, u_pred, BINS: tl.constexpr, LP: tl.constexpr):
+    """(bandwidth, eps, bin centres, valid bins, valid cells): what every kernel starts with."""
+    h = tl.load(scalars)
+    eps = tl.load(scalars + 1)
+    bin_idx = tl.arange(0, LP)
+    bin_ok = bin_idx < BINS
+    return h, eps, bin_idx.to(u_pred.dtype.element_ty), bin_ok, bin_ok[:, None] & bin_ok[None, :]
+
+
+@triton.jit
 def _kde_divergence_fwd(u_pred, m_pred, u_tgt, m_tgt, scalars, d_out, H, W, Ho, Wo, win_h, win_w, off_h, off_w,
                         per_strip, BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
                         BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
     n, ho, wo0, count, row0, rows, core_lo, core_hi = _strip(tl.program_id(0), H, W, Ho, Wo, win_h, win_w,
                                                              off_h, off_w, per_strip)
-    h = tl.load(scalars)
-    eps = tl.load(scalars + 1)
-    bin_idx = tl.arange(0, LP)
-    centres = bin_idx.to(u_pred.dtype.element_ty)
-    bin_ok = bin_idx < BINS
-    cell_ok = bin_ok[:, None] & bin_ok[None, :]
+    h, eps, centres, bin_ok, cell_ok = _kernel_setup(scalars, u_pred, BINS, LP)
     zero = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
     hp_core, hq_core = _add_histograms(zero, zero, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, core_lo, core_hi,
                                        0, 0, H, W, h, centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
@@ -252,12 +257,7 @@ def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, grad_d, 
                         BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
     n, ho, wo0, count, row0, rows, core_lo, core_hi = _strip(tl.program_id(0), H, W, Ho, Wo, win_h, win_w,
                                                              off_h, off_w, per_strip)
-    h = tl.load(scalars)
-    eps = tl.load(scalars + 1)
-    bin_idx = tl.arange(0, LP)
-    centres = bin_idx.to(u_pred.dtype.element_ty)
-    bin_ok = bin_idx < BINS
-    cell_ok = bin_ok[:, None] & bin_ok[None, :]
+    h, eps, centres, bin_ok, cell_ok = _kernel_setup(scalars, u_pred, BINS, LP)
     zero = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
     hp_core, hq_core = _add_histograms(zero, zero, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, core_lo, core_hi,
                                        0, 0, H, W, h, centres, bin_ok, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
@@ -362,12 +362,7 @@ def _kde_divergence_fwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_out, H, W
                               BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr,
                               PRECISE_MATH: tl.constexpr):
     n, ho, row0, rows = _row(tl.program_id(0), H, Ho, win_h, off_h)
-    h = tl.load(scalars)
-    eps = tl.load(scalars + 1)
-    bin_idx = tl.arange(0, LP)
-    centres = bin_idx.to(u_pred.dtype.element_ty)
-    bin_ok = bin_idx < BINS
-    cell_ok = bin_ok[:, None] & bin_ok[None, :]
+    h, eps, centres, bin_ok, cell_ok = _kernel_setup(scalars, u_pred, BINS, LP)
     sp = tl.zeros((LP, LP), dtype=tl.float64)
     sq = tl.zeros((LP, LP), dtype=tl.float64)
     sbad = rows * 0
@@ -428,12 +423,7 @@ def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, gr
     window states (the window entering T and the one leaving it); then every pixel (y, x) of the
     rows gets a'^T T b and a^T T b' (atomics: each pixel is under win_h output rows)."""
     n, ho, row0, rows = _row(tl.program_id(0), H, Ho, win_h, off_h)
-    h = tl.load(scalars)
-    eps = tl.load(scalars + 1)
-    bin_idx = tl.arange(0, LP)
-    centres = bin_idx.to(u_pred.dtype.element_ty)
-    bin_ok = bin_idx < BINS
-    cell_ok = bin_ok[:, None] & bin_ok[None, :]
+    h, eps, centres, bin_ok, cell_ok = _kernel_setup(scalars, u_pred, BINS, LP)
     d_row = d_saved + (n * Ho + ho) * Wo
     g_row = grad_d + (n * Ho + ho) * Wo
     lead_p = tl.zeros((LP, LP), dtype=tl.float64)
