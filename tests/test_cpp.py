@@ -97,6 +97,33 @@ def test_contract_parity_float64(cpp, device, case):
     assert_close_f64(gm, gm_ref)
 
 
+# CPU-only layouts of the backward's scratch: bins above 64 (the contraction in strips of 64
+# bins), a global window over a tall image (kernel factors computed per column instead of kept
+# per row), and a plane split into several row items.
+CPU_CASES = [
+    (1, 6, 5, 70, 3, 3, False, "gaussian", "kl"),
+    (1, 70, 3, 4, 70, 3, True, "logistic", "kl"),
+    (2, 70, 4, 5, 3, 5, False, "logistic", "hellinger"),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
+def test_contract_parity_float64_cpu_layouts(cpp, case):
+    n, height, width, bins, win_h, win_w, valid, kernel, divergence = case
+    args = (win_h, win_w, valid, bins, 0.5, kernel, divergence, 1e-10)
+    maps = random_maps(n, height, width, bins)
+    d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args)
+    d, gu, gm, _ = values_and_grads(cpp, maps, args, g)
+    assert_close_f64(d, d_ref)
+    assert_close_f64(gu, gu_ref)
+    assert_close_f64(gm, gm_ref)
+    # and the forward's own gradient (grad_output uniform), which the backward rescales
+    d1, gu1, gm1, _ = values_and_grads(cpp, maps, args, torch.full_like(d, 0.75))
+    _, gu1_ref, gm1_ref, _ = values_and_grads(reference, maps, args, torch.full_like(d, 0.75))
+    assert_close_f64(gu1, gu1_ref)
+    assert_close_f64(gm1, gm1_ref)
+
+
 def _err(x, ref):
     return (x.double() - ref).abs().max().item()
 
