@@ -89,19 +89,6 @@ inline void kernel_deriv_row(T v, T h, int L, T* __restrict da) {
 template <typename T>
 inline bool finite_pixel(T u, T m) { return std::isfinite(u) && std::isfinite(m); }
 
-// acc += a_add b_add^T - a_sub b_sub^T (an L x L row-major matrix). The b factors come in
-// double (converted once per pixel, not once per cell).
-template <typename T>
-inline void rank1_slide(double* __restrict acc, const T* __restrict a_add, const double* __restrict b_add,
-                        const T* __restrict a_sub, const double* __restrict b_sub, int L) {
-  for (int i = 0; i < L; ++i) {
-    const double ai = a_add[i], si = a_sub[i];
-    double* __restrict row = acc + (int64_t)i * L;
-#pragma omp simd
-    for (int j = 0; j < L; ++j) row[j] += ai * b_add[j] - si * b_sub[j];
-  }
-}
-
 // acc += add - sub over n cells.
 template <typename S>
 inline void slide(double* __restrict acc, const S* __restrict add, const S* __restrict sub, int n) {
@@ -109,203 +96,265 @@ inline void slide(double* __restrict acc, const S* __restrict add, const S* __re
   for (int k = 0; k < n; ++k) acc[k] += (double)add[k] - (double)sub[k];
 }
 
-// Per-column joint histograms (pred: q, target: p) of the image rows [lo, hi) of one plane.
-// A column catches up with the band lazily, when a window first takes it in, so that its
-// update and its addition to the window happen while it is in L1.
+// Joint histograms (target: p, pred: q) of the windows of one output row at a time.
+//
+// The window c of row r is a running sum along the row of per-window differences:
+// W(r, c) = sum over c' <= c of D_r(c'), where D_r(c) is the sum of the column histograms (over
+// the band of image rows [lo(r), hi(r))) of the columns that window c adds to window c - 1, minus
+// those it drops (D_r(0) is the first window itself). Away from the image's edges D_r(c) is one
+// column minus another. Each D(c) is kept from row to row; when window c is reached it is brought
+// to the new band by the rank-1 kernel products a b^T of the pixels that enter and leave it (two
+// columns x two rows: four per density), added to the window and normalised, all in one pass over
+// the cells. That pass reads and writes one L x L state per density (D(c)) besides the window
+// itself, which stays in L1; a band of column histograms would be read twice and written once.
+//
+// Why double: a sliding sum that adds and later subtracts a value carries an absolute error of
+// about (unit round-off) x (largest value in the sum). In float that is ~1e-7, which would swamp
+// cells of a few 1e-10 (eps) that the logs see. In double it is ~1e-16, far below eps, and the
+// kernel products of float inputs are exact in double, so what is added is exactly what is later
+// subtracted.
 template <typename T, int Kind>
-struct BandHistograms {
+struct RowWindows {
   const Problem& pb;
   const T *up = nullptr, *mp = nullptr, *ut = nullptr, *mt = nullptr;
-  int L, L2, lo = 0, hi = 0;
-  std::vector<double> p, q;                 // width x L2 each
-  std::vector<int> col_lo, col_hi;          // the rows each column holds now
-  std::vector<T> factors;                   // 8 vectors of L: pred/target x add/sub x (a, b)
-  std::vector<double> bd;                   // the 4 b vectors of `factors` in double
+  int L, L2, F, lo = 0, hi = 0, row = -1;
+  std::vector<double> dp, dq;    // cols.out x L2: D(c)
+  std::vector<int> d_lo, d_hi;   // the band each D(c) holds now (empty when equal)
+  std::vector<double> wp, wq;    // the window last reached
+  std::vector<T> pn, qn, terms;  // its cells / N in the compute type; per-cell terms of D
+  // Kernel factors (a, b of pred, then a, b of target: F = 4 L doubles per pixel) of the rows
+  // entering and leaving the band at this row, for every column; of single pixels otherwise.
+  std::vector<double> rows_f, pix_f, zeros;
+  int row_in = -1, row_out = -1;
+  std::vector<T> tmp;
 
-  explicit BandHistograms(const Problem& pb_)
-      : pb(pb_), L(pb_.bins), L2(pb_.bins * pb_.bins), p((size_t)pb_.width * L2), q((size_t)pb_.width * L2),
-        col_lo(pb_.width), col_hi(pb_.width), factors(8 * (size_t)L), bd(4 * (size_t)L) {}
+  explicit RowWindows(const Problem& pb_)
+      : pb(pb_), L(pb_.bins), L2(pb_.bins * pb_.bins), F(4 * pb_.bins), dp((size_t)pb_.cols.out * L2),
+        dq((size_t)pb_.cols.out * L2), d_lo(pb_.cols.out), d_hi(pb_.cols.out), wp(L2), wq(L2), pn(L2), qn(L2),
+        terms(L2), rows_f(2 * (size_t)pb_.width * F), pix_f(4 * (size_t)F), zeros(F, 0.0), tmp(2 * (size_t)L) {}
 
-  // Start on one plane (pred maps up, mp; target maps ut, mt) with an empty band. The storage is
-  // reused from item to item.
+  // Start on one plane (pred maps up, mp; target maps ut, mt). The storage is reused from item
+  // to item.
   void start(const T* up_, const T* mp_, const T* ut_, const T* mt_) {
     up = up_;
     mp = mp_;
     ut = ut_;
     mt = mt_;
-    std::fill(p.begin(), p.end(), 0.0);
-    std::fill(q.begin(), q.end(), 0.0);
-    std::fill(col_lo.begin(), col_lo.end(), 0);
-    std::fill(col_hi.begin(), col_hi.end(), 0);
-    lo = hi = 0;
+    std::fill(d_lo.begin(), d_lo.end(), 0);
+    std::fill(d_hi.begin(), d_hi.end(), 0);
+    row_in = row_out = -1;
   }
 
-  // Kernel factors of pixel (y, x) of one image into (a, b); the zero vector when y < 0 or
-  // when the pixel is not finite.
-  void pixel(const T* u, const T* m, int y, int x, T* a, T* b) {
+  // Factors of pixel (y, x) into dst; zero for a pixel that is not finite (it contributes
+  // nothing to the sums; the windows that contain it are made NaN from a summed-area table).
+  void compute_factors(int y, int x, double* __restrict dst) {
     const T h = (T)pb.bandwidth;
-    if (y >= 0) {
-      const int64_t at = (int64_t)y * pb.width + x;
-      if (finite_pixel(u[at], m[at])) {
-        kernel_row<Kind>(u[at], h, L, a);
-        kernel_row<Kind>(m[at], h, L, b);
-        return;
+    const int64_t at = (int64_t)y * pb.width + x;
+    T *ta = tmp.data(), *tb = ta + L;
+    for (int img = 0; img < 2; ++img) {
+      const T u = (img == 0 ? up : ut)[at], m = (img == 0 ? mp : mt)[at];
+      double* d = dst + img * 2 * L;
+      if (!finite_pixel(u, m)) {
+        std::fill(d, d + 2 * L, 0.0);
+        continue;
+      }
+      kernel_row<Kind>(u, h, L, ta);
+      kernel_row<Kind>(m, h, L, tb);
+#pragma omp simd
+      for (int j = 0; j < L; ++j) {
+        d[j] = (double)ta[j];
+        d[L + j] = (double)tb[j];
       }
     }
-    std::fill(a, a + L, T(0));
-    std::fill(b, b + L, T(0));
   }
 
-  void move_to(int new_lo, int new_hi) {
-    lo = new_lo;
-    hi = new_hi;
+  // Factors of pixel (y, x) (zeros for y < 0: no pixel), from the cached rows or computed into
+  // scratch slot `slot` (0..3).
+  const double* factors(int y, int x, int slot) {
+    if (y < 0) return zeros.data();
+    if (y == row_in) return rows_f.data() + (int64_t)x * F;
+    if (y == row_out) return rows_f.data() + ((int64_t)pb.width + x) * F;
+    double* d = pix_f.data() + (int64_t)slot * F;
+    compute_factors(y, x, d);
+    return d;
   }
 
-  // Bring column x to the rows [lo, hi): add the entering rows, remove the leaving ones. With
-  // leave_last, the last of these steps is not applied; its factors stay in `factors` and `bd`
-  // for the caller to apply (fused_step), and the return value says whether there was one.
-  bool refresh(int x, bool leave_last = false) {
-    int &cl = col_lo[x], &ch = col_hi[x];
-    if (cl == ch) cl = ch = lo;
-    const int n_add = std::max(0, hi - ch), n_sub = std::max(0, lo - cl), steps = std::max(n_add, n_sub);
-    T* f = factors.data();
-    for (int k = 0; k < steps; ++k) {
-      const int y_add = k < n_add ? ch + k : -1, y_sub = k < n_sub ? cl + k : -1;
-      pixel(up, mp, y_add, x, f, f + L);
-      pixel(up, mp, y_sub, x, f + 2 * L, f + 3 * L);
-      pixel(ut, mt, y_add, x, f + 4 * L, f + 5 * L);
-      pixel(ut, mt, y_sub, x, f + 6 * L, f + 7 * L);
-      double* g = bd.data();
-      for (int v = 0; v < 4; ++v) {
-        const T* src = f + (2 * v + 1) * L;
-#pragma omp simd
-        for (int j = 0; j < L; ++j) g[v * L + j] = (double)src[j];
+  // Begin output row r: its band of image rows, and the factors of the rows that enter and
+  // leave the band when it moves down by one.
+  void begin_row(int r) {
+    row = r;
+    lo = pb.rows.lo(r);
+    hi = pb.rows.hi(r);
+    if (hi - 1 != row_in) {
+      row_in = -1;  // not valid while being filled
+      for (int x = 0; x < pb.width; ++x) compute_factors(hi - 1, x, rows_f.data() + (int64_t)x * F);
+      row_in = hi - 1;
+    }
+    if (lo - 1 != row_out) {
+      row_out = -1;
+      if (lo >= 1) {
+        for (int x = 0; x < pb.width; ++x) compute_factors(lo - 1, x, rows_f.data() + ((int64_t)pb.width + x) * F);
+        row_out = lo - 1;
       }
-      if (leave_last && k == steps - 1) break;
-      rank1_slide(q.data() + (int64_t)x * L2, f, g, f + 2 * L, g + L, L);
-      rank1_slide(p.data() + (int64_t)x * L2, f + 4 * L, g + 2 * L, f + 6 * L, g + 3 * L, L);
+    }
+  }
+
+  // D(c) += sign (a_add b_add^T - a_sub b_sub^T) for both densities; f_*: factors (see F).
+  void rank1(int c, const double* __restrict f_add, const double* __restrict f_sub, double sign) {
+    for (int img = 0; img < 2; ++img) {
+      double* dd = (img == 0 ? dq : dp).data() + (int64_t)c * L2;
+      const double *aa = f_add + img * 2 * L, *ba = aa + L, *as = f_sub + img * 2 * L, *bs = as + L;
+      for (int i = 0; i < L; ++i) {
+        const double ai = sign * aa[i], si = sign * as[i];
+        double* __restrict rowp = dd + (int64_t)i * L;
+#pragma omp simd
+        for (int j = 0; j < L; ++j) rowp[j] += ai * ba[j] - si * bs[j];
+      }
+    }
+  }
+
+  // Window c of the current row into pn, qn (cells / N, inv_n = 1 / N); windows must be reached in
+  // the order c = 0, 1, 2, ... in every row.
+  void window(int c, double inv_n) {
+    const Axis& ax = pb.cols;
+    // Columns window c adds to window c - 1, and those it drops.
+    const int a0 = c == 0 ? ax.lo(0) : ax.hi(c - 1), a1 = ax.hi(c);
+    const int s0 = c == 0 ? 0 : ax.lo(c - 1), s1 = c == 0 ? 0 : ax.lo(c);
+    int& cl = d_lo[c];
+    int& ch = d_hi[c];
+    double *dpc = dp.data() + (int64_t)c * L2, *dqc = dq.data() + (int64_t)c * L2;
+    if (cl == ch) {  // empty: start from the band's top
+      cl = ch = lo;
+      std::fill(dpc, dpc + L2, 0.0);
+      std::fill(dqc, dqc + L2, 0.0);
+    }
+    const int n_add = std::max(0, hi - ch), n_sub = std::max(0, lo - cl), steps = std::max(n_add, n_sub);
+    if (c > 0 && steps == 1 && a1 - a0 <= 1 && s1 - s0 <= 1) {
+      // The common case, fused: D(c) += the four rank-1 products, window += D(c), cells / N.
+      const int y_add = n_add ? ch : -1, y_sub = n_sub ? cl : -1;
+      const bool has_a = a1 > a0, has_s = s1 > s0;
+      const double* fia = has_a ? factors(y_add, a0, 0) : zeros.data();
+      const double* foa = has_a ? factors(y_sub, a0, 1) : zeros.data();
+      const double* fis = has_s ? factors(y_add, s0, 2) : zeros.data();
+      const double* fos = has_s ? factors(y_sub, s0, 3) : zeros.data();
+      fused_step(dpc, dqc, fia, foa, fis, fos, inv_n);
+    } else {
+      for (int k = 0; k < steps; ++k) {
+        const int y_add = k < n_add ? ch + k : -1, y_sub = k < n_sub ? cl + k : -1;
+        for (int x = a0; x < a1; ++x) rank1(c, factors(y_add, x, 0), factors(y_sub, x, 1), 1.0);
+        for (int x = s0; x < s1; ++x) rank1(c, factors(y_add, x, 0), factors(y_sub, x, 1), -1.0);
+      }
+      double *xp = wp.data(), *xq = wq.data();
+      T *pp = pn.data(), *qq = qn.data();
+      const double keep = c == 0 ? 0.0 : 1.0;  // window 0 is D(0) itself
+#pragma omp simd
+      for (int k = 0; k < L2; ++k) {
+        const double np = keep * xp[k] + dpc[k], nq = keep * xq[k] + dqc[k];
+        xp[k] = np;
+        xq[k] = nq;
+        pp[k] = (T)(np * inv_n);
+        qq[k] = (T)(nq * inv_n);
+      }
     }
     cl = lo;
     ch = hi;
-    return leave_last && steps > 0;
-  }
-};
-
-// Sum of f(k, P_k, Q_k) over the cells of a window (P, Q: the window's raw sums). f may also
-// write per-cell outputs (G).
-template <class F>
-inline double sum_cells(const double* __restrict wp, const double* __restrict wq, int L2, F f) {
-  double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-  for (int k = 0; k < L2; ++k) sum += f(k, wp[k], wq[k]);
-  return sum;
-}
-
-// One window step fused with the use of its cells, in a single pass over them: the window adds
-// the entering column (ap, aq; zeros when none) and drops the leaving one (sp, sq), with the
-// arithmetic of slide, and f sees each updated cell.
-template <class F>
-inline double fused_step(double* __restrict wp, double* __restrict wq, const double* __restrict ap,
-                         const double* __restrict aq, const double* __restrict sp, const double* __restrict sq,
-                         int L2, F f) {
-  double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-  for (int k = 0; k < L2; ++k) {
-    const double np = wp[k] + (ap[k] - sp[k]), nq = wq[k] + (aq[k] - sq[k]);
-    wp[k] = np;
-    wq[k] = nq;
-    sum += f(k, np, nq);
-  }
-  return sum;
-}
-
-// Joint histograms of one window, slid across the columns of a band.
-struct WindowSums {
-  int L2, lo = 0, hi = 0;
-  std::vector<double> p, q, zeros;
-  explicit WindowSums(int L2_) : L2(L2_), p(L2_, 0.0), q(L2_, 0.0), zeros(L2_, 0.0) {}
-
-  void reset(int at) {
-    std::fill(p.begin(), p.end(), 0.0);
-    std::fill(q.begin(), q.end(), 0.0);
-    lo = hi = at;
   }
 
-  // Columns entering the window are refreshed first; the leaving ones were refreshed when they
-  // entered, in this same row. Steps [k0, k1) of the move to [new_lo, new_hi).
-  template <typename Band>
-  void steps(int new_lo, int new_hi, Band& band, int k0, int k1) {
-    const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo);
-    for (int k = k0; k < k1; ++k) {
-      if (k < n_add) band.refresh(hi + k);
-      const double* zp = zeros.data();
-      const int64_t xa = k < n_add ? (int64_t)(hi + k) * L2 : -1, xs = k < n_sub ? (int64_t)(lo + k) * L2 : -1;
-      slide(p.data(), xa >= 0 ? band.p.data() + xa : zp, xs >= 0 ? band.p.data() + xs : zp, L2);
-      slide(q.data(), xa >= 0 ? band.q.data() + xa : zp, xs >= 0 ? band.q.data() + xs : zp, L2);
+  // One pass over the cells: D(c) (dpc, dqc) takes the products of the pixels entering (i) and
+  // leaving (o) the band in the added (a) and dropped (s) columns, the window adds D(c), and its
+  // cells / N go to pn, qn.
+  void fused_step(double* __restrict dpc, double* __restrict dqc, const double* __restrict fia,
+                  const double* __restrict foa, const double* __restrict fis, const double* __restrict fos,
+                  double inv_n) {
+    double *__restrict xp = wp.data(), *__restrict xq = wq.data();
+    T *__restrict pp = pn.data(), *__restrict qq = qn.data();
+    // b vectors: pred at offset L, target at 3 L.
+    const double *qbia = fia + L, *qboa = foa + L, *qbis = fis + L, *qbos = fos + L;
+    const double *pbia = fia + 3 * L, *pboa = foa + 3 * L, *pbis = fis + 3 * L, *pbos = fos + 3 * L;
+    for (int i = 0; i < L; ++i) {
+      const double qia = fia[i], qoa = foa[i], qis = fis[i], qos = fos[i];
+      const double pia = fia[2 * L + i], poa = foa[2 * L + i], pis = fis[2 * L + i], pos = fos[2 * L + i];
+      const int64_t o = (int64_t)i * L;
+#pragma omp simd
+      for (int j = 0; j < L; ++j) {
+        const double dq_ = dqc[o + j] + ((qia * qbia[j] - qoa * qboa[j]) - (qis * qbis[j] - qos * qbos[j]));
+        const double dp_ = dpc[o + j] + ((pia * pbia[j] - poa * pboa[j]) - (pis * pbis[j] - pos * pbos[j]));
+        dqc[o + j] = dq_;
+        dpc[o + j] = dp_;
+        const double nq = xq[o + j] + dq_, np = xp[o + j] + dp_;
+        xq[o + j] = nq;
+        xp[o + j] = np;
+        qq[o + j] = (T)(nq * inv_n);
+        pp[o + j] = (T)(np * inv_n);
+      }
     }
   }
 
-  template <typename Band>
-  void move_to(int new_lo, int new_hi, Band& band) {
-    steps(new_lo, new_hi, band, 0, std::max(std::max(0, new_hi - hi), std::max(0, new_lo - lo)));
-    lo = new_lo;
-    hi = new_hi;
+  // D of the window from pn, qn (each term in T, summed in double).
+  T divergence(T eps, int kind) {
+    T* __restrict t = terms.data();
+    const T *__restrict pp = pn.data(), *__restrict qq = qn.data();
+    if (kind == kKL) {
+#pragma omp simd
+      for (int k = 0; k < L2; ++k) t[k] = kl_term(pp[k], qq[k], eps);
+    } else {
+#pragma omp simd
+      for (int k = 0; k < L2; ++k) t[k] = hellinger_term(pp[k], qq[k], eps);
+    }
+    const double sum = sum_terms();
+    return kind == kKL ? (T)sum : hellinger_finish((T)sum, eps);
   }
 
-  // move_to, then the sum of f(k, P_k, Q_k) over the cells (see sum_cells), with the last step
-  // of the move and of the entering column's band update done in the same pass as f.
-  template <typename Band, class F>
-  double move_and_sum(int new_lo, int new_hi, Band& band, F f) {
-    const int n_add = std::max(0, new_hi - hi), n_sub = std::max(0, new_lo - lo), n = std::max(n_add, n_sub);
-    if (n == 0) return sum_cells(p.data(), q.data(), L2, f);
-    steps(new_lo, new_hi, band, 0, n - 1);
-    const int k = n - 1;
-    const double* z = zeros.data();
-    const bool add = k < n_add, sub = k < n_sub;
-    if (add) band.refresh(hi + k);
-    const int64_t xa = (int64_t)(hi + k) * L2, xs = (int64_t)(lo + k) * L2;
-    const double sum = fused_step(p.data(), q.data(), add ? band.p.data() + xa : z, add ? band.q.data() + xa : z,
-                                  sub ? band.p.data() + xs : z, sub ? band.q.data() + xs : z, L2, f);
-    lo = new_lo;
-    hi = new_hi;
+  // KL's D and, in one pass over the cells, gc = coef dD/dQ.
+  T kl_divergence_and_grad(T eps, T coef, T* __restrict gc) {
+    T* __restrict t = terms.data();
+    const T *__restrict pp = pn.data(), *__restrict qq = qn.data();
+#pragma omp simd
+    for (int k = 0; k < L2; ++k) {
+      T dq_;
+      t[k] = kl_term_dq(pp[k], qq[k], eps, &dq_);
+      gc[k] = coef * dq_;
+    }
+    return (T)sum_terms();
+  }
+
+  // gc = coef dD/dQ (d: the window's D, which Hellinger's derivative needs).
+  void grad(T eps, T coef, T d, int kind, T* __restrict gc) {
+    const T *__restrict pp = pn.data(), *__restrict qq = qn.data();
+    if (kind == kKL) {
+#pragma omp simd
+      for (int k = 0; k < L2; ++k) gc[k] = coef * kl_dq(pp[k], qq[k], eps);
+    } else {
+#pragma omp simd
+      for (int k = 0; k < L2; ++k) gc[k] = coef * hellinger_dq(pp[k], qq[k], eps, d);
+    }
+  }
+
+  double sum_terms() const {
+    const T* __restrict t = terms.data();
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int k = 0; k < L2; ++k) sum += (double)t[k];
     return sum;
   }
 };
 
-// Moves the window to the columns [x0, x1) and returns its D (inv_n: 1 / pixels in the window).
-template <typename T, typename Band>
-T move_and_divergence(WindowSums& win, int x0, int x1, Band& band, double inv_n, T eps, int divergence) {
-  if (divergence == kKL)
-    return (T)win.move_and_sum(x0, x1, band, [=](int64_t, double p, double q) {
-      return (double)kl_term((T)(p * inv_n), (T)(q * inv_n), eps);
-    });
-  const double sum = win.move_and_sum(x0, x1, band, [=](int64_t, double p, double q) {
-    return (double)hellinger_term((T)(p * inv_n), (T)(q * inv_n), eps);
-  });
-  return hellinger_finish((T)sum, eps);
-}
-
 // Forward for the output rows [r0, r1) of one plane.
 template <typename T, int Kind>
-void forward_rows(const Problem& pb, BandHistograms<T, Kind>& band, WindowSums& win, const T* up, const T* mp,
-                  const T* ut, const T* mt, const int32_t* bad_sat, T* d, int r0, int r1) {
-  band.start(up, mp, ut, mt);
+void forward_rows(const Problem& pb, RowWindows<T, Kind>& win, const T* up, const T* mp, const T* ut, const T* mt,
+                  const int32_t* bad_sat, T* d, int r0, int r1) {
+  win.start(up, mp, ut, mt);
   const T eps = (T)pb.eps;
   const int stride = pb.width + 1;
   for (int r = r0; r < r1; ++r) {
     const int y0 = pb.rows.lo(r), y1 = pb.rows.hi(r);
-    band.move_to(y0, y1);
-    win.reset(pb.cols.lo(0));
+    win.begin_row(r);
     for (int c = 0; c < pb.cols.out; ++c) {
       const int x0 = pb.cols.lo(c), x1 = pb.cols.hi(c);
-      T* out = d + (int64_t)r * pb.cols.out + c;
-      if (rect_count(bad_sat, stride, y0, y1, x0, x1) > 0) {
-        win.move_to(x0, x1, band);
-        *out = std::numeric_limits<T>::quiet_NaN();
-        continue;
-      }
-      const double inv_n = 1.0 / ((double)(y1 - y0) * (x1 - x0));
-      *out = move_and_divergence<T>(win, x0, x1, band, inv_n, eps, pb.divergence);
+      win.window(c, 1.0 / ((double)(y1 - y0) * (x1 - x0)));
+      d[(int64_t)r * pb.cols.out + c] = rect_count(bad_sat, stride, y0, y1, x0, x1) > 0
+                                            ? std::numeric_limits<T>::quiet_NaN()
+                                            : win.divergence(eps, pb.divergence);
     }
   }
 }
@@ -389,23 +438,21 @@ inline void bilinear_forms(const double* t, int L, int Lp, int n, const double* 
 // Scratch of the backward pass, allocated once per thread and reused by its items.
 template <typename T, int Kind>
 struct BackwardScratch {
-  BandHistograms<T, Kind> band;
-  WindowSums win;
+  RowWindows<T, Kind> win;
   int Lp;            // bins rounded up to a multiple of 8 (the padded row length of T and the factors)
   int ring_n;        // pixel rows whose kernel factors are kept (0: computed per column instead)
   int g_slots;       // windows of G kept (a ring along the row)
   std::vector<T> g_ring, zeros, kf;
-  std::vector<double> t_row, factors, gacc, out;
+  std::vector<double> t_row, factors, out;
   std::vector<const double*> a, b, b_shift;
 
-  BackwardScratch(const Problem& pb, int rows_per_item)
-      : band(pb), win(pb.bins * pb.bins), Lp((pb.bins + 7) / 8 * 8) {
+  explicit BackwardScratch(const Problem& pb) : win(pb), Lp((pb.bins + 7) / 8 * 8) {
     const int L = pb.bins, L2 = L * L, W = pb.width;
-    // Window row r covers at most min(side, rows per item) pixel rows of an item; their factors
-    // are kept in a ring of that many rows when it is small (every window side the SPEC allows),
-    // otherwise (a global window over a tall image, where each pixel row is used once anyway)
-    // they are computed for one column at a time.
-    const int span = std::min(std::min(pb.rows.side, pb.height), rows_per_item);
+    // A window row covers at most min(side, height) pixel rows; their factors are kept in a ring
+    // of that many rows when it is small (every window side the SPEC allows), otherwise (a global
+    // window over a tall image, where each pixel row is used once anyway) they are computed for
+    // one column at a time.
+    const int span = std::min(pb.rows.side, pb.height);
     ring_n = span <= 64 ? span : 0;
     g_slots = std::min(pb.cols.side + 2, pb.cols.out);
     g_ring.resize((size_t)g_slots * L2);
@@ -413,7 +460,6 @@ struct BackwardScratch {
     kf.resize(4 * (size_t)L);
     t_row.resize((size_t)L * Lp);
     factors.assign((size_t)(ring_n > 0 ? ring_n * W : span) * 4 * Lp, 0.0);
-    gacc.resize((size_t)rows_per_item * W * 2);
     out.resize(2 * (size_t)span);
     a.resize(2 * (size_t)span);
     b.resize(2 * (size_t)span);
@@ -438,27 +484,27 @@ struct BackwardScratch {
   }
 };
 
-// Backward for the input rows [y0, y1) of one plane, from grad_output and the saved D.
+// Backward for the output (window) rows [r0, r1) of one plane: their part of the gradient, for
+// the pixel rows [y0, y1) = [rows.lo(r0), rows.hi(r1 - 1)) that they cover, into gacc (y - y0, x,
+// {grad_u, grad_m}) in double; backward_impl adds up the parts of the items that share a pixel.
 // Fused mode (d_out != nullptr; d and grad unused): the gradient for grad_output = 1 together
-// with D, written for the output rows [y0, y1) that this item owns; bad_sat marks non-finite
-// pixels and poison_sat the windows that contain one.
+// with D of these rows; bad_sat marks non-finite pixels.
 //
-// For each window row r covering a pixel of the item: G_{r,c} for every window c of the row
-// (the histograms as in the forward pass), then T_r(x) = the sum of G_{r,c} over the windows c
-// of the row that cover column x (slid along the row in double), and at once, for each pixel
-// p = (y, x) of the item under row r: grad_u(p) += a'_p^T T_r(x) b_p and grad_m(p) += a_p^T T_r(x)
-// b'_p. Summed over the rows r, that is a'_p^T H_p b_p with H_p the sum of G_c over the windows
-// containing p. Nothing with a bins axis outlives its window row.
+// For each window row r: G_{r,c} for every window c of the row (the histograms as in the
+// forward pass), then T_r(x) = the sum of G_{r,c} over the windows c of the row that cover column
+// x (slid along the row in double), and at once, for each pixel p = (y, x) under row r:
+// grad_u(p) += a'_p^T T_r(x) b_p and grad_m(p) += a_p^T T_r(x) b'_p. Summed over the rows r, that
+// is a'_p^T H_p b_p with H_p the sum of G_c over the windows containing p. Nothing with a bins
+// axis outlives its window row, and every window is computed once.
 template <typename T, int Kind>
 void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, const T* mp, const T* ut,
-                   const T* mt, const T* d, const T* grad, const int32_t* poison_sat, T* gu, T* gm, int y0, int y1,
-                   T* d_out, const int32_t* bad_sat) {
+                   const T* mt, const T* d, const T* grad, int r0, int r1, double* gacc, T* d_out,
+                   const int32_t* bad_sat) {
   const int W = pb.width, Wo = pb.cols.out, L = pb.bins, L2 = L * L, Lp = s.Lp, g_slots = s.g_slots;
   const T eps = (T)pb.eps, h = (T)pb.bandwidth;
-  auto& band = s.band;
+  const int y0 = pb.rows.lo(r0), y1 = pb.rows.hi(r1 - 1);
   auto& win = s.win;
-  band.start(up, mp, ut, mt);
-  double* gacc = s.gacc.data();  // (y - y0, x): grad_u, grad_m
+  win.start(up, mp, ut, mt);
   std::fill(gacc, gacc + (int64_t)(y1 - y0) * W * 2, 0.0);
   T* g_ring = s.g_ring.data();
   const T* zeros = s.zeros.data();
@@ -467,7 +513,7 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
 
   auto window_row = [&](int r) {
     const int wy0 = pb.rows.lo(r), wy1 = pb.rows.hi(r);
-    const int py0 = std::max(wy0, y0), py1 = std::min(wy1, y1);  // the item's pixel rows under row r
+    const int py0 = wy0, py1 = wy1;  // the pixel rows under row r
     auto factors_at = [&](int y, int x) {
       return s.factors.data() + ((int64_t)(s.ring_n > 0 ? (y % s.ring_n) * W + x : y - py0)) * 4 * Lp;
     };
@@ -478,8 +524,7 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
           s.pixel_factors(up[at], mp[at], h, L, factors_at(f_next, x));
         }
     }
-    band.move_to(wy0, wy1);
-    win.reset(pb.cols.lo(0));
+    win.begin_row(r);
     std::fill(t_row, t_row + (int64_t)L * Lp, 0.0);
     int tx = 0, lo = pb.cols.out_lo(0), hi = lo;
     // T_r(x) for every x whose windows are all below `ready` (G_c exists for c < ready), and its
@@ -521,94 +566,41 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
       const int x0 = pb.cols.lo(c), x1 = pb.cols.hi(c);
       T* gc = g_ring + (int64_t)(c % g_slots) * L2;
       const double inv_n = 1.0 / ((double)(wy1 - wy0) * (x1 - x0));
-      // The window's cells are used in the same pass as its last sliding step (move_and_sum).
-      const auto kl_g = [=](T coef) {
-        return [=](int64_t k, double p, double q) {
-          gc[k] = coef * kl_dq((T)(p * inv_n), (T)(q * inv_n), eps);
-          return 0.0;
-        };
-      };
-      T dc;
       if (d_out != nullptr) {  // grad_output = 1
-        const bool owned = r >= y0 && r < y1;
+        win.window(c, inv_n);
         if (rect_count(bad_sat, W + 1, wy0, wy1, x0, x1) > 0) {
-          win.move_to(x0, x1, band);
-          if (owned) d_out[(int64_t)r * Wo + c] = std::numeric_limits<T>::quiet_NaN();
+          d_out[(int64_t)r * Wo + c] = std::numeric_limits<T>::quiet_NaN();
           std::fill(gc, gc + L2, T(0));
           continue;
         }
         const T coef = (T)inv_n;
-        if (pb.divergence == kKL) {
-          if (owned) {  // D and G in one pass over the cells
-            const T sum = (T)win.move_and_sum(x0, x1, band, [=](int64_t k, double p, double q) {
-              T dq;
-              const double v = (double)kl_term_dq((T)(p * inv_n), (T)(q * inv_n), eps, &dq);
-              gc[k] = coef * dq;
-              return v;
-            });
-            d_out[(int64_t)r * Wo + c] = sum;
-            if (!std::isfinite(sum)) std::fill(gc, gc + L2, T(0));
-          } else {
-            win.move_and_sum(x0, x1, band, kl_g(coef));
-          }
-          continue;
-        }
-        // Hellinger's G needs the window's D: a second pass.
-        dc = move_and_divergence<T>(win, x0, x1, band, inv_n, eps, pb.divergence);
-        if (owned) d_out[(int64_t)r * Wo + c] = dc;
-        if (!std::isfinite(dc)) {
+        const T dc = pb.divergence == kKL ? win.kl_divergence_and_grad(eps, coef, gc) : win.divergence(eps, kHellinger);
+        d_out[(int64_t)r * Wo + c] = dc;
+        if (!std::isfinite(dc))
           std::fill(gc, gc + L2, T(0));
-          continue;
-        }
-        const double *wp = win.p.data(), *wq = win.q.data();
-#pragma omp simd
-        for (int k = 0; k < L2; ++k) gc[k] = coef * hellinger_dq((T)(wp[k] * inv_n), (T)(wq[k] * inv_n), eps, dc);
+        else if (pb.divergence == kHellinger)
+          win.grad(eps, coef, dc, kHellinger, gc);
         continue;
       }
-      const T g = grad[(int64_t)r * Wo + c];
-      dc = d[(int64_t)r * Wo + c];
+      const T g = grad[(int64_t)r * Wo + c], dc = d[(int64_t)r * Wo + c];
       // Windows with a non-finite D or grad are reported through poison_sat; zeros keep the
       // sliding sums finite for the others.
+      win.window(c, inv_n);
       if (!(std::isfinite(g) && std::isfinite(dc)) || g == T(0)) {
-        win.move_to(x0, x1, band);
         std::fill(gc, gc + L2, T(0));
         continue;
       }
-      const T coef = (T)(g * inv_n);
-      if (pb.divergence == kKL) {
-        win.move_and_sum(x0, x1, band, kl_g(coef));
-      } else {
-        win.move_and_sum(x0, x1, band, [=](int64_t k, double p, double q) {
-          gc[k] = coef * hellinger_dq((T)(p * inv_n), (T)(q * inv_n), eps, dc);
-          return 0.0;
-        });
-      }
+      win.grad(eps, (T)(g * inv_n), dc, pb.divergence, gc);
     }
     emit_until(Wo);
   };
 
-  for (int r = pb.rows.out_lo(y0); r < pb.rows.out_hi(y1 - 1); ++r) window_row(r);
-
-  const int pstride = Wo + 1;
-  for (int y = y0; y < y1; ++y) {
-    const int wr0 = pb.rows.out_lo(y), wr1 = pb.rows.out_hi(y);
-    for (int x = 0; x < W; ++x) {
-      const int64_t at = (int64_t)y * W + x;
-      if (rect_count(poison_sat, pstride, wr0, wr1, pb.cols.out_lo(x), pb.cols.out_hi(x)) > 0 ||
-          !finite_pixel(up[at], mp[at])) {
-        gu[at] = gm[at] = std::numeric_limits<T>::quiet_NaN();
-        continue;
-      }
-      const double* g = gacc + ((int64_t)(y - y0) * W + x) * 2;
-      gu[at] = (T)g[0];
-      gm[at] = (T)g[1];
-    }
-  }
+  for (int r = r0; r < r1; ++r) window_row(r);
 }
 
 // Rows per work item: fixed (never derived from the thread count) so results are reproducible.
 constexpr int kForwardRows = 16;
-inline int backward_rows_per_item(const Axis& rows) { return std::max(32, 4 * (std::min(rows.side, rows.extent) - 1)); }
+constexpr int kBackwardRows = 32;
 
 Problem make_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool valid, int64_t bins, double bandwidth,
                      int64_t divergence, double eps) {
@@ -635,13 +627,12 @@ void forward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp,
   T* out = d.data_ptr<T>();
   at::parallel_for(0, (int64_t)pb.planes * blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushSubnormals flush;
-    BandHistograms<T, Kind> band(pb);  // scratch, shared by this thread's items
-    WindowSums win(pb.bins * pb.bins);
+    RowWindows<T, Kind> win(pb);  // scratch, shared by this thread's items
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks;
       const int r0 = (int)(item % blocks) * kForwardRows, r1 = std::min(pb.rows.out, r0 + kForwardRows);
       const int64_t in = n * pb.plane_in();
-      forward_rows<T, Kind>(pb, band, win, u_p + in, m_p + in, u_t + in, m_t + in, sat + n * sat_plane,
+      forward_rows<T, Kind>(pb, win, u_p + in, m_p + in, u_t + in, m_t + in, sat + n * sat_plane,
                             out + n * pb.plane_out(), r0, r1);
     }
   });
@@ -652,26 +643,73 @@ template <typename T, int Kind>
 void backward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp, const at::Tensor& ut,
                    const at::Tensor& mt, const at::Tensor& d, const at::Tensor& grad, const at::Tensor& poison_sat,
                    at::Tensor& gu, at::Tensor& gm, at::Tensor d_out = {}, const at::Tensor& bad_sat = {}) {
-  const int rows_per_item = backward_rows_per_item(pb.rows);
-  const int blocks = (pb.height + rows_per_item - 1) / rows_per_item;
-  const int64_t sat_plane = (int64_t)(pb.rows.out + 1) * (pb.cols.out + 1);
+  // Items: (plane, block of kBackwardRows window rows). Each window is computed by one item; an
+  // item's part of the gradient covers the pixel rows under its window rows, and the parts of
+  // the (at most side / kBackwardRows + 2) items that share a pixel row are added in item order.
+  const int blocks = (pb.rows.out + kBackwardRows - 1) / kBackwardRows;
+  auto pixel_rows = [&](int block, int& y0, int& y1) {
+    const int r0 = block * kBackwardRows, r1 = std::min(pb.rows.out, r0 + kBackwardRows);
+    y0 = pb.rows.lo(r0);
+    y1 = pb.rows.hi(r1 - 1);
+  };
+  int part_rows = 0;
+  for (int blk = 0; blk < blocks; ++blk) {
+    int y0, y1;
+    pixel_rows(blk, y0, y1);
+    part_rows = std::max(part_rows, y1 - y0);
+  }
+  const int W = pb.width;
+  const int64_t part_size = (int64_t)part_rows * W * 2;
+  at::Tensor parts = at::empty({(int64_t)pb.planes * blocks * part_size}, up.options().dtype(at::kDouble));
+  double* parts_p = parts.data_ptr<double>();
   const T *u_p = up.data_ptr<T>(), *m_p = mp.data_ptr<T>(), *u_t = ut.data_ptr<T>(), *m_t = mt.data_ptr<T>();
   const T *dd = d.defined() ? d.data_ptr<T>() : nullptr, *gg = grad.defined() ? grad.data_ptr<T>() : nullptr;
-  const int32_t* sat = poison_sat.data_ptr<int32_t>();
   T* d_out_p = d_out.defined() ? d_out.data_ptr<T>() : nullptr;
   const int32_t* bad = bad_sat.defined() ? bad_sat.data_ptr<int32_t>() : nullptr;
   const int64_t bad_plane = (int64_t)(pb.height + 1) * (pb.width + 1);
-  T *gu_p = gu.data_ptr<T>(), *gm_p = gm.data_ptr<T>();
   at::parallel_for(0, (int64_t)pb.planes * blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushSubnormals flush;
-    BackwardScratch<T, Kind> scratch(pb, std::min(rows_per_item, pb.height));  // shared by this thread's items
+    BackwardScratch<T, Kind> scratch(pb);  // shared by this thread's items
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks;
-      const int y0 = (int)(item % blocks) * rows_per_item, y1 = std::min(pb.height, y0 + rows_per_item);
+      const int r0 = (int)(item % blocks) * kBackwardRows, r1 = std::min(pb.rows.out, r0 + kBackwardRows);
       const int64_t in = n * pb.plane_in(), out = n * pb.plane_out();
       backward_rows<T, Kind>(pb, scratch, u_p + in, m_p + in, u_t + in, m_t + in, dd ? dd + out : nullptr,
-                             gg ? gg + out : nullptr, sat + n * sat_plane, gu_p + in, gm_p + in, y0, y1,
+                             gg ? gg + out : nullptr, r0, r1, parts_p + item * part_size,
                              d_out_p ? d_out_p + out : nullptr, bad ? bad + n * bad_plane : nullptr);
+    }
+  });
+  // Add up the parts; NaN for the pixels under a window whose D or grad_output is not finite
+  // (poison_sat) and for non-finite pixels.
+  const int64_t sat_plane = (int64_t)(pb.rows.out + 1) * (pb.cols.out + 1);
+  const int32_t* poison = poison_sat.data_ptr<int32_t>();
+  T *gu_p = gu.data_ptr<T>(), *gm_p = gm.data_ptr<T>();
+  const int pstride = pb.cols.out + 1;
+  at::parallel_for(0, (int64_t)pb.planes * pb.height, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / pb.height;
+      const int y = (int)(row % pb.height);
+      const int wr0 = pb.rows.out_lo(y), wr1 = pb.rows.out_hi(y);
+      const int b0 = wr0 / kBackwardRows, b1 = (wr1 - 1) / kBackwardRows;  // the blocks with a row over y
+      const int32_t* sat = poison + n * sat_plane;
+      for (int x = 0; x < W; ++x) {
+        const int64_t at = n * pb.plane_in() + (int64_t)y * W + x;
+        if (rect_count(sat, pstride, wr0, wr1, pb.cols.out_lo(x), pb.cols.out_hi(x)) > 0 ||
+            !finite_pixel(u_p[at], m_p[at])) {
+          gu_p[at] = gm_p[at] = std::numeric_limits<T>::quiet_NaN();
+          continue;
+        }
+        double su = 0.0, sm = 0.0;
+        for (int blk = b0; blk <= b1; ++blk) {
+          int y0, y1;
+          pixel_rows(blk, y0, y1);
+          const double* g = parts_p + (n * blocks + blk) * part_size + ((int64_t)(y - y0) * W + x) * 2;
+          su += g[0];
+          sm += g[1];
+        }
+        gu_p[at] = (T)su;
+        gm_p[at] = (T)sm;
+      }
     }
   });
 }
