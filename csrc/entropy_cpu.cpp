@@ -599,7 +599,7 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
 }
 
 // Rows per work item: fixed (never derived from the thread count) so results are reproducible.
-constexpr int kForwardRows = 16;
+constexpr int kForwardRows = 32;
 constexpr int kBackwardRows = 32;
 
 Problem make_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool valid, int64_t bins, double bandwidth,
