@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE__) || defined(__x86_64__)
@@ -361,76 +362,102 @@ void forward_rows(const Problem& pb, RowWindows<T, Kind>& win, const T* up, cons
 
 // ---------------------------------------------------------------------------------------
 // The gradient's contraction: out[k] = a_k^T T b_k for a batch of forms (a'^T T b and a^T T b'
-// of the pixels under one window row), with T one L x L matrix. Written like a GEMM
-// micro-kernel with GCC/Clang vector types: MB forms at a time keep their partial rows a_k^T T
-// in registers (NV vectors of 8 doubles each), each row of T is loaded once per MB forms.
+// of the pixels under one window row), with T one L x L matrix, in the compute type S (float
+// for float input: 16 lanes; double: 8). Written like a GEMM micro-kernel with GCC/Clang vector
+// types: MB forms at a time keep their partial rows a_k^T T in registers (NV vectors each), and
+// each row of T is loaded once per MB forms. Each form's lanes are summed in double.
 // ---------------------------------------------------------------------------------------
-typedef double v8d __attribute__((vector_size(64)));
+template <typename S>
+struct Vec64 {
+  typedef S type __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(S);
+};
 
-EK_HD v8d load8(const double* p) {
-  v8d v;
+template <typename S>
+EK_HD typename Vec64<S>::type load64(const S* p) {
+  typename Vec64<S>::type v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
 
-// out[k] += sum_{i < L, j < 8 NV} a[k][i] t[i * ld + j] b[k][j] for k < n. Rows of more than
-// 8 NV columns are done in strips by the caller.
-template <int NV>
-void bilinear_strip(const double* __restrict t, int ld, int L, int n, const double* const* a, const double* const* b,
+typedef double v8d __attribute__((vector_size(64)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef double v2d __attribute__((vector_size(16)));
+typedef float v8f __attribute__((vector_size(32)));
+
+// Sum of the lanes in double, as a tree (a serial chain of 16 additions would cost more than
+// the form itself).
+EK_HD double lane_sum(v8d v) {
+  const v4d a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const v2d b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
+}
+EK_HD double lane_sum(typename Vec64<float>::type v) {
+  const v8f lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8f hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return lane_sum(__builtin_convertvector(lo, v8d) + __builtin_convertvector(hi, v8d));
+}
+
+// out[k] += sum_{i < L, j < NV lanes} a[k][i] t[i * ld + j] b[k][j] for k < n. Rows of more
+// than 8 vectors are done in strips by the caller.
+template <typename S, int NV>
+void bilinear_strip(const S* __restrict t, int ld, int L, int n, const S* const* a, const S* const* b,
                     double* out) {
+  typedef typename Vec64<S>::type V;
+  constexpr int lanes = Vec64<S>::lanes;
   constexpr int MB = NV <= 2 ? 12 : (NV == 3 ? 8 : (NV == 4 ? 6 : (NV <= 6 ? 4 : 3)));
   for (int k0 = 0; k0 < n; k0 += MB) {
     const int m = std::min(MB, n - k0);
-    const double* ak[MB];
+    const S* ak[MB];
     for (int q = 0; q < MB; ++q) ak[q] = a[k0 + std::min(q, m - 1)];  // a short block repeats its last form
-    v8d acc[MB][NV];
+    V acc[MB][NV];
 #pragma GCC unroll 16
     for (int q = 0; q < MB; ++q)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[q][v] = v8d{};
+      for (int v = 0; v < NV; ++v) acc[q][v] = V{};
     for (int i = 0; i < L; ++i) {
-      v8d tv[NV];
+      V tv[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) tv[v] = load8(t + (int64_t)i * ld + 8 * v);
+      for (int v = 0; v < NV; ++v) tv[v] = load64(t + (int64_t)i * ld + lanes * v);
 #pragma GCC unroll 16
       for (int q = 0; q < MB; ++q) {
-        const double s = ak[q][i];
+        const S c = ak[q][i];
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[q][v] += s * tv[v];
+        for (int v = 0; v < NV; ++v) acc[q][v] += c * tv[v];
       }
     }
     for (int q = 0; q < m; ++q) {
-      const double* bq = b[k0 + q];
-      v8d sum = acc[q][0] * load8(bq);
-      for (int v = 1; v < NV; ++v) sum += acc[q][v] * load8(bq + 8 * v);
-      double r = 0.0;
-      for (int l = 0; l < 8; ++l) r += sum[l];
-      out[k0 + q] += r;
+      const S* bq = b[k0 + q];
+      V sum = acc[q][0] * load64(bq);
+      for (int v = 1; v < NV; ++v) sum += acc[q][v] * load64(bq + lanes * v);
+      out[k0 + q] += lane_sum(sum);
     }
   }
 }
 
-// out[k] = a[k]^T t b[k] for k < n; t has L rows of ld = Lp doubles (Lp a multiple of 8, zero
-// beyond column L), b[k] is zero beyond L. Any L: strips of up to 64 columns.
-inline void bilinear_forms(const double* t, int L, int Lp, int n, const double* const* a, const double* const* b,
-                           double* out, std::vector<const double*>& b_shift) {
+// out[k] = a[k]^T t b[k] for k < n; t has L rows of ld = Lp values (Lp a multiple of the vector
+// lanes, zero beyond column L), b[k] is zero beyond L. Any L: strips of up to 8 vectors.
+template <typename S>
+void bilinear_forms(const S* t, int L, int Lp, int n, const S* const* a, const S* const* b, double* out,
+                    std::vector<const S*>& b_shift) {
+  constexpr int lanes = Vec64<S>::lanes;
   std::fill(out, out + n, 0.0);
-  for (int j0 = 0; j0 < Lp; j0 += 64) {
-    const double* const* bs = b;
+  for (int j0 = 0; j0 < Lp; j0 += 8 * lanes) {
+    const S* const* bs = b;
     if (j0 > 0) {
       for (int k = 0; k < n; ++k) b_shift[k] = b[k] + j0;
       bs = b_shift.data();
     }
-    const double* tj = t + j0;
-    switch (std::min(8, (Lp - j0) / 8)) {
-      case 1: bilinear_strip<1>(tj, Lp, L, n, a, bs, out); break;
-      case 2: bilinear_strip<2>(tj, Lp, L, n, a, bs, out); break;
-      case 3: bilinear_strip<3>(tj, Lp, L, n, a, bs, out); break;
-      case 4: bilinear_strip<4>(tj, Lp, L, n, a, bs, out); break;
-      case 5: bilinear_strip<5>(tj, Lp, L, n, a, bs, out); break;
-      case 6: bilinear_strip<6>(tj, Lp, L, n, a, bs, out); break;
-      case 7: bilinear_strip<7>(tj, Lp, L, n, a, bs, out); break;
-      default: bilinear_strip<8>(tj, Lp, L, n, a, bs, out); break;
+    const S* tj = t + j0;
+    switch (std::min(8, (Lp - j0) / lanes)) {
+      case 1: bilinear_strip<S, 1>(tj, Lp, L, n, a, bs, out); break;
+      case 2: bilinear_strip<S, 2>(tj, Lp, L, n, a, bs, out); break;
+      case 3: bilinear_strip<S, 3>(tj, Lp, L, n, a, bs, out); break;
+      case 4: bilinear_strip<S, 4>(tj, Lp, L, n, a, bs, out); break;
+      case 5: bilinear_strip<S, 5>(tj, Lp, L, n, a, bs, out); break;
+      case 6: bilinear_strip<S, 6>(tj, Lp, L, n, a, bs, out); break;
+      case 7: bilinear_strip<S, 7>(tj, Lp, L, n, a, bs, out); break;
+      default: bilinear_strip<S, 8>(tj, Lp, L, n, a, bs, out); break;
     }
   }
 }
@@ -439,14 +466,16 @@ inline void bilinear_forms(const double* t, int L, int Lp, int n, const double* 
 template <typename T, int Kind>
 struct BackwardScratch {
   RowWindows<T, Kind> win;
-  int Lp;            // bins rounded up to a multiple of 8 (the padded row length of T and the factors)
+  int Lp;            // bins rounded up to a multiple of the vector lanes of T (the padded row length)
   int ring_n;        // pixel rows whose kernel factors are kept (0: computed per column instead)
   int g_slots;       // windows of G kept (a ring along the row)
-  std::vector<T> g_ring, zeros, kf;
-  std::vector<double> t_row, factors, out;
-  std::vector<const double*> a, b, b_shift;
+  std::vector<T> g_ring, zeros;
+  std::vector<double> t_row, out;  // T_r(x) in double (slid along the row); the forms' values
+  std::vector<T> t_c, factors;      // T_r(x) in the compute type (float input only); pixel factors
+  std::vector<const T*> a, b, b_shift;
 
-  explicit BackwardScratch(const Problem& pb) : win(pb), Lp((pb.bins + 7) / 8 * 8) {
+  explicit BackwardScratch(const Problem& pb)
+      : win(pb), Lp((pb.bins + Vec64<T>::lanes - 1) / Vec64<T>::lanes * Vec64<T>::lanes) {
     const int L = pb.bins, L2 = L * L, W = pb.width;
     // A window row covers at most min(side, height) pixel rows; their factors are kept in a ring
     // of that many rows when it is small (every window side the SPEC allows), otherwise (a global
@@ -457,30 +486,22 @@ struct BackwardScratch {
     g_slots = std::min(pb.cols.side + 2, pb.cols.out);
     g_ring.resize((size_t)g_slots * L2);
     zeros.assign(L2, T(0));
-    kf.resize(4 * (size_t)L);
-    t_row.resize((size_t)L * Lp);
-    factors.assign((size_t)(ring_n > 0 ? ring_n * W : span) * 4 * Lp, 0.0);
+    t_row.assign((size_t)L * Lp, 0.0);
+    if (!std::is_same<T, double>::value) t_c.assign((size_t)L * Lp, T(0));
+    factors.assign((size_t)(ring_n > 0 ? ring_n * W : span) * 4 * Lp, T(0));
     out.resize(2 * (size_t)span);
     a.resize(2 * (size_t)span);
     b.resize(2 * (size_t)span);
     b_shift.resize(2 * (size_t)span);
   }
 
-  // Kernel factors of pixel value (u, m) into dst: a' | a | b | b', each Lp doubles (the
+  // Kernel factors of pixel value (u, m) into dst: a' | a | b | b', each Lp values (the
   // padding stays zero).
-  void pixel_factors(T u, T m, T h, int L, double* dst) {
-    T *ka = kf.data(), *kda = ka + L, *kb = kda + L, *kdb = kb + L;
-    kernel_row<Kind>(u, h, L, ka);
-    kernel_deriv_row<Kind>(u, h, L, kda);
-    kernel_row<Kind>(m, h, L, kb);
-    kernel_deriv_row<Kind>(m, h, L, kdb);
-#pragma omp simd
-    for (int j = 0; j < L; ++j) {
-      dst[j] = (double)kda[j];
-      dst[Lp + j] = (double)ka[j];
-      dst[2 * Lp + j] = (double)kb[j];
-      dst[3 * Lp + j] = (double)kdb[j];
-    }
+  void pixel_factors(T u, T m, T h, int L, T* dst) {
+    kernel_row<Kind>(u, h, L, dst + Lp);
+    kernel_deriv_row<Kind>(u, h, L, dst);
+    kernel_row<Kind>(m, h, L, dst + 2 * Lp);
+    kernel_deriv_row<Kind>(m, h, L, dst + 3 * Lp);
   }
 };
 
@@ -540,10 +561,20 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
         }
         lo = new_lo;
         hi = new_hi;
+        // T_r(x) in the compute type (rounded from the double sliding sum for float input).
+        const T* tc;
+        if constexpr (std::is_same<T, double>::value) {
+          tc = t_row;
+        } else {
+          T* dst = s.t_c.data();
+#pragma omp simd
+          for (int64_t k = 0; k < (int64_t)L * Lp; ++k) dst[k] = (T)t_row[k];
+          tc = dst;
+        }
         const int n = py1 - py0;
         for (int k = 0; k < n; ++k) {
           const int y = py0 + k;
-          double* f = factors_at(y, tx);
+          T* f = factors_at(y, tx);
           if (s.ring_n == 0) {
             const int64_t at = (int64_t)y * W + tx;
             s.pixel_factors(up[at], mp[at], h, L, f);
@@ -553,7 +584,7 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
           s.a[2 * k + 1] = f + Lp;       // a^T T b': grad_m
           s.b[2 * k + 1] = f + 3 * Lp;
         }
-        bilinear_forms(t_row, L, Lp, 2 * n, s.a.data(), s.b.data(), s.out.data(), s.b_shift);
+        bilinear_forms<T>(tc, L, Lp, 2 * n, s.a.data(), s.b.data(), s.out.data(), s.b_shift);
         for (int k = 0; k < n; ++k) {
           double* g = gacc + ((int64_t)(py0 + k - y0) * W + tx) * 2;
           g[0] += s.out[2 * k];
