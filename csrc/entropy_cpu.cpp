@@ -72,19 +72,21 @@ inline int32_t rect_count(const int32_t* sat, int stride, int y0, int y1, int x0
   return sat[y1 * stride + x1] - sat[y0 * stride + x1] - sat[y1 * stride + x0] + sat[y0 * stride + x0];
 }
 
-// a(i) = K((v - i) / h) / h for i = 0..L-1.
+// a(i) = K((v - i) / h) / h for i = 0..L-1 (the division by h as a product: divisions are the
+// slowest vector instructions here).
 template <int Kind, typename T>
 inline void kernel_row(T v, T h, int L, T* __restrict a) {
+  const T inv_h = T(1) / h;
 #pragma omp simd
-  for (int i = 0; i < L; ++i) a[i] = kde_kernel<Kind>((v - T(i)) / h) / h;
+  for (int i = 0; i < L; ++i) a[i] = kde_kernel<Kind>((v - T(i)) / h) * inv_h;
 }
 
 // a'(i) = K'((v - i) / h) / h^2.
 template <int Kind, typename T>
 inline void kernel_deriv_row(T v, T h, int L, T* __restrict da) {
-  const T h2 = h * h;
+  const T inv_h2 = T(1) / (h * h);
 #pragma omp simd
-  for (int i = 0; i < L; ++i) da[i] = kde_kernel_deriv<Kind>((v - T(i)) / h) / h2;
+  for (int i = 0; i < L; ++i) da[i] = kde_kernel_deriv<Kind>((v - T(i)) / h) * inv_h2;
 }
 
 template <typename T>
@@ -557,20 +559,30 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
         for (int k = 0; k < std::max(n_add, n_sub); ++k) {
           const T* add = k < n_add ? g_ring + (int64_t)((hi + k) % g_slots) * L2 : zeros;
           const T* sub = k < n_sub ? g_ring + (int64_t)((lo + k) % g_slots) * L2 : zeros;
-          for (int i = 0; i < L; ++i) slide(t_row + (int64_t)i * Lp, add + (int64_t)i * L, sub + (int64_t)i * L, L);
+          for (int i = 0; i < L; ++i) {
+            double* __restrict tr = t_row + (int64_t)i * Lp;
+            const T *__restrict ad = add + (int64_t)i * L, *__restrict sb = sub + (int64_t)i * L;
+            if constexpr (std::is_same<T, double>::value) {
+#pragma omp simd
+              for (int j = 0; j < L; ++j) tr[j] += ad[j] - sb[j];
+            } else {  // and T_r(x) in the compute type, rounded from the double sliding sum
+              T* __restrict tc = s.t_c.data() + (int64_t)i * Lp;
+#pragma omp simd
+              for (int j = 0; j < L; ++j) {
+                const double v = tr[j] + ((double)ad[j] - (double)sb[j]);
+                tr[j] = v;
+                tc[j] = (T)v;
+              }
+            }
+          }
         }
         lo = new_lo;
         hi = new_hi;
-        // T_r(x) in the compute type (rounded from the double sliding sum for float input).
         const T* tc;
-        if constexpr (std::is_same<T, double>::value) {
+        if constexpr (std::is_same<T, double>::value)
           tc = t_row;
-        } else {
-          T* dst = s.t_c.data();
-#pragma omp simd
-          for (int64_t k = 0; k < (int64_t)L * Lp; ++k) dst[k] = (T)t_row[k];
-          tc = dst;
-        }
+        else
+          tc = s.t_c.data();
         const int n = py1 - py0;
         for (int k = 0; k < n; ++k) {
           const int y = py0 + k;
