@@ -121,10 +121,15 @@ struct RowWindows {
   const Problem& pb;
   const T *up = nullptr, *mp = nullptr, *ut = nullptr, *mt = nullptr;
   int L, L2, F, lo = 0, hi = 0, row = -1;
-  std::vector<double> dp, dq;    // cols.out x L2: D(c)
+  // The arrays one window pass reads and writes together are carved from two arenas at
+  // staggered offsets: as separate allocations of a multiple of 4 KiB they would start at the
+  // same address modulo 4 KiB, and the CPU would then take every load of one for a possible
+  // reload of a store just made to another (4K aliasing), stalling the pass.
+  std::vector<double> arena;     // D(c) of target and pred (cols.out x L2 each), the window
+  std::vector<T> cells;          // the window's cells / N in the compute type; per-cell terms
+  double *dp, *dq, *wp, *wq;
+  T *pn, *qn, *terms;
   std::vector<int> d_lo, d_hi;   // the band each D(c) holds now (empty when equal)
-  std::vector<double> wp, wq;    // the window last reached
-  std::vector<T> pn, qn, terms;  // its cells / N in the compute type; per-cell terms of D
   // Kernel factors (a, b of pred, then a, b of target: F = 4 L doubles per pixel) of the rows
   // entering and leaving the band at this row, for every column; of single pixels otherwise.
   std::vector<double> rows_f, pix_f, zeros;
@@ -132,9 +137,22 @@ struct RowWindows {
   std::vector<T> tmp;
 
   explicit RowWindows(const Problem& pb_)
-      : pb(pb_), L(pb_.bins), L2(pb_.bins * pb_.bins), F(4 * pb_.bins), dp((size_t)pb_.cols.out * L2),
-        dq((size_t)pb_.cols.out * L2), d_lo(pb_.cols.out), d_hi(pb_.cols.out), wp(L2), wq(L2), pn(L2), qn(L2),
-        terms(L2), rows_f(2 * (size_t)pb_.width * F), pix_f(4 * (size_t)F), zeros(F, 0.0), tmp(2 * (size_t)L) {}
+      : pb(pb_), L(pb_.bins), L2(pb_.bins * pb_.bins), F(4 * pb_.bins), d_lo(pb_.cols.out), d_hi(pb_.cols.out),
+        rows_f(2 * (size_t)pb_.width * F), pix_f(4 * (size_t)F), zeros(F, 0.0), tmp(2 * (size_t)L) {
+    const int64_t nd = (int64_t)pb.cols.out * L2, gap = 64 / sizeof(double);  // 64 B
+    arena.assign(2 * nd + 2 * L2 + 16 * gap, 0.0);
+    dp = arena.data();
+    dq = dp + nd + 3 * gap;
+    wp = dq + nd + 5 * gap;  // 1024 + 512 B: the window's offset varies as c walks D
+    wq = wp + L2 + 2 * gap;
+    const int64_t fgap = 64 / sizeof(T);
+    cells.assign(3 * (int64_t)L2 + 16 * fgap, T(0));
+    pn = cells.data() + 9 * fgap;
+    qn = pn + L2 + 3 * fgap;
+    terms = qn + L2 + 3 * fgap;
+  }
+  RowWindows(const RowWindows&) = delete;  // the pointers point into its own arenas
+  RowWindows& operator=(const RowWindows&) = delete;
 
   // Start on one plane (pred maps up, mp; target maps ut, mt). The storage is reused from item
   // to item.
@@ -205,7 +223,7 @@ struct RowWindows {
   // D(c) += sign (a_add b_add^T - a_sub b_sub^T) for both densities; f_*: factors (see F).
   void rank1(int c, const double* __restrict f_add, const double* __restrict f_sub, double sign) {
     for (int img = 0; img < 2; ++img) {
-      double* dd = (img == 0 ? dq : dp).data() + (int64_t)c * L2;
+      double* dd = (img == 0 ? dq : dp) + (int64_t)c * L2;
       const double *aa = f_add + img * 2 * L, *ba = aa + L, *as = f_sub + img * 2 * L, *bs = as + L;
       for (int i = 0; i < L; ++i) {
         const double ai = sign * aa[i], si = sign * as[i];
@@ -225,7 +243,7 @@ struct RowWindows {
     const int s0 = c == 0 ? 0 : ax.lo(c - 1), s1 = c == 0 ? 0 : ax.lo(c);
     int& cl = d_lo[c];
     int& ch = d_hi[c];
-    double *dpc = dp.data() + (int64_t)c * L2, *dqc = dq.data() + (int64_t)c * L2;
+    double *dpc = dp + (int64_t)c * L2, *dqc = dq + (int64_t)c * L2;
     if (cl == ch) {  // empty: start from the band's top
       cl = ch = lo;
       std::fill(dpc, dpc + L2, 0.0);
@@ -247,8 +265,8 @@ struct RowWindows {
         for (int x = a0; x < a1; ++x) rank1(c, factors(y_add, x, 0), factors(y_sub, x, 1), 1.0);
         for (int x = s0; x < s1; ++x) rank1(c, factors(y_add, x, 0), factors(y_sub, x, 1), -1.0);
       }
-      double *xp = wp.data(), *xq = wq.data();
-      T *pp = pn.data(), *qq = qn.data();
+      double *xp = wp, *xq = wq;
+      T *pp = pn, *qq = qn;
       const double keep = c == 0 ? 0.0 : 1.0;  // window 0 is D(0) itself
 #pragma omp simd
       for (int k = 0; k < L2; ++k) {
@@ -269,8 +287,8 @@ struct RowWindows {
   void fused_step(double* __restrict dpc, double* __restrict dqc, const double* __restrict fia,
                   const double* __restrict foa, const double* __restrict fis, const double* __restrict fos,
                   double inv_n) {
-    double *__restrict xp = wp.data(), *__restrict xq = wq.data();
-    T *__restrict pp = pn.data(), *__restrict qq = qn.data();
+    double *__restrict xp = wp, *__restrict xq = wq;
+    T *__restrict pp = pn, *__restrict qq = qn;
     // b vectors: pred at offset L, target at 3 L.
     const double *qbia = fia + L, *qboa = foa + L, *qbis = fis + L, *qbos = fos + L;
     const double *pbia = fia + 3 * L, *pboa = foa + 3 * L, *pbis = fis + 3 * L, *pbos = fos + 3 * L;
@@ -295,8 +313,8 @@ struct RowWindows {
 
   // D of the window from pn, qn (each term in T, summed in double).
   T divergence(T eps, int kind) {
-    T* __restrict t = terms.data();
-    const T *__restrict pp = pn.data(), *__restrict qq = qn.data();
+    T* __restrict t = terms;
+    const T *__restrict pp = pn, *__restrict qq = qn;
     if (kind == kKL) {
 #pragma omp simd
       for (int k = 0; k < L2; ++k) t[k] = kl_term(pp[k], qq[k], eps);
@@ -310,8 +328,8 @@ struct RowWindows {
 
   // KL's D and, in one pass over the cells, gc = coef dD/dQ.
   T kl_divergence_and_grad(T eps, T coef, T* __restrict gc) {
-    T* __restrict t = terms.data();
-    const T *__restrict pp = pn.data(), *__restrict qq = qn.data();
+    T* __restrict t = terms;
+    const T *__restrict pp = pn, *__restrict qq = qn;
 #pragma omp simd
     for (int k = 0; k < L2; ++k) {
       T dq_;
@@ -323,7 +341,7 @@ struct RowWindows {
 
   // gc = coef dD/dQ (d: the window's D, which Hellinger's derivative needs).
   void grad(T eps, T coef, T d, int kind, T* __restrict gc) {
-    const T *__restrict pp = pn.data(), *__restrict qq = qn.data();
+    const T *__restrict pp = pn, *__restrict qq = qn;
     if (kind == kKL) {
 #pragma omp simd
       for (int k = 0; k < L2; ++k) gc[k] = coef * kl_dq(pp[k], qq[k], eps);
@@ -334,7 +352,7 @@ struct RowWindows {
   }
 
   double sum_terms() const {
-    const T* __restrict t = terms.data();
+    const T* __restrict t = terms;
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
     for (int k = 0; k < L2; ++k) sum += (double)t[k];
