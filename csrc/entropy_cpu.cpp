@@ -89,8 +89,91 @@ inline void kernel_deriv_row(T v, T h, int L, T* __restrict da) {
   for (int i = 0; i < L; ++i) da[i] = kde_kernel_deriv<Kind>((v - T(i)) / h) * inv_h2;
 }
 
+// a(i) and a'(i) together, one exponential per bin; a(i) exactly as kernel_row computes it.
+template <int Kind, typename T>
+inline void kernel_and_deriv_row(T v, T h, int L, T* __restrict a, T* __restrict da) {
+  const T inv_h = T(1) / h, inv_h2 = T(1) / (h * h);
+#pragma omp simd
+  for (int i = 0; i < L; ++i) {
+    const T z = (v - T(i)) / h;
+    if (Kind == kLogistic) {
+      const T e = ek_exp(-(z < T(0) ? -z : z)), d = T(1) + e, k = e / (d * d);
+      a[i] = k * inv_h;
+      da[i] = (z > T(0) ? -k : k) * ((T(1) - e) / d) * inv_h2;
+    } else {
+      const T g = ek_exp(T(-0.5) * z * z) * T(0.398942280401432677939946);
+      a[i] = g * inv_h;
+      da[i] = -z * g * inv_h2;
+    }
+  }
+}
+
 template <typename T>
 inline bool finite_pixel(T u, T m) { return std::isfinite(u) && std::isfinite(m); }
+
+// Kernel factors of the pixels of the rows a window row needs, computed once per pixel and kept
+// for the last n_slots rows: per pixel, six vectors of Lp values of T (zero beyond L): pred
+// a', a, b, b' (the derivatives only when the gradient is wanted), target a, b. A non-finite
+// pixel gets zeros (it contributes nothing to the sums; its windows are made NaN from a
+// summed-area table). n_slots = 0 (windows taller than 64 rows: a global window) keeps nothing
+// and pixel() serves each request.
+template <typename T, int Kind>
+struct FactorRing {
+  static constexpr int kDa = 0, kA = 1, kB = 2, kDb = 3, kTa = 4, kTb = 5;  // vector k at k * Lp
+  const Problem& pb;
+  int L, Lp, n_slots;
+  bool derivs;
+  std::vector<T> data;
+  const T *up = nullptr, *mp = nullptr, *ut = nullptr, *mt = nullptr;
+  int first = 0, next = 0;  // the rows [max(first, next - n_slots), next) are held
+
+  FactorRing(const Problem& pb_, int Lp_, bool derivs_) : pb(pb_), L(pb_.bins), Lp(Lp_), derivs(derivs_) {
+    const int rows = std::min(pb.rows.side + 1, pb.height);
+    n_slots = rows <= 65 ? rows : 0;
+    data.assign((size_t)n_slots * pb.width * 6 * Lp, T(0));
+  }
+
+  void start(const T* up_, const T* mp_, const T* ut_, const T* mt_) {
+    up = up_;
+    mp = mp_;
+    ut = ut_;
+    mt = mt_;
+    first = next = 0;
+  }
+
+  bool holds(int y) const { return n_slots > 0 && y >= std::max(first, next - n_slots) && y < next; }
+  T* at(int y, int x) { return data.data() + ((int64_t)(y % n_slots) * pb.width + x) * 6 * Lp; }
+
+  // Hold the rows [y0, y1) (at most n_slots of them; rows are asked for in increasing order).
+  void fill(int y0, int y1) {
+    if (n_slots == 0) return;
+    if (next < y0 || next == first) first = next = y0;
+    for (; next < y1; ++next)
+      for (int x = 0; x < pb.width; ++x) pixel(next, x, at(next, x));
+  }
+
+  void pixel(int y, int x, T* __restrict f) const {
+    const T h = (T)pb.bandwidth;
+    const int64_t i = (int64_t)y * pb.width + x;
+    if (finite_pixel(up[i], mp[i])) {
+      if (derivs) {
+        kernel_and_deriv_row<Kind>(up[i], h, L, f + kA * Lp, f + kDa * Lp);
+        kernel_and_deriv_row<Kind>(mp[i], h, L, f + kB * Lp, f + kDb * Lp);
+      } else {
+        kernel_row<Kind>(up[i], h, L, f + kA * Lp);
+        kernel_row<Kind>(mp[i], h, L, f + kB * Lp);
+      }
+    } else {
+      std::fill(f, f + 4 * Lp, T(0));
+    }
+    if (finite_pixel(ut[i], mt[i])) {
+      kernel_row<Kind>(ut[i], h, L, f + kTa * Lp);
+      kernel_row<Kind>(mt[i], h, L, f + kTb * Lp);
+    } else {
+      std::fill(f + kTa * Lp, f + 6 * Lp, T(0));
+    }
+  }
+};
 
 // acc += add - sub over n cells.
 template <typename S>
@@ -130,15 +213,15 @@ struct RowWindows {
   double *dp, *dq, *wp, *wq;
   T *pn, *qn, *terms;
   std::vector<int> d_lo, d_hi;   // the band each D(c) holds now (empty when equal)
-  // Kernel factors (a, b of pred, then a, b of target: F = 4 L doubles per pixel) of the rows
-  // entering and leaving the band at this row, for every column; of single pixels otherwise.
-  std::vector<double> rows_f, pix_f, zeros;
-  int row_in = -1, row_out = -1;
+  FactorRing<T, Kind> ring;      // the kernel factors of the band's pixels
+  // Factors of up to four pixels in double (a, b of pred, then a, b of target: F = 4 L values
+  // each), as the window pass takes them; zeros.
+  std::vector<double> pix_f, zeros;
   std::vector<T> tmp;
 
-  explicit RowWindows(const Problem& pb_)
+  RowWindows(const Problem& pb_, int Lp, bool derivs)
       : pb(pb_), L(pb_.bins), L2(pb_.bins * pb_.bins), F(4 * pb_.bins), d_lo(pb_.cols.out), d_hi(pb_.cols.out),
-        rows_f(2 * (size_t)pb_.width * F), pix_f(4 * (size_t)F), zeros(F, 0.0), tmp(2 * (size_t)L) {
+        ring(pb_, Lp, derivs), pix_f(4 * (size_t)F), zeros(F, 0.0), tmp(6 * (size_t)Lp) {
     const int64_t nd = (int64_t)pb.cols.out * L2, gap = 64 / sizeof(double);  // 64 B
     arena.assign(2 * nd + 2 * L2 + 16 * gap, 0.0);
     dp = arena.data();
@@ -163,61 +246,41 @@ struct RowWindows {
     mt = mt_;
     std::fill(d_lo.begin(), d_lo.end(), 0);
     std::fill(d_hi.begin(), d_hi.end(), 0);
-    row_in = row_out = -1;
+    ring.start(up_, mp_, ut_, mt_);
   }
 
-  // Factors of pixel (y, x) into dst; zero for a pixel that is not finite (it contributes
-  // nothing to the sums; the windows that contain it are made NaN from a summed-area table).
-  void compute_factors(int y, int x, double* __restrict dst) {
-    const T h = (T)pb.bandwidth;
-    const int64_t at = (int64_t)y * pb.width + x;
-    T *ta = tmp.data(), *tb = ta + L;
-    for (int img = 0; img < 2; ++img) {
-      const T u = (img == 0 ? up : ut)[at], m = (img == 0 ? mp : mt)[at];
-      double* d = dst + img * 2 * L;
-      if (!finite_pixel(u, m)) {
-        std::fill(d, d + 2 * L, 0.0);
-        continue;
-      }
-      kernel_row<Kind>(u, h, L, ta);
-      kernel_row<Kind>(m, h, L, tb);
-#pragma omp simd
-      for (int j = 0; j < L; ++j) {
-        d[j] = (double)ta[j];
-        d[L + j] = (double)tb[j];
-      }
-    }
-  }
-
-  // Factors of pixel (y, x) (zeros for y < 0: no pixel), from the cached rows or computed into
-  // scratch slot `slot` (0..3).
+  // Factors of pixel (y, x) in double into scratch slot `slot` (0..3); zeros for y < 0 (no pixel).
   const double* factors(int y, int x, int slot) {
     if (y < 0) return zeros.data();
-    if (y == row_in) return rows_f.data() + (int64_t)x * F;
-    if (y == row_out) return rows_f.data() + ((int64_t)pb.width + x) * F;
-    double* d = pix_f.data() + (int64_t)slot * F;
-    compute_factors(y, x, d);
+    const int Lp = ring.Lp;
+    const T* f;
+    if (ring.holds(y)) {
+      f = ring.at(y, x);
+    } else {
+      ring.pixel(y, x, tmp.data());
+      f = tmp.data();
+    }
+    typedef FactorRing<T, Kind> R;
+    double* __restrict d = pix_f.data() + (int64_t)slot * F;
+    const T *__restrict a = f + R::kA * Lp, *__restrict b = f + R::kB * Lp;
+    const T *__restrict ta = f + R::kTa * Lp, *__restrict tb = f + R::kTb * Lp;
+#pragma omp simd
+    for (int j = 0; j < L; ++j) {
+      d[j] = (double)a[j];
+      d[L + j] = (double)b[j];
+      d[2 * L + j] = (double)ta[j];
+      d[3 * L + j] = (double)tb[j];
+    }
     return d;
   }
 
-  // Begin output row r: its band of image rows, and the factors of the rows that enter and
-  // leave the band when it moves down by one.
+  // Begin output row r: its band of image rows; the factors of its rows and of the row that
+  // leaves the band.
   void begin_row(int r) {
     row = r;
     lo = pb.rows.lo(r);
     hi = pb.rows.hi(r);
-    if (hi - 1 != row_in) {
-      row_in = -1;  // not valid while being filled
-      for (int x = 0; x < pb.width; ++x) compute_factors(hi - 1, x, rows_f.data() + (int64_t)x * F);
-      row_in = hi - 1;
-    }
-    if (lo - 1 != row_out) {
-      row_out = -1;
-      if (lo >= 1) {
-        for (int x = 0; x < pb.width; ++x) compute_factors(lo - 1, x, rows_f.data() + ((int64_t)pb.width + x) * F);
-        row_out = lo - 1;
-      }
-    }
+    ring.fill(std::max(lo - 1, 0), hi);
   }
 
   // D(c) += sign (a_add b_add^T - a_sub b_sub^T) for both densities; f_*: factors (see F).
@@ -482,46 +545,35 @@ void bilinear_forms(const S* t, int L, int Lp, int n, const S* const* a, const S
   }
 }
 
+// Bins rounded up to a multiple of the vector lanes of T: the padded row length of T_r(x) and of
+// the kernel factors.
+template <typename T>
+inline int padded_bins(int L) { return (L + Vec64<T>::lanes - 1) / Vec64<T>::lanes * Vec64<T>::lanes; }
+
 // Scratch of the backward pass, allocated once per thread and reused by its items.
 template <typename T, int Kind>
 struct BackwardScratch {
-  RowWindows<T, Kind> win;
-  int Lp;            // bins rounded up to a multiple of the vector lanes of T (the padded row length)
-  int ring_n;        // pixel rows whose kernel factors are kept (0: computed per column instead)
-  int g_slots;       // windows of G kept (a ring along the row)
+  int Lp;
+  RowWindows<T, Kind> win;  // also holds the kernel factors of the pixels under the window row
+  int g_slots;              // windows of G kept (a ring along the row)
   std::vector<T> g_ring, zeros;
   std::vector<double> t_row, out;  // T_r(x) in double (slid along the row); the forms' values
-  std::vector<T> t_c, factors;      // T_r(x) in the compute type (float input only); pixel factors
+  std::vector<T> t_c, col_f;       // T_r(x) in the compute type (float input); factors of one column
   std::vector<const T*> a, b, b_shift;
 
-  explicit BackwardScratch(const Problem& pb)
-      : win(pb), Lp((pb.bins + Vec64<T>::lanes - 1) / Vec64<T>::lanes * Vec64<T>::lanes) {
-    const int L = pb.bins, L2 = L * L, W = pb.width;
-    // A window row covers at most min(side, height) pixel rows; their factors are kept in a ring
-    // of that many rows when it is small (every window side the SPEC allows), otherwise (a global
-    // window over a tall image, where each pixel row is used once anyway) they are computed for
-    // one column at a time.
-    const int span = std::min(pb.rows.side, pb.height);
-    ring_n = span <= 64 ? span : 0;
+  explicit BackwardScratch(const Problem& pb) : Lp(padded_bins<T>(pb.bins)), win(pb, Lp, /*derivs=*/true) {
+    const int L = pb.bins, L2 = L * L;
+    const int span = std::min(pb.rows.side, pb.height);  // pixel rows under a window row
     g_slots = std::min(pb.cols.side + 2, pb.cols.out);
     g_ring.resize((size_t)g_slots * L2);
     zeros.assign(L2, T(0));
     t_row.assign((size_t)L * Lp, 0.0);
     if (!std::is_same<T, double>::value) t_c.assign((size_t)L * Lp, T(0));
-    factors.assign((size_t)(ring_n > 0 ? ring_n * W : span) * 4 * Lp, T(0));
+    if (win.ring.n_slots == 0) col_f.assign((size_t)span * 6 * Lp, T(0));
     out.resize(2 * (size_t)span);
     a.resize(2 * (size_t)span);
     b.resize(2 * (size_t)span);
     b_shift.resize(2 * (size_t)span);
-  }
-
-  // Kernel factors of pixel value (u, m) into dst: a' | a | b | b', each Lp values (the
-  // padding stays zero).
-  void pixel_factors(T u, T m, T h, int L, T* dst) {
-    kernel_row<Kind>(u, h, L, dst + Lp);
-    kernel_deriv_row<Kind>(u, h, L, dst);
-    kernel_row<Kind>(m, h, L, dst + 2 * Lp);
-    kernel_deriv_row<Kind>(m, h, L, dst + 3 * Lp);
   }
 };
 
@@ -542,7 +594,7 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
                    const T* mt, const T* d, const T* grad, int r0, int r1, double* gacc, T* d_out,
                    const int32_t* bad_sat) {
   const int W = pb.width, Wo = pb.cols.out, L = pb.bins, L2 = L * L, Lp = s.Lp, g_slots = s.g_slots;
-  const T eps = (T)pb.eps, h = (T)pb.bandwidth;
+  const T eps = (T)pb.eps;
   const int y0 = pb.rows.lo(r0), y1 = pb.rows.hi(r1 - 1);
   auto& win = s.win;
   win.start(up, mp, ut, mt);
@@ -550,21 +602,11 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
   T* g_ring = s.g_ring.data();
   const T* zeros = s.zeros.data();
   double* t_row = s.t_row.data();
-  int f_next = y0;  // the next pixel row whose factors are to be computed (cached mode)
 
   auto window_row = [&](int r) {
     const int wy0 = pb.rows.lo(r), wy1 = pb.rows.hi(r);
     const int py0 = wy0, py1 = wy1;  // the pixel rows under row r
-    auto factors_at = [&](int y, int x) {
-      return s.factors.data() + ((int64_t)(s.ring_n > 0 ? (y % s.ring_n) * W + x : y - py0)) * 4 * Lp;
-    };
-    if (s.ring_n > 0) {
-      for (; f_next < py1; ++f_next)
-        for (int x = 0; x < W; ++x) {
-          const int64_t at = (int64_t)f_next * W + x;
-          s.pixel_factors(up[at], mp[at], h, L, factors_at(f_next, x));
-        }
-    }
+    auto& ring = win.ring;
     win.begin_row(r);
     std::fill(t_row, t_row + (int64_t)L * Lp, 0.0);
     int tx = 0, lo = pb.cols.out_lo(0), hi = lo;
@@ -604,10 +646,12 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
         const int n = py1 - py0;
         for (int k = 0; k < n; ++k) {
           const int y = py0 + k;
-          T* f = factors_at(y, tx);
-          if (s.ring_n == 0) {
-            const int64_t at = (int64_t)y * W + tx;
-            s.pixel_factors(up[at], mp[at], h, L, f);
+          T* f;
+          if (ring.n_slots > 0) {
+            f = ring.at(y, tx);
+          } else {
+            f = s.col_f.data() + (int64_t)k * 6 * Lp;
+            ring.pixel(y, tx, f);
           }
           s.a[2 * k] = f;                // a'^T T b: grad_u
           s.b[2 * k] = f + 2 * Lp;
@@ -688,7 +732,7 @@ void forward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp,
   T* out = d.data_ptr<T>();
   at::parallel_for(0, (int64_t)pb.planes * blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushSubnormals flush;
-    RowWindows<T, Kind> win(pb);  // scratch, shared by this thread's items
+    RowWindows<T, Kind> win(pb, padded_bins<T>(pb.bins), /*derivs=*/false);  // scratch for this thread's items
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks;
       const int r0 = (int)(item % blocks) * kForwardRows, r1 = std::min(pb.rows.out, r0 + kForwardRows);
