@@ -218,10 +218,11 @@ struct RowWindows {
   // each), as the window pass takes them; zeros.
   std::vector<double> pix_f, zeros;
   std::vector<T> tmp;
+  std::vector<double> cols_p, cols_q;  // column histograms, while D is rebuilt (rebuild)
 
   RowWindows(const Problem& pb_, int Lp, bool derivs)
       : pb(pb_), L(pb_.bins), L2(pb_.bins * pb_.bins), F(4 * pb_.bins), d_lo(pb_.cols.out), d_hi(pb_.cols.out),
-        ring(pb_, Lp, derivs), pix_f(4 * (size_t)F), zeros(F, 0.0), tmp(6 * (size_t)Lp) {
+        ring(pb_, Lp, derivs), pix_f(4 * (size_t)F), zeros(std::max(F, pb_.bins * pb_.bins), 0.0), tmp(6 * (size_t)Lp) {
     const int64_t nd = (int64_t)pb.cols.out * L2, gap = 64 / sizeof(double);  // 64 B
     arena.assign(2 * nd + 2 * L2 + 16 * gap, 0.0);
     dp = arena.data();
@@ -281,6 +282,7 @@ struct RowWindows {
     lo = pb.rows.lo(r);
     hi = pb.rows.hi(r);
     ring.fill(std::max(lo - 1, 0), hi);
+    if (d_lo[0] == d_hi[0]) rebuild();  // the first row of an item
   }
 
   // D(c) += sign (a_add b_add^T - a_sub b_sub^T) for both densities; f_*: factors (see F).
@@ -294,6 +296,67 @@ struct RowWindows {
 #pragma omp simd
         for (int j = 0; j < L; ++j) rowp[j] += ai * ba[j] - si * bs[j];
       }
+    }
+  }
+
+  // dst_q += a b^T of pred and dst_p += of target (f: factors, see F).
+  void add_outer(double* __restrict dst_p, double* __restrict dst_q, const double* __restrict f) {
+    for (int img = 0; img < 2; ++img) {
+      double* dd = img == 0 ? dst_q : dst_p;
+      const double *a = f + img * 2 * L, *b = a + L;
+      for (int i = 0; i < L; ++i) {
+        const double ai = a[i];
+        double* __restrict rowp = dd + (int64_t)i * L;
+#pragma omp simd
+        for (int j = 0; j < L; ++j) rowp[j] += ai * b[j];
+      }
+    }
+  }
+
+  // Every D(c) from scratch for the current band (the first row of an item): from the column
+  // histograms of the band, each summed once from its pixels and kept in a ring of side + 2
+  // columns (a column is the one added by one window and the one dropped by another, side + 1
+  // windows later). Bringing each empty D(c) down to the band by itself would sum every column
+  // twice, in single-pixel steps. Windows wider than 64 columns keep the step-by-step way.
+  void rebuild() {
+    const Axis& ax = pb.cols;
+    const int n_cols = ax.side + 2;
+    if (n_cols > 66) return;
+    if (cols_p.empty()) {
+      cols_p.assign((size_t)n_cols * L2, 0.0);
+      cols_q.assign((size_t)n_cols * L2, 0.0);
+    }
+    int next = 0;
+    auto column = [&](int x, double*& cp, double*& cq) {
+      for (; next <= x; ++next) {
+        double *np = cols_p.data() + (int64_t)(next % n_cols) * L2, *nq = cols_q.data() + (int64_t)(next % n_cols) * L2;
+        std::fill(np, np + L2, 0.0);
+        std::fill(nq, nq + L2, 0.0);
+        for (int y = lo; y < hi; ++y) add_outer(np, nq, factors(y, next, 0));
+      }
+      cp = cols_p.data() + (int64_t)(x % n_cols) * L2;
+      cq = cols_q.data() + (int64_t)(x % n_cols) * L2;
+    };
+    for (int c = 0; c < ax.out; ++c) {
+      const int a0 = c == 0 ? ax.lo(0) : ax.hi(c - 1), a1 = ax.hi(c);
+      const int s0 = c == 0 ? 0 : ax.lo(c - 1), s1 = c == 0 ? 0 : ax.lo(c);
+      double *dpc = dp + (int64_t)c * L2, *dqc = dq + (int64_t)c * L2;
+      std::fill(dpc, dpc + L2, 0.0);
+      std::fill(dqc, dqc + L2, 0.0);
+      for (int x = a1 - 1; x >= a0; --x) {  // the newest column first: the ring still holds the older ones
+        double *cp, *cq;
+        column(x, cp, cq);
+        slide(dpc, cp, zeros.data(), L2);
+        slide(dqc, cq, zeros.data(), L2);
+      }
+      for (int x = s0; x < s1; ++x) {
+        double *cp, *cq;
+        column(x, cp, cq);
+        slide(dpc, zeros.data(), cp, L2);
+        slide(dqc, zeros.data(), cq, L2);
+      }
+      d_lo[c] = lo;
+      d_hi[c] = hi;
     }
   }
 
