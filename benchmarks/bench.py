@@ -81,8 +81,10 @@ def run_case(case: dict) -> dict:
         return rss_kib("VmHWM") * 1024
 
     # Load the backend (extension, kernels, op registration) on a tiny input first, so that
-    # the code and its one-off allocations are not counted as the loss's memory.
-    small = torch.rand(1, 1, 8, 8).to(device)
+    # the code and its one-off allocations are not counted as the loss's memory. The input has
+    # enough planes to give every CPU thread work: a worker's first task also makes one-off
+    # allocations (its malloc arena, thread-local state).
+    small = torch.rand(1, 2 * torch.get_num_threads(), 8, 8).to(device)
     ek.spatial_entropy_loss(small.requires_grad_(True), small.detach(), **kwargs).backward()
     sync()
     if cuda:
