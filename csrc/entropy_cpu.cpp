@@ -1,25 +1,21 @@
-// C++ CPU implementation of the fused local divergence, forward and backward.
+// C++ CPU implementation of the fused local divergence, forward and backward (docs/cpp.md).
 //
-// Work is split into fixed (plane, block of rows) items run with at::parallel_for. The split
-// does not depend on the thread count and every item is computed sequentially, so the
+// Work is split into fixed (plane, block of window rows) items run with at::parallel_for. The
+// split does not depend on the thread count and every item is computed sequentially, so the
 // result is bitwise the same for any number of threads.
 //
-// Forward, per item and output row r: per-column joint histograms of the band of image rows
-// covered by row r's windows are kept in double and slid down the rows (add the entering
-// row's rank-1 kernel products, subtract the leaving row's); a window's histograms are slid
-// across the columns the same way; the window's L*L cells then give D_c. Cost per pixel:
-// about 8 L^2 multiply-adds in double and 2 L^2 logs, independent of the window size.
+// Forward, per item and window row r (RowWindows): the joint histograms of window c are a
+// running sum along the row of per-window differences D(c) (the columns window c adds minus
+// those it drops), each kept in double from row to row and brought to the new band of image rows
+// by the rank-1 kernel products of the pixels entering and leaving it; the window's L*L cells
+// then give D_c. Cost per pixel: about 8 L^2 multiply-adds in double and L^2 logs, independent of
+// the window size.
 //
-// Backward, per item and input row y: the gradient of pixel p is a'_p^T H_p b_p (and
-// a_p^T H_p b'_p) with H_p the sum of G_c over the windows c containing p. G rows are
-// recomputed from the histograms as in the forward pass, box-summed along the row into T_r,
-// and T_r is box-summed down the rows with a ring buffer of the last `side` rows.
-//
-// Why double accumulators: a sliding sum that adds and later subtracts a value carries an
-// absolute error of about (unit round-off) x (largest value in the band). In float that is
-// ~1e-7, which would swamp cells of a few 1e-10 (eps) that the logs see. In double it is
-// ~1e-16, far below eps, and the kernel products of float inputs are exact in double, so
-// what is added is exactly what is later subtracted.
+// Gradient (backward_rows): for each window row r, G_{r,c} = dD_c/dQ for every window of the row,
+// T_r(x) = the sum of G_{r,c} over the windows covering column x (slid along the row), and at once
+// grad_u(p) += a'_p^T T_r(x) b_p, grad_m(p) += a_p^T T_r(x) b'_p for the pixels p of column x under
+// row r (bilinear_forms, a register-blocked micro-kernel). Summed over r that is a'_p^T H_p b_p,
+// H_p the sum of G_c over the windows containing p; nothing with a bins axis outlives its row.
 //
 // NaN/Inf: a non-finite pixel contributes nothing to the sums (so it cannot leak into the
 // sliding state of other windows); instead the windows that contain it are found with an
@@ -81,30 +77,16 @@ inline void kernel_row(T v, T h, int L, T* __restrict a) {
   for (int i = 0; i < L; ++i) a[i] = kde_kernel<Kind>((v - T(i)) / h) * inv_h;
 }
 
-// a'(i) = K'((v - i) / h) / h^2.
-template <int Kind, typename T>
-inline void kernel_deriv_row(T v, T h, int L, T* __restrict da) {
-  const T inv_h2 = T(1) / (h * h);
-#pragma omp simd
-  for (int i = 0; i < L; ++i) da[i] = kde_kernel_deriv<Kind>((v - T(i)) / h) * inv_h2;
-}
-
 // a(i) and a'(i) together, one exponential per bin; a(i) exactly as kernel_row computes it.
 template <int Kind, typename T>
 inline void kernel_and_deriv_row(T v, T h, int L, T* __restrict a, T* __restrict da) {
   const T inv_h = T(1) / h, inv_h2 = T(1) / (h * h);
 #pragma omp simd
   for (int i = 0; i < L; ++i) {
-    const T z = (v - T(i)) / h;
-    if (Kind == kLogistic) {
-      const T e = ek_exp(-(z < T(0) ? -z : z)), d = T(1) + e, k = e / (d * d);
-      a[i] = k * inv_h;
-      da[i] = (z > T(0) ? -k : k) * ((T(1) - e) / d) * inv_h2;
-    } else {
-      const T g = ek_exp(T(-0.5) * z * z) * T(0.398942280401432677939946);
-      a[i] = g * inv_h;
-      da[i] = -z * g * inv_h2;
-    }
+    T k, dk;
+    kde_kernel_and_deriv<Kind>((v - T(i)) / h, &k, &dk);
+    a[i] = k * inv_h;
+    da[i] = dk * inv_h2;
   }
 }
 

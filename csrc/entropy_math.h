@@ -151,6 +151,20 @@ EK_HD T kde_kernel_deriv(T z) {
   return -z * ek_exp(T(-0.5) * z * z) * T(0.398942280401432677939946);
 }
 
+// K(z) (exactly as kde_kernel) and K'(z) together, with one exponential.
+template <int Kind, typename T>
+EK_HD void kde_kernel_and_deriv(T z, T* k, T* dk) {
+  if (Kind == kLogistic) {
+    const T e = ek_exp(-(z < T(0) ? -z : z)), d = T(1) + e, v = e / (d * d);
+    *k = v;
+    *dk = (z > T(0) ? -v : v) * ((T(1) - e) / d);
+  } else {
+    const T g = ek_exp(T(-0.5) * z * z) * T(0.398942280401432677939946);
+    *k = g;
+    *dk = -z * g;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Per-cell divergence terms. P is the target density, Q the prediction's.
 // ---------------------------------------------------------------------------------------
