@@ -43,7 +43,7 @@ def spatial_entropy_loss(
     )
     pred, target, squeezed = check_inputs(pred, target, opts)
     dtype = compute_dtype(pred)
-    impl = backends.select(opts.backend, pred.device, dtype, opts.bins)
+    impl = backends.select(opts.backend, pred.device, dtype, opts.bins, opts.eps)
 
     ring = draw_neighbor_weights(opts, pred.device, dtype)
     u_pred, m_pred = pixel_maps(pred, ring, opts)

@@ -332,6 +332,25 @@ def test_opcheck(cpp):
         torch.library.opcheck(cpp.local_divergence_op, (u, m, ut, mt, 5, 3, True, bins, 0.5, 1, 1, 1e-10, with_grad))
 
 
+def test_eps_below_the_sliding_sums_floor_goes_to_the_reference():
+    """Sliding window sums carry ~1e-17 absolute error; at eps = 0 the Gaussian kernel's far cells
+    gave NaN windows. The fused backends decline eps < 1e-12 and 'auto' takes the reference."""
+    pred = torch.rand(1, 1, 9, 8, dtype=torch.float64)
+    target = torch.rand(1, 1, 9, 8, dtype=torch.float64)
+    kw = dict(bins=12, window=5, kernel="gaussian", eps=0.0, neighbor_weights="mean")
+    with pytest.raises(ValueError, match="eps >= 1e-12.*eps=0"):
+        entropy_kernels.spatial_entropy_loss(pred, target, backend="cpp", **kw)
+    with pytest.warns(UserWarning, match="uses 'reference'.*eps"):
+        auto = entropy_kernels.spatial_entropy_loss(pred, target, backend="auto", **kw)
+    ref = entropy_kernels.spatial_entropy_loss(pred, target, backend="reference", **kw)
+    assert torch.isfinite(ref) and torch.equal(auto, ref)
+    # at the floor the fused sums are still float32-accurate
+    kw["eps"] = 1e-12
+    fused = entropy_kernels.spatial_entropy_loss(pred, target, backend="cpp", **kw)
+    torch.testing.assert_close(fused, entropy_kernels.spatial_entropy_loss(pred, target, backend="reference", **kw),
+                               rtol=1e-6, atol=0)
+
+
 def test_bad_arguments_raise(cpp):
     module, _ = _extension.load(False)
     u = torch.rand(1, 4, 4)
