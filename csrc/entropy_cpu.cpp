@@ -30,6 +30,9 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>
 #define EK_HAVE_MXCSR 1
@@ -53,6 +56,53 @@ class FlushSubnormals {
   unsigned int saved_;
 #endif
 };
+
+#if defined(__AVX512F__)
+// KL's per-cell terms on 16 float lanes with AVX-512's exponent and mantissa extraction
+// (getexp, getmant): the range reduction of ek_fast_logf (x = m 2^e, m in [sqrt(1/2), sqrt(2)))
+// in five instructions instead of about twenty, then its polynomial. The hottest loop of the
+// pass; generic builds use the portable loops. t = (P + eps) log((P + eps) / (Q + eps)) + Q - P
+// and, when gc is given, gc = coef (Q - P) / (Q + eps).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own getmant/getexp wrappers
+inline __m512 log16(__m512 x) {
+  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_nan);  // NaN for x < 0
+  __m512 e = _mm512_getexp_ps(x);                                          // -inf for 0, inf for inf
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GE_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f)), z = _mm512_mul_ps(f, f);
+  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174e-1f));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
+  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
+  const __m512 r = _mm512_add_ps(_mm512_add_ps(f, y), _mm512_mul_ps(e, _mm512_set1_ps(0.693359375f)));
+  // log(0) = -inf and log(inf) = inf: e is the answer (the sum above would give NaN)
+  return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(_mm512_abs_ps(e), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), e);
+}
+#pragma GCC diagnostic pop
+
+inline void kl_terms16(const float* __restrict p, const float* __restrict q, int n, float eps, float coef,
+                       float* __restrict t, float* __restrict gc) {
+  const __m512 ve = _mm512_set1_ps(eps), vc = _mm512_set1_ps(coef), one = _mm512_set1_ps(1.0f);
+  for (int k = 0; k < n; k += 16) {
+    const __mmask16 mk = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
+    const __m512 vp = _mm512_maskz_loadu_ps(mk, p + k), vq = _mm512_maskz_loadu_ps(mk, q + k);
+    const __m512 pe = _mm512_add_ps(vp, ve), r = _mm512_div_ps(one, _mm512_add_ps(vq, ve));
+    const __m512 diff = _mm512_sub_ps(vq, vp);
+    _mm512_mask_storeu_ps(t + k, mk, _mm512_fmadd_ps(pe, log16(_mm512_mul_ps(pe, r)), diff));
+    if (gc) _mm512_mask_storeu_ps(gc + k, mk, _mm512_mul_ps(vc, _mm512_mul_ps(diff, r)));
+  }
+}
+#endif
 
 struct Problem {
   int planes, height, width, bins;
@@ -424,6 +474,12 @@ struct RowWindows {
     T* __restrict t = terms;
     const T *__restrict pp = pn, *__restrict qq = qn;
     if (kind == kKL) {
+#if defined(__AVX512F__)
+      if constexpr (std::is_same<T, float>::value) {
+        kl_terms16(pp, qq, L2, eps, 0.0f, t, nullptr);
+        return (T)sum_terms();
+      }
+#endif
 #pragma omp simd
       for (int k = 0; k < L2; ++k) t[k] = kl_term(pp[k], qq[k], eps);
     } else {
@@ -438,6 +494,12 @@ struct RowWindows {
   T kl_divergence_and_grad(T eps, T coef, T* __restrict gc) {
     T* __restrict t = terms;
     const T *__restrict pp = pn, *__restrict qq = qn;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value) {
+      kl_terms16(pp, qq, L2, eps, coef, t, gc);
+      return (T)sum_terms();
+    }
+#endif
 #pragma omp simd
     for (int k = 0; k < L2; ++k) {
       T dq_;
