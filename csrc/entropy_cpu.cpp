@@ -416,7 +416,15 @@ struct RowWindows {
       const double* foa = has_a ? factors(y_sub, a0, 1) : zeros.data();
       const double* fis = has_s ? factors(y_add, s0, 2) : zeros.data();
       const double* fos = has_s ? factors(y_sub, s0, 3) : zeros.data();
-      fused_step(dpc, dqc, fia, foa, fis, fos, inv_n);
+      // The common bin counts with L known at compile time (constant offsets, unrolled rows).
+      if (L == 32)
+        fused_step<32>(dpc, dqc, fia, foa, fis, fos, inv_n);
+      else if (L == 16)
+        fused_step<16>(dpc, dqc, fia, foa, fis, fos, inv_n);
+      else if (L == 64)
+        fused_step<64>(dpc, dqc, fia, foa, fis, fos, inv_n);
+      else
+        fused_step<0>(dpc, dqc, fia, foa, fis, fos, inv_n);
     } else {
       for (int k = 0; k < steps; ++k) {
         const int y_add = k < n_add ? ch + k : -1, y_sub = k < n_sub ? cl + k : -1;
@@ -442,9 +450,11 @@ struct RowWindows {
   // One pass over the cells: D(c) (dpc, dqc) takes the products of the pixels entering (i) and
   // leaving (o) the band in the added (a) and dropped (s) columns, the window adds D(c), and its
   // cells / N go to pn, qn.
+  template <int LC>  // L when known at compile time, else 0
   void fused_step(double* __restrict dpc, double* __restrict dqc, const double* __restrict fia,
                   const double* __restrict foa, const double* __restrict fis, const double* __restrict fos,
                   double inv_n) {
+    const int L = LC > 0 ? LC : this->L;
     double *__restrict xp = wp, *__restrict xq = wq;
     T *__restrict pp = pn, *__restrict qq = qn;
     // b vectors: pred at offset L, target at 3 L.
