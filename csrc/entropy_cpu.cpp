@@ -60,8 +60,8 @@ class FlushSubnormals {
 #if defined(__AVX512F__)
 // KL's per-cell terms on 16 float lanes with AVX-512's exponent and mantissa extraction
 // (getexp, getmant): the range reduction of ek_fast_logf (x = m 2^e, m in [sqrt(1/2), sqrt(2)))
-// in five instructions instead of about twenty, then its polynomial. The hottest loop of the
-// pass; generic builds use the portable loops. t = (P + eps) log((P + eps) / (Q + eps)) + Q - P
+// in five instructions instead of about twenty, then its polynomial (ek_logf_reduced). The
+// hottest loop of the pass; generic builds use the portable loops. t = (P + eps) log((P + eps) / (Q + eps)) + Q - P
 // and, when gc is given, gc = coef (Q - P) / (Q + eps).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own getmant/getexp wrappers
@@ -71,20 +71,7 @@ inline __m512 log16(__m512 x) {
   const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GE_OQ);
   m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
   e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
-  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f)), z = _mm512_mul_ps(f, f);
-  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174e-1f));
-  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
-  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
-  y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
-  const __m512 r = _mm512_add_ps(_mm512_add_ps(f, y), _mm512_mul_ps(e, _mm512_set1_ps(0.693359375f)));
+  const __m512 r = ek_logf_reduced(_mm512_sub_ps(m, _mm512_set1_ps(1.0f)), e);
   // log(0) = -inf and log(inf) = inf: e is the answer (the sum above would give NaN)
   return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(_mm512_abs_ps(e), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), e);
 }
@@ -234,8 +221,7 @@ inline void slide(double* __restrict acc, const S* __restrict add, const S* __re
 template <typename T, int Kind>
 struct RowWindows {
   const Problem& pb;
-  const T *up = nullptr, *mp = nullptr, *ut = nullptr, *mt = nullptr;
-  int L, L2, F, lo = 0, hi = 0, row = -1;
+  int L, L2, F, lo = 0, hi = 0;
   // The arrays one window pass reads and writes together are carved from two arenas at
   // staggered offsets: as separate allocations of a multiple of 4 KiB they would start at the
   // same address modulo 4 KiB, and the CPU would then take every load of one for a possible
@@ -272,14 +258,10 @@ struct RowWindows {
 
   // Start on one plane (pred maps up, mp; target maps ut, mt). The storage is reused from item
   // to item.
-  void start(const T* up_, const T* mp_, const T* ut_, const T* mt_) {
-    up = up_;
-    mp = mp_;
-    ut = ut_;
-    mt = mt_;
+  void start(const T* up, const T* mp, const T* ut, const T* mt) {
     std::fill(d_lo.begin(), d_lo.end(), 0);
     std::fill(d_hi.begin(), d_hi.end(), 0);
-    ring.start(up_, mp_, ut_, mt_);
+    ring.start(up, mp, ut, mt);
   }
 
   // Factors of pixel (y, x) in double into scratch slot `slot` (0..3); zeros for y < 0 (no pixel).
@@ -310,11 +292,20 @@ struct RowWindows {
   // Begin output row r: its band of image rows; the factors of its rows and of the row that
   // leaves the band.
   void begin_row(int r) {
-    row = r;
     lo = pb.rows.lo(r);
     hi = pb.rows.hi(r);
     ring.fill(std::max(lo - 1, 0), hi);
     if (d_lo[0] == d_hi[0]) rebuild();  // the first row of an item
+  }
+
+  // The columns [a0, a1) window c adds to window c - 1 and those [s0, s1) it drops (window 0:
+  // all of its columns, none dropped).
+  void columns(int c, int& a0, int& a1, int& s0, int& s1) const {
+    const Axis& ax = pb.cols;
+    a0 = c == 0 ? ax.lo(0) : ax.hi(c - 1);
+    a1 = ax.hi(c);
+    s0 = c == 0 ? 0 : ax.lo(c - 1);
+    s1 = c == 0 ? 0 : ax.lo(c);
   }
 
   // D(c) += sign (a_add b_add^T - a_sub b_sub^T) for both densities; f_*: factors (see F).
@@ -370,8 +361,8 @@ struct RowWindows {
       cq = cols_q.data() + (int64_t)(x % n_cols) * L2;
     };
     for (int c = 0; c < ax.out; ++c) {
-      const int a0 = c == 0 ? ax.lo(0) : ax.hi(c - 1), a1 = ax.hi(c);
-      const int s0 = c == 0 ? 0 : ax.lo(c - 1), s1 = c == 0 ? 0 : ax.lo(c);
+      int a0, a1, s0, s1;
+      columns(c, a0, a1, s0, s1);
       double *dpc = dp + (int64_t)c * L2, *dqc = dq + (int64_t)c * L2;
       std::fill(dpc, dpc + L2, 0.0);
       std::fill(dqc, dqc + L2, 0.0);
@@ -395,10 +386,8 @@ struct RowWindows {
   // Window c of the current row into pn, qn (cells / N, inv_n = 1 / N); windows must be reached in
   // the order c = 0, 1, 2, ... in every row.
   void window(int c, double inv_n) {
-    const Axis& ax = pb.cols;
-    // Columns window c adds to window c - 1, and those it drops.
-    const int a0 = c == 0 ? ax.lo(0) : ax.hi(c - 1), a1 = ax.hi(c);
-    const int s0 = c == 0 ? 0 : ax.lo(c - 1), s1 = c == 0 ? 0 : ax.lo(c);
+    int a0, a1, s0, s1;
+    columns(c, a0, a1, s0, s1);
     int& cl = d_lo[c];
     int& ch = d_hi[c];
     double *dpc = dp + (int64_t)c * L2, *dqc = dq + (int64_t)c * L2;
@@ -721,8 +710,7 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
   double* t_row = s.t_row.data();
 
   auto window_row = [&](int r) {
-    const int wy0 = pb.rows.lo(r), wy1 = pb.rows.hi(r);
-    const int py0 = wy0, py1 = wy1;  // the pixel rows under row r
+    const int wy0 = pb.rows.lo(r), wy1 = pb.rows.hi(r);  // the pixel rows under row r
     auto& ring = win.ring;
     win.begin_row(r);
     std::fill(t_row, t_row + (int64_t)L * Lp, 0.0);
@@ -760,9 +748,9 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
           tc = t_row;
         else
           tc = s.t_c.data();
-        const int n = py1 - py0;
+        const int n = wy1 - wy0;
         for (int k = 0; k < n; ++k) {
-          const int y = py0 + k;
+          const int y = wy0 + k;
           T* f;
           if (ring.n_slots > 0) {
             f = ring.at(y, tx);
@@ -777,7 +765,7 @@ void backward_rows(const Problem& pb, BackwardScratch<T, Kind>& s, const T* up, 
         }
         bilinear_forms<T>(tc, L, Lp, 2 * n, s.a.data(), s.b.data(), s.out.data(), s.b_shift);
         for (int k = 0; k < n; ++k) {
-          double* g = gacc + ((int64_t)(py0 + k - y0) * W + tx) * 2;
+          double* g = gacc + ((int64_t)(wy0 + k - y0) * W + tx) * 2;
           g[0] += s.out[2 * k];
           g[1] += s.out[2 * k + 1];
         }
@@ -869,16 +857,16 @@ void backward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp
   // item's part of the gradient covers the pixel rows under its window rows, and the parts of
   // the (at most side / kBackwardRows + 2) items that share a pixel row are added in item order.
   const int blocks = (pb.rows.out + kBackwardRows - 1) / kBackwardRows;
-  auto pixel_rows = [&](int block, int& y0, int& y1) {
-    const int r0 = block * kBackwardRows, r1 = std::min(pb.rows.out, r0 + kBackwardRows);
-    y0 = pb.rows.lo(r0);
-    y1 = pb.rows.hi(r1 - 1);
+  auto window_rows = [&](int block, int& r0, int& r1) {
+    r0 = block * kBackwardRows;
+    r1 = std::min(pb.rows.out, r0 + kBackwardRows);
   };
+  auto first_pixel_row = [&](int block) { return pb.rows.lo(block * kBackwardRows); };
   int part_rows = 0;
   for (int blk = 0; blk < blocks; ++blk) {
-    int y0, y1;
-    pixel_rows(blk, y0, y1);
-    part_rows = std::max(part_rows, y1 - y0);
+    int r0, r1;
+    window_rows(blk, r0, r1);
+    part_rows = std::max(part_rows, pb.rows.hi(r1 - 1) - pb.rows.lo(r0));
   }
   const int W = pb.width;
   const int64_t part_size = (int64_t)part_rows * W * 2;
@@ -894,7 +882,8 @@ void backward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp
     BackwardScratch<T, Kind> scratch(pb);  // shared by this thread's items
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks;
-      const int r0 = (int)(item % blocks) * kBackwardRows, r1 = std::min(pb.rows.out, r0 + kBackwardRows);
+      int r0, r1;
+      window_rows((int)(item % blocks), r0, r1);
       const int64_t in = n * pb.plane_in(), out = n * pb.plane_out();
       backward_rows<T, Kind>(pb, scratch, u_p + in, m_p + in, u_t + in, m_t + in, dd ? dd + out : nullptr,
                              gg ? gg + out : nullptr, r0, r1, parts_p + item * part_size,
@@ -908,11 +897,14 @@ void backward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp
   T *gu_p = gu.data_ptr<T>(), *gm_p = gm.data_ptr<T>();
   const int pstride = pb.cols.out + 1;
   at::parallel_for(0, (int64_t)pb.planes * pb.height, 16, [&](int64_t begin, int64_t end) {
+    std::vector<const double*> row_parts;  // row y of the parts of the blocks with a window row over y
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / pb.height;
       const int y = (int)(row % pb.height);
       const int wr0 = pb.rows.out_lo(y), wr1 = pb.rows.out_hi(y);
-      const int b0 = wr0 / kBackwardRows, b1 = (wr1 - 1) / kBackwardRows;  // the blocks with a row over y
+      row_parts.clear();
+      for (int blk = wr0 / kBackwardRows; blk <= (wr1 - 1) / kBackwardRows; ++blk)
+        row_parts.push_back(parts_p + (n * blocks + blk) * part_size + (int64_t)(y - first_pixel_row(blk)) * W * 2);
       const int32_t* sat = poison + n * sat_plane;
       for (int x = 0; x < W; ++x) {
         const int64_t at = n * pb.plane_in() + (int64_t)y * W + x;
@@ -922,12 +914,9 @@ void backward_impl(const Problem& pb, const at::Tensor& up, const at::Tensor& mp
           continue;
         }
         double su = 0.0, sm = 0.0;
-        for (int blk = b0; blk <= b1; ++blk) {
-          int y0, y1;
-          pixel_rows(blk, y0, y1);
-          const double* g = parts_p + (n * blocks + blk) * part_size + ((int64_t)(y - y0) * W + x) * 2;
-          su += g[0];
-          sm += g[1];
+        for (const double* part : row_parts) {
+          su += part[2 * x];
+          sm += part[2 * x + 1];
         }
         gu_p[at] = (T)su;
         gm_p[at] = (T)sm;

@@ -80,6 +80,20 @@ EK_HD float ek_fast_expf(float x) {
   return x == x ? r : x;
 }
 
+// log(x) for x = (1 + f) 2^fe after the range reduction, 1 + f in [sqrt(1/2), sqrt(2)): the Cephes
+// polynomial of ek_fast_logf. V is float or a GCC/Clang vector of floats (the CPU backend's
+// AVX-512 KL loop reduces the range with getexp/getmant and shares this part).
+template <typename V>
+EK_HD V ek_logf_reduced(V f, V fe) {
+  const V z = f * f;
+  V y = ((((((((7.0376836292e-2f * f - 1.1514610310e-1f) * f + 1.1676998740e-1f) * f - 1.2420140846e-1f) * f +
+             1.4249322787e-1f) * f - 1.6668057665e-1f) * f + 2.0000714765e-1f) * f - 2.4999993993e-1f) * f +
+         3.3333331174e-1f) * f * z;
+  y = y - 2.12194440e-4f * fe;
+  y = y - 0.5f * z;
+  return f + y + 0.693359375f * fe;
+}
+
 EK_HD float ek_fast_logf(float x) {
   const float min_normal = 1.17549435e-38f;
   bool tiny = x < min_normal;  // subnormals (and 0, negatives: fixed up at the end)
@@ -91,14 +105,7 @@ EK_HD float ek_fast_logf(float x) {
   bool small = m < 0.707106781186547524f;
   e = small ? e - 1 : e;
   float f = small ? m + m - 1.0f : m - 1.0f;
-  float z = f * f;
-  float y = ((((((((7.0376836292e-2f * f - 1.1514610310e-1f) * f + 1.1676998740e-1f) * f - 1.2420140846e-1f) * f +
-                 1.4249322787e-1f) * f - 1.6668057665e-1f) * f + 2.0000714765e-1f) * f - 2.4999993993e-1f) * f +
-             3.3333331174e-1f) * f * z;
-  float fe = (float)e;
-  y = y - 2.12194440e-4f * fe;
-  y = y - 0.5f * z;
-  float r = f + y + 0.693359375f * fe;
+  float r = ek_logf_reduced(f, (float)e);
   r = x == 0.0f ? -INFINITY : r;
   r = x < 0.0f ? NAN : r;
   r = x == INFINITY ? INFINITY : r;
