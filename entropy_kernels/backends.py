@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from typing import Optional
 
 import torch
 
@@ -47,12 +48,14 @@ def _load(name: str):
     return _LOADED[name]
 
 
-def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype, bins: int, eps: float = 1e-10):
+def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype, bins: int,
+                          eps: Optional[float] = None):
+    """Why backend `name` cannot serve the call (empty when it can); eps: the loss's, when known."""
     module, error = _load(name)
     if module is None:
         return [error]
     reasons = list(module.not_supported_reasons(torch.device(device), dtype, bins))
-    if name in FUSED and eps < FUSED_MIN_EPS:
+    if name in FUSED and eps is not None and eps < FUSED_MIN_EPS:
         reasons.append(f"needs eps >= {FUSED_MIN_EPS:g} (its sliding window sums carry ~1e-17 absolute error), "
                        f"got eps={eps:g}")
     return reasons
@@ -61,7 +64,7 @@ def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype, b
 _warned = set()
 
 
-def select(name: str, device: torch.device, dtype: torch.dtype, bins: int, eps: float = 1e-10):
+def select(name: str, device: torch.device, dtype: torch.dtype, bins: int, eps: Optional[float] = None):
     """The backend module for a call; raises when an explicitly named backend cannot serve it."""
     if name != "auto":
         reasons = not_supported_reasons(name, device, dtype, bins, eps)

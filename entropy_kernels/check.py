@@ -127,13 +127,12 @@ def run(backend_names: Sequence[str], device: torch.device, args, opts: dict, ou
     True when all pass, None when none could run."""
     ran, passed = False, True
     for name in backend_names:
-        reasons = backends.not_supported_reasons(name, device, torch.float64, args.bins, opts.get("eps", 1e-10))
+        reasons = backends.not_supported_reasons(name, device, torch.float64, args.bins)
         if reasons:
             out(f"{name:9s} skipped: {'; '.join(reasons)}")
             continue
         for check, fn in CHECKS.items():
-            if check == "float32" and backends.not_supported_reasons(name, device, torch.float32, args.bins,
-                                                                     opts.get("eps", 1e-10)):
+            if check == "float32" and backends.not_supported_reasons(name, device, torch.float32, args.bins):
                 out(f"{name:9s} {check:15s} skipped: float32 not served")
                 continue
             generator = torch.Generator().manual_seed(args.seed)
