@@ -614,7 +614,9 @@ void bilinear_strip(const S* __restrict t, int ld, int L, int n, const S* const*
                     double* out) {
   typedef typename Vec64<S>::type V;
   constexpr int lanes = Vec64<S>::lanes;
-  constexpr int MB = NV <= 2 ? 12 : (NV == 3 ? 8 : (NV == 4 ? 6 : (NV <= 6 ? 4 : 3)));
+  // Forms per block (MB x NV accumulators in registers). 11, not 12, at NV <= 2: the default
+  // window side 11 gives 22 forms, two full blocks (a short block repeats its last form).
+  constexpr int MB = NV <= 2 ? 11 : (NV == 3 ? 8 : (NV == 4 ? 6 : (NV <= 6 ? 4 : 3)));
   for (int k0 = 0; k0 < n; k0 += MB) {
     const int m = std::min(MB, n - k0);
     const S* ak[MB];
