@@ -572,9 +572,11 @@ void forward_rows(const Problem& pb, RowWindows<T, Kind>& win, const T* up, cons
 // ---------------------------------------------------------------------------------------
 // The gradient's contraction: out[k] = a_k^T T b_k for a batch of forms (a'^T T b and a^T T b'
 // of the pixels under one window row), with T one L x L matrix, in the compute type S (float
-// for float input: 16 lanes; double: 8). Written like a GEMM micro-kernel with GCC/Clang vector
-// types: MB forms at a time keep their partial rows a_k^T T in registers (NV vectors each), and
-// each row of T is loaded once per MB forms. Each form's lanes are summed in double.
+// for float input, double otherwise). Written like a GEMM micro-kernel with GCC/Clang vector
+// types of the target's register width (AVX-512: 64 bytes, 32 registers; AVX: 32 bytes, 16
+// registers; otherwise 16 bytes, 16 registers): MB forms at a time keep their partial rows
+// a_k^T T in registers (NV vectors each), and each row of T is loaded once per MB forms. Each
+// form's lanes are summed in double.
 // ---------------------------------------------------------------------------------------
 template <typename S>
 struct Vec64 {
@@ -582,9 +584,26 @@ struct Vec64 {
   static constexpr int lanes = 64 / sizeof(S);
 };
 
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64, kVecRegs = 32;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32, kVecRegs = 16;
+#else
+constexpr int kVecBytes = 16, kVecRegs = 16;
+#endif
+// Widest strip of T's row the micro-kernel takes, in vectors (at least one form in registers).
+constexpr int kMaxStrip = kVecRegs == 32 ? 8 : 4;
+
+// One register of S.
 template <typename S>
-EK_HD typename Vec64<S>::type load64(const S* p) {
-  typename Vec64<S>::type v;
+struct VecR {
+  typedef S type __attribute__((vector_size(kVecBytes)));
+  static constexpr int lanes = kVecBytes / (int)sizeof(S);
+};
+
+template <typename V, typename S>
+EK_HD V load_vec(const S* p) {
+  V v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
@@ -595,7 +614,7 @@ typedef double v2d __attribute__((vector_size(16)));
 typedef float v8f __attribute__((vector_size(32)));
 
 // Sum of the lanes in double, as a tree (a serial chain of 16 additions would cost more than
-// the form itself).
+// the form itself): halves added, then quarters, and so on.
 EK_HD double lane_sum(v8d v) {
   const v4d a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   const v2d b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
@@ -606,17 +625,27 @@ EK_HD double lane_sum(typename Vec64<float>::type v) {
   const v8f hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   return lane_sum(__builtin_convertvector(lo, v8d) + __builtin_convertvector(hi, v8d));
 }
+template <typename V>  // narrower vectors: the same tree
+EK_HD double lane_sum(V v) {
+  constexpr int n = sizeof(V) / sizeof(v[0]);
+  double t[n];
+  for (int i = 0; i < n; ++i) t[i] = (double)v[i];
+  for (int w = n / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
 
 // out[k] += sum_{i < L, j < NV lanes} a[k][i] t[i * ld + j] b[k][j] for k < n. Rows of more
-// than 8 vectors are done in strips by the caller.
+// than kMaxStrip vectors are done in strips by the caller.
 template <typename S, int NV>
 void bilinear_strip(const S* __restrict t, int ld, int L, int n, const S* const* a, const S* const* b,
                     double* out) {
-  typedef typename Vec64<S>::type V;
-  constexpr int lanes = Vec64<S>::lanes;
-  // Forms per block (MB x NV accumulators in registers). 11, not 12, at NV <= 2: the default
-  // window side 11 gives 22 forms, two full blocks (a short block repeats its last form).
-  constexpr int MB = NV <= 2 ? 11 : (NV == 3 ? 8 : (NV == 4 ? 6 : (NV <= 6 ? 4 : 3)));
+  typedef typename VecR<S>::type V;
+  constexpr int lanes = VecR<S>::lanes;
+  // Forms per block: MB x NV accumulators, NV rows of T and a broadcast in the registers. At
+  // most 11: the default window side 11 gives 22 forms, two full blocks (a short block repeats
+  // its last form).
+  constexpr int MB = std::max(1, std::min(11, (kVecRegs - 1 - NV) / NV));
   for (int k0 = 0; k0 < n; k0 += MB) {
     const int m = std::min(MB, n - k0);
     const S* ak[MB];
@@ -629,7 +658,7 @@ void bilinear_strip(const S* __restrict t, int ld, int L, int n, const S* const*
     for (int i = 0; i < L; ++i) {
       V tv[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) tv[v] = load64(t + (int64_t)i * ld + lanes * v);
+      for (int v = 0; v < NV; ++v) tv[v] = load_vec<V>(t + (int64_t)i * ld + lanes * v);
 #pragma GCC unroll 16
       for (int q = 0; q < MB; ++q) {
         const S c = ak[q][i];
@@ -639,36 +668,38 @@ void bilinear_strip(const S* __restrict t, int ld, int L, int n, const S* const*
     }
     for (int q = 0; q < m; ++q) {
       const S* bq = b[k0 + q];
-      V sum = acc[q][0] * load64(bq);
-      for (int v = 1; v < NV; ++v) sum += acc[q][v] * load64(bq + lanes * v);
+      V sum = acc[q][0] * load_vec<V>(bq);
+      for (int v = 1; v < NV; ++v) sum += acc[q][v] * load_vec<V>(bq + lanes * v);
       out[k0 + q] += lane_sum(sum);
     }
   }
 }
 
-// out[k] = a[k]^T t b[k] for k < n; t has L rows of ld = Lp values (Lp a multiple of the vector
-// lanes, zero beyond column L), b[k] is zero beyond L. Any L: strips of up to 8 vectors.
+// out[k] = a[k]^T t b[k] for k < n; t has L rows of ld = Lp values (Lp a multiple of 64 bytes,
+// zero beyond column L), b[k] is zero beyond L. Any L: strips of up to kMaxStrip vectors.
 template <typename S>
 void bilinear_forms(const S* t, int L, int Lp, int n, const S* const* a, const S* const* b, double* out,
                     std::vector<const S*>& b_shift) {
-  constexpr int lanes = Vec64<S>::lanes;
+  constexpr int lanes = VecR<S>::lanes;
   std::fill(out, out + n, 0.0);
-  for (int j0 = 0; j0 < Lp; j0 += 8 * lanes) {
+  for (int j0 = 0; j0 < Lp; j0 += kMaxStrip * lanes) {
     const S* const* bs = b;
     if (j0 > 0) {
       for (int k = 0; k < n; ++k) b_shift[k] = b[k] + j0;
       bs = b_shift.data();
     }
     const S* tj = t + j0;
-    switch (std::min(8, (Lp - j0) / lanes)) {
+    switch (std::min(kMaxStrip, (Lp - j0) / lanes)) {
       case 1: bilinear_strip<S, 1>(tj, Lp, L, n, a, bs, out); break;
       case 2: bilinear_strip<S, 2>(tj, Lp, L, n, a, bs, out); break;
       case 3: bilinear_strip<S, 3>(tj, Lp, L, n, a, bs, out); break;
       case 4: bilinear_strip<S, 4>(tj, Lp, L, n, a, bs, out); break;
+#if defined(__AVX512F__)  // kMaxStrip 8
       case 5: bilinear_strip<S, 5>(tj, Lp, L, n, a, bs, out); break;
       case 6: bilinear_strip<S, 6>(tj, Lp, L, n, a, bs, out); break;
       case 7: bilinear_strip<S, 7>(tj, Lp, L, n, a, bs, out); break;
-      default: bilinear_strip<S, 8>(tj, Lp, L, n, a, bs, out); break;
+      case 8: bilinear_strip<S, 8>(tj, Lp, L, n, a, bs, out); break;
+#endif
     }
   }
 }

@@ -26,7 +26,7 @@ DIVERGENCE_IDS = {"kl": 0, "hellinger": 1}
 CUDA_MAX_BINS = 64  # kCudaMaxBins in csrc/entropy_cuda.h
 
 
-def cxx_flags():
+def cxx_flags(portable: Optional[bool] = None):
     """Optimisation flags for the C++ sources, shared with setup.py.
 
     -fopenmp: at::parallel_for is an inline `omp parallel`, and `omp simd` reductions
@@ -34,10 +34,13 @@ def cxx_flags():
     -fno-trapping-math and -fno-math-errno only drop floating-point exception flags and
     errno, which lets the branch-free selects of csrc/entropy_math.h vectorise; NaN and Inf
     values propagate as before. -march=native suits a build made on the machine that runs
-    it (JIT or editable install); set ENTROPY_KERNELS_PORTABLE=1 for a wheel.
+    it (JIT or editable install); set ENTROPY_KERNELS_PORTABLE=1 for a wheel (``portable``
+    overrides the variable; tests/test_cpp_portable.py builds both).
     """
+    if portable is None:
+        portable = os.environ.get("ENTROPY_KERNELS_PORTABLE", "0") == "1"
     flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
-    if os.environ.get("ENTROPY_KERNELS_PORTABLE", "0") != "1":
+    if not portable:
         flags.append("-march=native")
     return flags
 

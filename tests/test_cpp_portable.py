@@ -1,0 +1,102 @@
+"""The C++ CPU code built without -march=native (ENTROPY_KERNELS_PORTABLE=1, as for a wheel).
+
+The default build on an AVX-512 machine takes the AVX-512 paths (KL's log, the window pass), so
+the portable loops that every other CPU runs (and the 64-byte vector types lowered to SSE2) are
+tested here: a second build of csrc/ into torch's extension cache (~1 minute on 2 cores, once),
+called directly, against the float64 reference.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from entropy_kernels import reference
+from entropy_kernels.ops import _extension
+
+from test_cpp import _err, assert_close_f64, random_maps, values_and_grads
+
+pytestmark = pytest.mark.skipif(shutil.which("ninja") is None, reason="the portable build needs ninja")
+
+
+@pytest.fixture(scope="module")
+def portable():
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name="entropy_kernels_cpu_portable",
+        sources=_extension.sources(cuda=False),
+        extra_cflags=_extension.cxx_flags(portable=True),
+        extra_include_paths=[str(_extension.CSRC)],
+    )
+
+
+class Raw:
+    """The backend contract on the raw module: D, and the gradient through its backward."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def local_divergence(self, u, m, ut, mt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+        ids = (_extension.KERNEL_IDS[kernel], _extension.DIVERGENCE_IDS[divergence])
+        module = self.module
+
+        class Op(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, u_, m_):
+                d, gu1, gm1 = module.forward(u_, m_, ut, mt, win_h, win_w, valid, bins, bandwidth, *ids, eps, True)
+                ctx.save_for_backward(u_, m_, d, gu1, gm1)
+                return d
+
+            @staticmethod
+            def backward(ctx, grad):
+                u_, m_, d, gu1, gm1 = ctx.saved_tensors
+                return tuple(module.backward(grad.contiguous(), d, u_, m_, ut, mt, gu1, gm1, win_h, win_w, valid, bins,
+                                             bandwidth, *ids, eps))
+
+        return Op.apply(u, m)
+
+
+# bins 32 and 16: the window pass's compiled sizes; 7 and 70: the generic loops and the
+# contraction's strips.
+CASES = [
+    (2, 13, 11, 32, 5, 5, False, "logistic", "kl"),
+    (1, 9, 12, 16, 3, 5, True, "gaussian", "hellinger"),
+    (2, 8, 7, 7, 11, 11, False, "gaussian", "kl"),
+    (1, 6, 5, 70, 3, 3, False, "logistic", "hellinger"),
+]
+
+
+@pytest.mark.parametrize("uniform", [False, True], ids=["grad-random", "grad-uniform"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
+def test_portable_build_parity_float64(portable, case, uniform):
+    n, height, width, bins, win_h, win_w, valid, kernel, divergence = case
+    args = (win_h, win_w, valid, bins, 0.5, kernel, divergence, 1e-10)
+    maps = random_maps(n, height, width, bins)
+    d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args)
+    if uniform:  # the forward's own gradient, rescaled by the backward
+        g = torch.full_like(g, 0.75)
+        d_ref, gu_ref, gm_ref, _ = values_and_grads(reference, maps, args, g)
+    d, gu, gm, _ = values_and_grads(Raw(portable), maps, args, g)
+    assert_close_f64(d, d_ref)
+    assert_close_f64(gu, gu_ref)
+    assert_close_f64(gm, gm_ref)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "hellinger"])
+@pytest.mark.parametrize("kernel", ["logistic", "gaussian"])
+def test_portable_build_float32_arithmetic_error(portable, kernel, divergence):
+    """The float32 rule of tests/test_cpp.py (float64 reference on the float32 inputs): the
+    portable exp/log polynomials and the float32 contraction, bins 32, window 11."""
+    bins = 32
+    args = (11, 11, False, bins, 0.5, kernel, divergence, 1e-10)
+    maps32 = [t.float() for t in random_maps(2, 23, 19, bins)]
+    maps64 = [t.double() for t in maps32]
+    g = (torch.rand(2, 23, 19) * 2 - 0.5).double()
+    d64, gu64, gm64, _ = values_and_grads(reference, maps64, args, g)
+    d_r, gu_r, gm_r, _ = values_and_grads(reference, maps32, args, g.float())
+    d_c, gu_c, gm_c, _ = values_and_grads(Raw(portable), maps32, args, g.float())
+    assert d_c.dtype == torch.float32
+    for name, ours, theirs, exact in (("D", d_c, d_r, d64), ("grad_u", gu_c, gu_r, gu64), ("grad_m", gm_c, gm_r, gm64)):
+        assert _err(ours, exact) <= 2 * _err(theirs, exact), name
