@@ -1,9 +1,10 @@
-"""The C++ CPU code built without -march=native (ENTROPY_KERNELS_PORTABLE=1, as for a wheel).
+"""The C++ CPU code built without -march=native (ENTROPY_KERNELS_PORTABLE=1, as for a wheel),
+and for AVX2.
 
-The default build on an AVX-512 machine takes the AVX-512 paths (KL's log, the window pass), so
-the portable loops that every other CPU runs (and the 64-byte vector types lowered to SSE2) are
-tested here: a second build of csrc/ into torch's extension cache (~1 minute on 2 cores, once),
-called directly, against the float64 reference.
+The default build on an AVX-512 machine takes the AVX-512 paths (KL's log, the window pass, the
+contraction's 64-byte blocking), so the loops that other CPUs run are tested here: two more
+builds of csrc/ into torch's extension cache (~25 s each on 2 cores, once), called directly,
+against the float64 reference.
 """
 from __future__ import annotations
 
@@ -20,14 +21,28 @@ from test_cpp import _err, assert_close_f64, random_maps, values_and_grads
 pytestmark = pytest.mark.skipif(shutil.which("ninja") is None, reason="the portable build needs ninja")
 
 
-@pytest.fixture(scope="module")
-def portable():
+def _cpu_has_avx2():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx2 " in f.read()
+    except OSError:
+        return False
+
+
+# x86-64 baseline (SSE2: 16-byte vectors, no FMA) everywhere; AVX2 + FMA (32-byte vectors, 16
+# registers: most desktop and AMD machines) where the CPU can run it.
+TARGETS = [("baseline", [])] + ([("avx2", ["-mavx2", "-mfma"])] if _cpu_has_avx2() else [])
+
+
+@pytest.fixture(scope="module", params=TARGETS, ids=[t[0] for t in TARGETS])
+def portable(request):
     from torch.utils import cpp_extension
 
+    name, extra = request.param
     return cpp_extension.load(
-        name="entropy_kernels_cpu_portable",
+        name=f"entropy_kernels_cpu_{name}",
         sources=_extension.sources(cuda=False),
-        extra_cflags=_extension.cxx_flags(portable=True),
+        extra_cflags=_extension.cxx_flags(portable=True) + extra,
         extra_include_paths=[str(_extension.CSRC)],
     )
 
