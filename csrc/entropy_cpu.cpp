@@ -92,6 +92,65 @@ inline void kl_terms16(const float* __restrict p, const float* __restrict q, int
 }
 #endif
 
+// Vector types (GCC/Clang extensions) for the register-blocked loops: 64-byte vectors, and
+// vectors of the target's register width.
+template <typename S>
+struct Vec64 {
+  typedef S type __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(S);
+};
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64, kVecRegs = 32;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32, kVecRegs = 16;
+#else
+constexpr int kVecBytes = 16, kVecRegs = 16;
+#endif
+// Widest strip of T's row the micro-kernel takes, in vectors (at least one form in registers).
+constexpr int kMaxStrip = kVecRegs == 32 ? 8 : 4;
+
+// One register of S.
+template <typename S>
+struct VecR {
+  typedef S type __attribute__((vector_size(kVecBytes)));
+  static constexpr int lanes = kVecBytes / (int)sizeof(S);
+};
+
+template <typename V, typename S>
+EK_HD V load_vec(const S* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+typedef double v8d __attribute__((vector_size(64)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef double v2d __attribute__((vector_size(16)));
+typedef float v8f __attribute__((vector_size(32)));
+
+// Sum of the lanes in double, as a tree (a serial chain of 16 additions would cost more than
+// the form itself): halves added, then quarters, and so on.
+EK_HD double lane_sum(v8d v) {
+  const v4d a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const v2d b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
+}
+EK_HD double lane_sum(typename Vec64<float>::type v) {
+  const v8f lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8f hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return lane_sum(__builtin_convertvector(lo, v8d) + __builtin_convertvector(hi, v8d));
+}
+template <typename V>  // narrower vectors: the same tree
+EK_HD double lane_sum(V v) {
+  constexpr int n = sizeof(V) / sizeof(v[0]);
+  double t[n];
+  for (int i = 0; i < n; ++i) t[i] = (double)v[i];
+  for (int w = n / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
 // std::vector on 64-byte aligned storage: the vector loops' rows (multiples of 64 bytes where the
 // bins allow) then never straddle a cache line. malloc's 16-byte alignment had made every
 // 64-byte load and store of the window pass a split access (measured: the pass ~1.5x slower).
@@ -257,6 +316,7 @@ struct RowWindows {
   avector<double> pix_f, zeros;
   avector<T> tmp;
   avector<double> cols_p, cols_q;  // column histograms, while D is rebuilt (rebuild)
+  avector<double> col_fd;          // the factors of one column's pixels (column_histograms)
 
   RowWindows(const Problem& pb_, int Lp, bool derivs)
       : pb(pb_), L(pb_.bins), L2(pb_.bins * pb_.bins), F(4 * pb_.bins), d_lo(pb_.cols.out), d_hi(pb_.cols.out),
@@ -287,6 +347,13 @@ struct RowWindows {
   // Factors of pixel (y, x) in double into scratch slot `slot` (0..3); zeros for y < 0 (no pixel).
   const double* factors(int y, int x, int slot) {
     if (y < 0) return zeros.data();
+    double* d = pix_f.data() + (int64_t)slot * F;
+    factors_into(y, x, d);
+    return d;
+  }
+
+  // The same for pixel (y, x), y >= 0, into d (F values).
+  void factors_into(int y, int x, double* __restrict d) {
     const int Lp = ring.Lp;
     const T* f;
     if (ring.holds(y)) {
@@ -296,7 +363,6 @@ struct RowWindows {
       f = tmp.data();
     }
     typedef FactorRing<T, Kind> R;
-    double* __restrict d = pix_f.data() + (int64_t)slot * F;
     const T *__restrict a = f + R::kA * Lp, *__restrict b = f + R::kB * Lp;
     const T *__restrict ta = f + R::kTa * Lp, *__restrict tb = f + R::kTb * Lp;
 #pragma omp simd
@@ -306,7 +372,6 @@ struct RowWindows {
       d[2 * L + j] = (double)ta[j];
       d[3 * L + j] = (double)tb[j];
     }
-    return d;
   }
 
   // Begin output row r: its band of image rows; the factors of its rows and of the row that
@@ -356,6 +421,63 @@ struct RowWindows {
     }
   }
 
+  // The histograms of column x over the band (target: hp, pred: hq): the sum over its rows y of
+  // a_y b_y^T, each cell summed over the rows in order from zero. With bins a multiple of 8 up
+  // to 64, blocks of cells are summed in registers (outer_sum_block: one store per cell instead
+  // of a read and a write per row, the same operations in the same order).
+  void column_histograms(double* __restrict hp, double* __restrict hq, int x) {
+    const int n = hi - lo;
+    switch (L % 8 == 0 ? L / 8 : 0) {
+      case 1: return column_histograms_blocked<1>(hp, hq, x, n);
+      case 2: return column_histograms_blocked<2>(hp, hq, x, n);
+      case 4: return column_histograms_blocked<4>(hp, hq, x, n);
+      case 8: return column_histograms_blocked<8>(hp, hq, x, n);
+      default: break;
+    }
+    std::fill(hp, hp + L2, 0.0);
+    std::fill(hq, hq + L2, 0.0);
+    for (int y = lo; y < hi; ++y) add_outer(hp, hq, factors(y, x, 0));
+  }
+
+  template <int NV>  // L = 8 NV
+  void column_histograms_blocked(double* __restrict hp, double* __restrict hq, int x, int n) {
+    if ((int64_t)col_fd.size() < (int64_t)n * F) col_fd.resize((size_t)n * F);
+    double* fd = col_fd.data();
+    for (int k = 0; k < n; ++k) factors_into(lo + k, x, fd + (int64_t)k * F);
+    outer_sum_block<NV>(hq, fd, n);          // pred: a, b at 0, L
+    outer_sum_block<NV>(hp, fd + 2 * L, n);  // target: at 2 L, 3 L
+  }
+
+  // h = sum over k < n of a_k b_k^T (a_k = f + k F, b_k = a_k + L, L = 8 NV), IB rows of h at a
+  // time in IB x NV vector registers.
+  template <int NV>  // 1, 2, 4 or 8
+  void outer_sum_block(double* __restrict h, const double* __restrict f, int n) {
+    constexpr int Lc = 8 * NV, IB = NV == 1 ? 8 : 16 / NV;  // at most 16 accumulators; IB divides Lc
+    for (int i0 = 0; i0 < Lc; i0 += IB) {
+      v8d acc[IB][NV];
+#pragma GCC unroll 16
+      for (int q = 0; q < IB; ++q)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[q][v] = v8d{};
+      for (int k = 0; k < n; ++k) {
+        const double* a = f + (int64_t)k * F;
+        v8d bv[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) bv[v] = load_vec<v8d>(a + Lc + 8 * v);
+#pragma GCC unroll 16
+        for (int q = 0; q < IB; ++q) {
+          const double ai = a[i0 + q];
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[q][v] += ai * bv[v];
+        }
+      }
+#pragma GCC unroll 16
+      for (int q = 0; q < IB; ++q)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) __builtin_memcpy(h + (int64_t)(i0 + q) * Lc + 8 * v, &acc[q][v], sizeof(v8d));
+    }
+  }
+
   // Every D(c) from scratch for the current band (the first row of an item): from the column
   // histograms of the band, each summed once from its pixels and kept in a ring of side + 2
   // columns (a column is the one added by one window and the one dropped by another, side + 1
@@ -373,9 +495,7 @@ struct RowWindows {
     auto column = [&](int x, double*& cp, double*& cq) {
       for (; next <= x; ++next) {
         double *np = cols_p.data() + (int64_t)(next % n_cols) * L2, *nq = cols_q.data() + (int64_t)(next % n_cols) * L2;
-        std::fill(np, np + L2, 0.0);
-        std::fill(nq, nq + L2, 0.0);
-        for (int y = lo; y < hi; ++y) add_outer(np, nq, factors(y, next, 0));
+        column_histograms(np, nq, next);
       }
       cp = cols_p.data() + (int64_t)(x % n_cols) * L2;
       cq = cols_q.data() + (int64_t)(x % n_cols) * L2;
@@ -578,63 +698,6 @@ void forward_rows(const Problem& pb, RowWindows<T, Kind>& win, const T* up, cons
 // a_k^T T in registers (NV vectors each), and each row of T is loaded once per MB forms. Each
 // form's lanes are summed in double.
 // ---------------------------------------------------------------------------------------
-template <typename S>
-struct Vec64 {
-  typedef S type __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / sizeof(S);
-};
-
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64, kVecRegs = 32;
-#elif defined(__AVX__)
-constexpr int kVecBytes = 32, kVecRegs = 16;
-#else
-constexpr int kVecBytes = 16, kVecRegs = 16;
-#endif
-// Widest strip of T's row the micro-kernel takes, in vectors (at least one form in registers).
-constexpr int kMaxStrip = kVecRegs == 32 ? 8 : 4;
-
-// One register of S.
-template <typename S>
-struct VecR {
-  typedef S type __attribute__((vector_size(kVecBytes)));
-  static constexpr int lanes = kVecBytes / (int)sizeof(S);
-};
-
-template <typename V, typename S>
-EK_HD V load_vec(const S* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-typedef double v8d __attribute__((vector_size(64)));
-typedef double v4d __attribute__((vector_size(32)));
-typedef double v2d __attribute__((vector_size(16)));
-typedef float v8f __attribute__((vector_size(32)));
-
-// Sum of the lanes in double, as a tree (a serial chain of 16 additions would cost more than
-// the form itself): halves added, then quarters, and so on.
-EK_HD double lane_sum(v8d v) {
-  const v4d a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  const v2d b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
-  return b[0] + b[1];
-}
-EK_HD double lane_sum(typename Vec64<float>::type v) {
-  const v8f lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const v8f hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  return lane_sum(__builtin_convertvector(lo, v8d) + __builtin_convertvector(hi, v8d));
-}
-template <typename V>  // narrower vectors: the same tree
-EK_HD double lane_sum(V v) {
-  constexpr int n = sizeof(V) / sizeof(v[0]);
-  double t[n];
-  for (int i = 0; i < n; ++i) t[i] = (double)v[i];
-  for (int w = n / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  return t[0];
-}
-
 // out[k] += sum_{i < L, j < NV lanes} a[k][i] t[i * ld + j] b[k][j] for k < n. Rows of more
 // than kMaxStrip vectors are done in strips by the caller.
 template <typename S, int NV>

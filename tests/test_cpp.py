@@ -98,14 +98,15 @@ def test_contract_parity_float64(cpp, device, case):
 
 
 # CPU-only layouts of the backward's scratch: bins above 64 (the contraction in strips of 64
-# bins), bins 16, 32 and 64 (the window pass compiled for them), a global window over a tall
-# image (kernel factors computed per column instead of kept per row), and a plane split into
-# several row items.
+# bins), bins 16, 32 and 64 (the window pass compiled for them), bins 8 to 64 in multiples of 8
+# (an item's first row summed in registers), a global window over a tall image (kernel factors
+# computed per column instead of kept per row), and a plane split into several row items.
 CPU_CASES = [
     (1, 6, 5, 70, 3, 3, False, "gaussian", "kl"),
     (1, 7, 6, 64, 3, 5, False, "logistic", "kl"),  # 16, 32, 64 bins: the window pass's compiled sizes
     (2, 9, 8, 32, 5, 3, True, "gaussian", "hellinger"),
     (1, 8, 9, 16, 3, 3, False, "logistic", "hellinger"),
+    (2, 7, 9, 8, 5, 3, False, "gaussian", "kl"),  # 8 bins: the first row's column sums, one vector per row
     (1, 70, 3, 4, 70, 3, True, "logistic", "kl"),
     (2, 70, 4, 5, 3, 5, False, "logistic", "hellinger"),
 ]
