@@ -65,8 +65,26 @@ def values_and_grads(impl, maps, args, grad_out=None):
     d = impl.local_divergence(u, m, ut, mt, *args)
     if grad_out is None:
         grad_out = torch.rand_like(d) * 2 - 0.5  # not 1, some negative
+    elif isinstance(grad_out, float):  # uniform, as the 'mean' and 'sum' reductions send it
+        grad_out = torch.full_like(d, grad_out)
     gu, gm = torch.autograd.grad(d, (u, m), grad_out)
     return d.detach(), gu, gm, grad_out
+
+
+def check_parity_f64(impl, case, grad_out=None, device="cpu", maps=None):
+    """D and both gradients of impl against the float64 reference for one case (planes, H, W,
+    bins, win_h, win_w, valid, kernel, divergence), on fresh random maps unless given, with a
+    random grad_output or grad_out (a float: uniform). Returns the maps."""
+    n, height, width, bins, win_h, win_w, valid, kernel, divergence = case
+    args = (win_h, win_w, valid, bins, 0.5, kernel, divergence, 1e-10)
+    if maps is None:
+        maps = random_maps(n, height, width, bins)
+    d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args, grad_out)
+    d, gu, gm, _ = values_and_grads(impl, [t.to(device) for t in maps], args, g.to(device))
+    assert_close_f64(d, d_ref)
+    assert_close_f64(gu, gu_ref)
+    assert_close_f64(gm, gm_ref)
+    return maps
 
 
 # (planes, H, W, bins, win_h, win_w, valid, kernel, divergence): odd sizes, images smaller than
@@ -86,15 +104,7 @@ CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
 def test_contract_parity_float64(cpp, device, case):
-    n, height, width, bins, win_h, win_w, valid, kernel, divergence = case
-    args = (win_h, win_w, valid, bins, 0.5, kernel, divergence, 1e-10)
-    maps = random_maps(n, height, width, bins)
-    d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args)
-    dev_maps = [t.to(device) for t in maps]
-    d, gu, gm, _ = values_and_grads(impl_for(device), dev_maps, args, g.to(device))
-    assert_close_f64(d, d_ref)
-    assert_close_f64(gu, gu_ref)
-    assert_close_f64(gm, gm_ref)
+    check_parity_f64(impl_for(device), case, device=device)
 
 
 # CPU-only layouts of the backward's scratch: bins above 64 (the contraction in strips of 64
@@ -114,19 +124,9 @@ CPU_CASES = [
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
 def test_contract_parity_float64_cpu_layouts(cpp, case):
-    n, height, width, bins, win_h, win_w, valid, kernel, divergence = case
-    args = (win_h, win_w, valid, bins, 0.5, kernel, divergence, 1e-10)
-    maps = random_maps(n, height, width, bins)
-    d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args)
-    d, gu, gm, _ = values_and_grads(cpp, maps, args, g)
-    assert_close_f64(d, d_ref)
-    assert_close_f64(gu, gu_ref)
-    assert_close_f64(gm, gm_ref)
+    maps = check_parity_f64(cpp, case)
     # and the forward's own gradient (grad_output uniform), which the backward rescales
-    d1, gu1, gm1, _ = values_and_grads(cpp, maps, args, torch.full_like(d, 0.75))
-    _, gu1_ref, gm1_ref, _ = values_and_grads(reference, maps, args, torch.full_like(d, 0.75))
-    assert_close_f64(gu1, gu1_ref)
-    assert_close_f64(gm1, gm1_ref)
+    check_parity_f64(cpp, case, grad_out=0.75, maps=maps)
 
 
 def _err(x, ref):
@@ -160,14 +160,21 @@ def test_float32_arithmetic_error_within_twice_reference_float32(cpp, device, di
     Against unrounded float64 inputs, the rounding of the inputs dominates both errors; here
     only the arithmetic counts (the backward's float32 contraction included), bins 32 window 11.
     """
+    check_float32_arithmetic_rule(impl_for(device), kernel, divergence, 23, 29, device)
+
+
+def check_float32_arithmetic_rule(impl, kernel, divergence, height, width, device="cpu"):
+    """impl in float32 against the float64 reference on the same float32 inputs: error at most
+    twice the reference's own float32 error, for D and both gradients (bins 32, window 11)."""
     bins = 32
     args = (11, 11, False, bins, 0.5, kernel, divergence, 1e-10)
-    maps32 = [t.float() for t in random_maps(2, 23, 29, bins)]
+    maps32 = [t.float() for t in random_maps(2, height, width, bins)]
     maps64 = [t.double() for t in maps32]
-    g = (torch.rand(2, 23, 29) * 2 - 0.5).double()
+    g = (torch.rand(2, height, width) * 2 - 0.5).double()
     d64, gu64, gm64, _ = values_and_grads(reference, maps64, args, g)
     d_r, gu_r, gm_r, _ = values_and_grads(reference, maps32, args, g.float())
-    d_c, gu_c, gm_c, _ = values_and_grads(impl_for(device), [t.to(device) for t in maps32], args, g.float().to(device))
+    d_c, gu_c, gm_c, _ = values_and_grads(impl, [t.to(device) for t in maps32], args, g.float().to(device))
+    assert d_c.dtype == torch.float32
     for name, ours, theirs, exact in (("D", d_c, d_r, d64), ("grad_u", gu_c, gu_r, gu64), ("grad_m", gm_c, gm_r, gm64)):
         assert _err(ours.cpu(), exact) <= 2 * _err(theirs, exact), name
 

@@ -13,10 +13,9 @@ import shutil
 import pytest
 import torch
 
-from entropy_kernels import reference
 from entropy_kernels.ops import _extension
 
-from test_cpp import _err, assert_close_f64, random_maps, values_and_grads
+from test_cpp import check_float32_arithmetic_rule, check_parity_f64
 
 pytestmark = pytest.mark.skipif(shutil.which("ninja") is None, reason="the portable build needs ninja")
 
@@ -86,17 +85,8 @@ CASES = [
 @pytest.mark.parametrize("uniform", [False, True], ids=["grad-random", "grad-uniform"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
 def test_portable_build_parity_float64(portable, case, uniform):
-    n, height, width, bins, win_h, win_w, valid, kernel, divergence = case
-    args = (win_h, win_w, valid, bins, 0.5, kernel, divergence, 1e-10)
-    maps = random_maps(n, height, width, bins)
-    d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args)
-    if uniform:  # the forward's own gradient, rescaled by the backward
-        g = torch.full_like(g, 0.75)
-        d_ref, gu_ref, gm_ref, _ = values_and_grads(reference, maps, args, g)
-    d, gu, gm, _ = values_and_grads(Raw(portable), maps, args, g)
-    assert_close_f64(d, d_ref)
-    assert_close_f64(gu, gu_ref)
-    assert_close_f64(gm, gm_ref)
+    # uniform: the forward's own gradient, rescaled by the backward
+    check_parity_f64(Raw(portable), case, grad_out=0.75 if uniform else None)
 
 
 @pytest.mark.parametrize("divergence", ["kl", "hellinger"])
@@ -104,14 +94,4 @@ def test_portable_build_parity_float64(portable, case, uniform):
 def test_portable_build_float32_arithmetic_error(portable, kernel, divergence):
     """The float32 rule of tests/test_cpp.py (float64 reference on the float32 inputs): the
     portable exp/log polynomials and the float32 contraction, bins 32, window 11."""
-    bins = 32
-    args = (11, 11, False, bins, 0.5, kernel, divergence, 1e-10)
-    maps32 = [t.float() for t in random_maps(2, 23, 19, bins)]
-    maps64 = [t.double() for t in maps32]
-    g = (torch.rand(2, 23, 19) * 2 - 0.5).double()
-    d64, gu64, gm64, _ = values_and_grads(reference, maps64, args, g)
-    d_r, gu_r, gm_r, _ = values_and_grads(reference, maps32, args, g.float())
-    d_c, gu_c, gm_c, _ = values_and_grads(Raw(portable), maps32, args, g.float())
-    assert d_c.dtype == torch.float32
-    for name, ours, theirs, exact in (("D", d_c, d_r, d64), ("grad_u", gu_c, gu_r, gu64), ("grad_m", gm_c, gm_r, gm64)):
-        assert _err(ours, exact) <= 2 * _err(theirs, exact), name
+    check_float32_arithmetic_rule(Raw(portable), kernel, divergence, 23, 19)
