@@ -124,6 +124,30 @@ EK_HD V load_vec(const S* p) {
   return v;
 }
 
+// acc[q][v] = sum over k < n, in order, of coef(q, k) * row(k)[v-th vector], with M x NV vector
+// accumulators in registers: the rank-1 accumulation of the register-blocked loops (the
+// gradient's contraction, an item's first-row column sums). row(k) points to NV vectors of S.
+template <typename S, typename V, int M, int NV, typename Row, typename Coef>
+EK_HD void accumulate_rows(V (&acc)[M][NV], int n, const Row& row, const Coef& coef) {
+  constexpr int lanes = (int)(sizeof(V) / sizeof(S));
+#pragma GCC unroll 16
+  for (int q = 0; q < M; ++q)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[q][v] = V{};
+  for (int k = 0; k < n; ++k) {
+    const S* r = row(k);
+    V rv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) rv[v] = load_vec<V>(r + lanes * v);
+#pragma GCC unroll 16
+    for (int q = 0; q < M; ++q) {
+      const S c = coef(q, k);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[q][v] += c * rv[v];
+    }
+  }
+}
+
 typedef double v8d __attribute__((vector_size(64)));
 typedef double v4d __attribute__((vector_size(32)));
 typedef double v2d __attribute__((vector_size(16)));
@@ -455,22 +479,9 @@ struct RowWindows {
     constexpr int Lc = 8 * NV, IB = NV == 1 ? 8 : 16 / NV;  // at most 16 accumulators; IB divides Lc
     for (int i0 = 0; i0 < Lc; i0 += IB) {
       v8d acc[IB][NV];
-#pragma GCC unroll 16
-      for (int q = 0; q < IB; ++q)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[q][v] = v8d{};
-      for (int k = 0; k < n; ++k) {
-        const double* a = f + (int64_t)k * F;
-        v8d bv[NV];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) bv[v] = load_vec<v8d>(a + Lc + 8 * v);
-#pragma GCC unroll 16
-        for (int q = 0; q < IB; ++q) {
-          const double ai = a[i0 + q];
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[q][v] += ai * bv[v];
-        }
-      }
+      accumulate_rows<double>(
+          acc, n, [&](int k) { return f + (int64_t)k * F + Lc; },  // b_k
+          [&](int q, int k) { return f[(int64_t)k * F + i0 + q]; });  // a_k[i0 + q]
 #pragma GCC unroll 16
       for (int q = 0; q < IB; ++q)
 #pragma GCC unroll 8
@@ -714,21 +725,9 @@ void bilinear_strip(const S* __restrict t, int ld, int L, int n, const S* const*
     const S* ak[MB];
     for (int q = 0; q < MB; ++q) ak[q] = a[k0 + std::min(q, m - 1)];  // a short block repeats its last form
     V acc[MB][NV];
-#pragma GCC unroll 16
-    for (int q = 0; q < MB; ++q)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[q][v] = V{};
-    for (int i = 0; i < L; ++i) {
-      V tv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) tv[v] = load_vec<V>(t + (int64_t)i * ld + lanes * v);
-#pragma GCC unroll 16
-      for (int q = 0; q < MB; ++q) {
-        const S c = ak[q][i];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[q][v] += c * tv[v];
-      }
-    }
+    accumulate_rows<S>(
+        acc, L, [&](int i) { return t + (int64_t)i * ld; },  // row i of T
+        [&](int q, int i) { return ak[q][i]; });
     for (int q = 0; q < m; ++q) {
       const S* bq = b[k0 + q];
       V sum = acc[q][0] * load_vec<V>(bq);
