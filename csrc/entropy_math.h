@@ -135,17 +135,30 @@ EK_HD double ek_sqrt(double x) { return sqrt(x); }
 // ---------------------------------------------------------------------------------------
 // Kernel values. a(i) = K((v - i) / h) / h and its derivative in v, a'(i) = K'((v - i) / h) / h^2.
 // ---------------------------------------------------------------------------------------
+// K(z) and K'(z) together, with one exponential.
 template <int Kind, typename T>
-EK_HD T kde_kernel(T z) {
+EK_HD void kde_kernel_and_deriv(T z, T* k, T* dk) {
   if (Kind == kLogistic) {
     // e^-|z| / (1 + e^-|z|)^2: the sigmoid's derivative in the form that never rounds to 0.
-    T e = ek_exp(-(z < T(0) ? -z : z));
-    T d = T(1) + e;
-    return e / (d * d);
+    const T e = ek_exp(-(z < T(0) ? -z : z)), d = T(1) + e, v = e / (d * d);
+    *k = v;
+    *dk = (z > T(0) ? -v : v) * ((T(1) - e) / d);
+  } else {
+    const T g = ek_exp(T(-0.5) * z * z) * T(0.398942280401432677939946);
+    *k = g;
+    *dk = -z * g;
   }
-  return ek_exp(T(-0.5) * z * z) * T(0.398942280401432677939946);
 }
 
+// K(z) alone (the derivative's few operations are dropped by the compiler once inlined).
+template <int Kind, typename T>
+EK_HD T kde_kernel(T z) {
+  T k, dk;
+  kde_kernel_and_deriv<Kind>(z, &k, &dk);
+  return k;
+}
+
+// K'(z) alone (the CUDA backend; its own rounding of the same formula).
 template <int Kind, typename T>
 EK_HD T kde_kernel_deriv(T z) {
   if (Kind == kLogistic) {
@@ -156,20 +169,6 @@ EK_HD T kde_kernel_deriv(T z) {
     return s * e * (T(1) - e) / (d * d * d);
   }
   return -z * ek_exp(T(-0.5) * z * z) * T(0.398942280401432677939946);
-}
-
-// K(z) (exactly as kde_kernel) and K'(z) together, with one exponential.
-template <int Kind, typename T>
-EK_HD void kde_kernel_and_deriv(T z, T* k, T* dk) {
-  if (Kind == kLogistic) {
-    const T e = ek_exp(-(z < T(0) ? -z : z)), d = T(1) + e, v = e / (d * d);
-    *k = v;
-    *dk = (z > T(0) ? -v : v) * ((T(1) - e) / d);
-  } else {
-    const T g = ek_exp(T(-0.5) * z * z) * T(0.398942280401432677939946);
-    *k = g;
-    *dk = -z * g;
-  }
 }
 
 // ---------------------------------------------------------------------------------------
