@@ -102,9 +102,7 @@ at::Tensor bad_window_table(const at::Tensor& bad_sat, int64_t height, int64_t w
     const int32_t* sat = bad_sat.data_ptr<int32_t>();
     const int64_t stride = width + 1, plane = (height + 1) * stride;
     return summed_area_cpu(bad_sat.size(0), ra.out, ca.out, [&](int64_t n, int64_t r, int64_t c) {
-      const int32_t* q = sat + n * plane;
-      const int64_t y0 = ra.lo((int)r), y1 = ra.hi((int)r), x0 = ca.lo((int)c), x1 = ca.hi((int)c);
-      return q[y1 * stride + x1] - q[y0 * stride + x1] - q[y1 * stride + x0] + q[y0 * stride + x0] > 0;
+      return rect_count(sat + n * plane, stride, ra.lo((int)r), ra.hi((int)r), ca.lo((int)c), ca.hi((int)c)) > 0;
     });
   }
   auto bounds = [&](int64_t extent, int64_t side) {

@@ -203,11 +203,6 @@ struct Problem {
   int64_t plane_out() const { return (int64_t)rows.out * cols.out; }
 };
 
-// Count of marked entries in [y0, y1) x [x0, x1) from a (rows + 1) x (cols + 1) summed-area table.
-inline int32_t rect_count(const int32_t* sat, int stride, int y0, int y1, int x0, int x1) {
-  return sat[y1 * stride + x1] - sat[y0 * stride + x1] - sat[y1 * stride + x0] + sat[y0 * stride + x0];
-}
-
 // a(i) = K((v - i) / h) / h for i = 0..L-1 (the division by h as a product: divisions are the
 // slowest vector instructions here).
 template <int Kind, typename T>

@@ -48,10 +48,6 @@ __device__ __forceinline__ T kernel_deriv(T z, int kind) {
   return kind == kLogistic ? kde_kernel_deriv<kLogistic>(z) : kde_kernel_deriv<kGaussian>(z);
 }
 
-__device__ __forceinline__ int rect_count(const int32_t* sat, int stride, int y0, int y1, int x0, int x1) {
-  return sat[y1 * stride + x1] - sat[y0 * stride + x1] - sat[y1 * stride + x0] + sat[y0 * stride + x0];
-}
-
 template <typename T>
 __device__ __forceinline__ bool finite(T v) { return isfinite(v); }
 

@@ -48,6 +48,12 @@ EK_HD Axis make_axis(int extent, int side, bool valid) {
   return a;
 }
 
+// Count of marked entries in [y0, y1) x [x0, x1) from a (rows + 1) x (cols + 1) int32 summed-area
+// table with row stride `stride` (the NaN bookkeeping: non-finite pixels, poisoned windows).
+EK_HD int32_t rect_count(const int32_t* sat, int64_t stride, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+  return sat[y1 * stride + x1] - sat[y0 * stride + x1] - sat[y1 * stride + x0] + sat[y0 * stride + x0];
+}
+
 // ---------------------------------------------------------------------------------------
 // exp and log. On the host, float uses Cephes-style polynomials written without branches
 // so that loops over bins and cells vectorise (libm calls do not without -ffast-math, and
