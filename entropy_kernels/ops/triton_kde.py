@@ -373,9 +373,9 @@ def _kde_divergence_fwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_out, H, W
         sp, sq, sbad, lo, hi = _slide_window(sp, sq, sbad, lo, hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n,
                                              row0, rows, H, W, h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION,
                                              PRECISE_MATH)
-        pixels = (rows * (end - first)).to(tl.float64)
-        p = (sp / pixels).to(u_pred.dtype.element_ty)
-        q = (sq / pixels).to(u_pred.dtype.element_ty)
+        inv_n = 1.0 / (rows * (end - first)).to(tl.float64)  # one division per window, not one per cell
+        p = (sp * inv_n).to(u_pred.dtype.element_ty)
+        q = (sq * inv_n).to(u_pred.dtype.element_ty)
         d = _divergence(p, q, eps, cell_ok, DIVERGENCE, PRECISE_MATH)
         d = tl.where(sbad > 0, float("nan"), d)
         tl.store(d_out + (n * Ho + ho) * Wo + c, d)
@@ -385,8 +385,9 @@ def _kde_divergence_fwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_out, H, W
 def _window_g(sp, sq, c, d_saved, grad_d, rows, first, end, eps, cell_ok, DIVERGENCE: tl.constexpr):
     """(G_c = g_c dD/dQ / N_c, poisoned): poisoned windows (D or g_c not finite) give G = 0."""
     pixels = (rows * (end - first)).to(tl.float64)
-    p = (sp / pixels).to(grad_d.dtype.element_ty)
-    q = (sq / pixels).to(grad_d.dtype.element_ty)
+    inv_n = 1.0 / pixels  # as the C++ and CUDA backends: cells times 1/N in float64, then rounded
+    p = (sp * inv_n).to(grad_d.dtype.element_ty)
+    q = (sq * inv_n).to(grad_d.dtype.element_ty)
     d = tl.load(d_saved + c)
     g = tl.load(grad_d + c)
     if DIVERGENCE == 0:
