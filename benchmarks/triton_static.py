@@ -49,6 +49,7 @@ KERNELS = {
 }
 DTYPES = {"float32": "fp32", "float64": "fp64"}
 WINDOW, ROW = 11, 128
+BANDWIDTH = 0.5  # the default: a power of two (see triton_kde._reciprocal_h)
 FIELDS = ["algorithm", "pass", "dtype", "bins", "LP", "BLOCK_P", "warps", "regs", "stack", "spill_st",
           "spill_ld", "shared", "sass", "FFMA", "DFMA+DADD", "MUFU", "LDS", "programs_per_sm"]
 
@@ -76,7 +77,7 @@ def compile_kernel(algorithm, direction, dtype, bins, kernel="logistic", diverge
     fn = getattr(triton_kde, KERNELS[algorithm, direction])
     config = launch_config(algorithm, bins, warps)
     num_warps = config.pop("num_warps")
-    constants = dict(triton_kde._constants(bins, kernel, divergence), PRECISE_MATH=True, **config)
+    constants = dict(triton_kde._constants(bins, kernel, divergence, BANDWIDTH), PRECISE_MATH=True, **config)
     signature = {name: "constexpr" if name in constants else ("*" + DTYPES[dtype] if name in POINTERS else "i32")
                  for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})

@@ -101,6 +101,48 @@ def test_matches_float64_reference(gen, case):
                                    msg=lambda m: f"{name}: {m}")
 
 
+@pytest.fixture
+def uncached_params():
+    """triton_kde._params caches (h or 1/h, eps) per bandwidth; a test that changes the rule empties it."""
+    triton_kde._params.cache_clear()
+    yield
+    triton_kde._params.cache_clear()
+
+
+def test_reciprocal_bandwidth_rule():
+    for h in (0.5, 1.0, 2.0, 0.25, 2.0**-20):
+        assert triton_kde._reciprocal_h(h), h
+    for h in (0.3, 0.7, 0.75, 1.5, 3.0, 1e-3, 0.0, -0.5, 2.0**-130):
+        assert not triton_kde._reciprocal_h(h), h
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel,bandwidth,dtype", [("logistic", 0.5, torch.float32),
+                                                    ("gaussian", 0.25, torch.float32),
+                                                    ("logistic", 2.0, torch.float64)])
+def test_power_of_two_bandwidth_times_its_reciprocal_is_bit_for_bit(gen, kernel, bandwidth, dtype, monkeypatch,
+                                                                    uncached_params):
+    """With h a power of two the kernels multiply by 1/h where they would divide by h (one IEEE
+    division fewer per kernel value): the same floats for D and both gradients, values beyond the
+    bins included, except where a kernel value is subnormal (below 1.2e-38 in float32, where x / y
+    rounds before the scaling by 1/h): such a value moves by a subnormal ulp, and a gradient by that
+    times the window's 1 / (Q + eps), up to ~1e-35, twenty-odd orders below the map's largest value."""
+    maps = random_maps(gen, 1, 6, 7, 12, low=-4.0, high=15.0)
+    options = (5, 3, False, 12, bandwidth, kernel, "kl", 1e-10)
+    grad_d = torch.randn(1, 6, 7, dtype=torch.float64, generator=gen).to(DEVICE)
+    assert triton_kde._reciprocal_h(bandwidth)
+    times = divergence_and_grads(triton_kde, maps, options, grad_d, dtype)
+    monkeypatch.setattr(triton_kde, "_reciprocal_h", lambda h: False)
+    triton_kde._params.cache_clear()
+    divided = divergence_and_grads(triton_kde, maps, options, grad_d, dtype)
+    for name, a, b in zip(("D", "grad_u", "grad_m"), times, divided):
+        differ = a != b
+        assert not differ.any() or (a - b).abs().max() <= 1e-20 * a.abs().max(), \
+            f"{name}: max difference {(a - b).abs().max().item():.3g} against values up to {a.abs().max().item():.3g}"
+        assert differ.float().mean() < 0.1, f"{name}: {differ.sum().item()} of {a.numel()} values differ"
+    assert times[1].abs().max() > 1e-4  # the gradients are not trivially equal
+
+
 # The error-bound rule (as in flash-attention's tests): on inputs representable in float32, the
 # float32 kernel's error against the float64 reference is at most twice the error of the reference
 # itself run in float32. The metric is the root-mean-square error over the whole D map (and over
