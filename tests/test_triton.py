@@ -101,6 +101,35 @@ def test_matches_float64_reference(gen, case):
                                    msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif(not triton_kde._INTERPRETED, reason="counts calls in Triton's interpreter")
+def test_backward_shares_the_column_its_two_window_states_cross(gen, monkeypatch):
+    """At each column the backward's leading window state leaves the column its lagging state then
+    enters; a one-column cache computes that sum once: three column sums per window, not four."""
+    calls = []
+    column_sums = triton_kde._column_sums
+
+    class Counting:  # the interpreter calls a kernel's helpers through the module's globals
+        def __call__(self, *args, **kwargs):
+            calls.append(args[7])  # the column x
+            return column_sums(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(column_sums, name)
+
+    monkeypatch.setattr(triton_kde, "_column_sums", Counting())
+    width, win_w = 40, 3
+    maps = random_maps(gen, 1, 1, width, 8)
+    u_pred, m_pred = (x.clone().requires_grad_() for x in maps[:2])
+    d = triton_kde.local_divergence(u_pred, m_pred, *maps[2:], 1, win_w, False, 8, 0.5, "logistic", "kl", 1e-10)
+    forward = len(calls)
+    assert forward == width + (width - 1 - win_w // 2)  # every column entered once, all but the last ones left
+    calls.clear()
+    d.backward(torch.randn(d.shape, generator=gen, dtype=d.dtype).to(DEVICE))
+    # The leading state alone costs what the forward did; the lagging one adds one sum per column
+    # (its leaving one) where without the cache it would add two (about 2 * forward in all).
+    assert forward < len(calls) <= forward + width, (forward, len(calls))
+
+
 @pytest.fixture
 def uncached_params():
     """triton_kde._params caches (h or 1/h, eps) per bandwidth; a test that changes the rule empties it."""

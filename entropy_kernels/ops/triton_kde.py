@@ -12,8 +12,9 @@ Two algorithms (``ALGORITHM``), both tested against the float64 reference:
   rows (a (LP x rows) x (rows x LP) ``tl.dot``) enter a float64 window state when the window
   reaches the column and leave it, recomputed bit for bit, when the window passes it, so a window
   costs two column sums per histogram. Backward slides two such states (the window entering
-  T(x) = sum of the G_c covering column x and the one leaving it) and gives every pixel of column x
-  a'_p^T T b_p and a_p^T T b'_p with two more dots. Same scheme as the CUDA and C++ backends.
+  T(x) = sum of the G_c covering column x and the one leaving it; the column the first leaves is the
+  one the second enters, summed once) and gives every pixel of column x a'_p^T T b_p and
+  a_p^T T b'_p with two more dots. Same scheme as the CUDA and C++ backends.
 - 'strip': one program per strip of T consecutive windows of a row; the strip's core (the columns
   inside all T windows) is summed once and each window adds its own T - 1 columns; no subtractive
   sliding. Backward recomputes the strip's histograms (as flash-attention recomputes attention),
@@ -353,24 +354,48 @@ def _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centre
 
 
 @triton.jit
-def _slide_window(sp, sq, sbad, lo, hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h, centres,
-                  bin_ok, LP: tl.constexpr, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr,
-                  PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr):
+def _column(x, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h, centres, bin_ok,
+            LP: tl.constexpr, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
+            PRECISE_MATH: tl.constexpr):
+    """Column x's sums from the one-column cache (cx, cp, cq, cbad) when it holds x, else computed;
+    returns the cache, which then holds x. The same floats either way: the sums are deterministic."""
+    if x != cx:
+        cp, cq, cbad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
+                                    LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+    return x, cp, cq, cbad
+
+
+@triton.jit
+def _slide_window(sp, sq, sbad, lo, hi, first, end, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows,
+                  H, W, h, centres, bin_ok, LP: tl.constexpr, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr,
+                  PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr, SHARE: tl.constexpr):
     """The float64 window state (sp, sq, sbad) over columns [lo, hi) moved to [first, end) (both ends
-    only move right): entering columns are added, leaving ones subtracted."""
+    only move right): entering columns are added, leaving ones subtracted. With SHARE the column sums
+    go through the one-column cache (cx, cp, cq, cbad), returned updated: the backward's lagging
+    state enters the column its leading state has just left (see _kde_divergence_bwd_slide)."""
     for x in range(hi, end):
-        cp, cq, cbad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
-                                    LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
-        sp += cp.to(tl.float64)
-        sq += cq.to(tl.float64)
-        sbad += cbad
+        if SHARE:
+            cx, cp, cq, cbad = _column(x, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h,
+                                       centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+            ep, eq, ebad = cp, cq, cbad
+        else:
+            ep, eq, ebad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
+                                        LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+        sp += ep.to(tl.float64)
+        sq += eq.to(tl.float64)
+        sbad += ebad
     for x in range(lo, first):
-        cp, cq, cbad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
-                                    LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
-        sp -= cp.to(tl.float64)
-        sq -= cq.to(tl.float64)
-        sbad -= cbad
-    return sp, sq, sbad, tl.maximum(lo, first), tl.maximum(hi, end)
+        if SHARE:
+            cx, cp, cq, cbad = _column(x, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h,
+                                       centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+            ep, eq, ebad = cp, cq, cbad
+        else:
+            ep, eq, ebad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
+                                        LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+        sp -= ep.to(tl.float64)
+        sq -= eq.to(tl.float64)
+        sbad -= ebad
+    return sp, sq, sbad, tl.maximum(lo, first), tl.maximum(hi, end), cx, cp, cq, cbad
 
 
 @triton.jit
@@ -397,9 +422,9 @@ def _kde_divergence_fwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_out, H, W
     hi = rows * 0
     for c in range(0, Wo):
         first, end = _window_cols(c, W, win_w, off_w)
-        sp, sq, sbad, lo, hi = _slide_window(sp, sq, sbad, lo, hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n,
-                                             row0, rows, H, W, h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION,
-                                             PRECISE_MATH)
+        sp, sq, sbad, lo, hi, _, _, _, _ = _slide_window(
+            sp, sq, sbad, lo, hi, first, end, 0, sp, sq, sbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W,
+            h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH, False)
         inv_n = 1.0 / (rows * (end - first)).to(tl.float64)  # one division per window, not one per cell
         p = (sp * inv_n).to(u_pred.dtype.element_ty)
         q = (sq * inv_n).to(u_pred.dtype.element_ty)
@@ -429,16 +454,18 @@ def _window_g(sp, sq, c, d_saved, grad_d, rows, first, end, eps, cell_ok, DIVERG
 
 
 @triton.jit
-def _window_at(sp, sq, sbad, lo, hi, c, d_row, g_row, eps, cell_ok, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows,
-               H, W, win_w, off_w, h, centres, bin_ok, LP: tl.constexpr, KERNEL: tl.constexpr,
+def _window_at(sp, sq, sbad, lo, hi, c, cx, cp, cq, cbad, d_row, g_row, eps, cell_ok, u_pred, m_pred, u_tgt, m_tgt,
+               n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP: tl.constexpr, KERNEL: tl.constexpr,
                DIVERGENCE: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
                PRECISE_MATH: tl.constexpr):
-    """A window state moved to window c, and that window's (G_c, poisoned)."""
+    """A window state moved to window c (column sums through the cache), and that window's
+    (G_c, poisoned)."""
     first, end = _window_cols(c, W, win_w, off_w)
-    sp, sq, sbad, lo, hi = _slide_window(sp, sq, sbad, lo, hi, first, end, u_pred, m_pred, u_tgt, m_tgt, n, row0,
-                                         rows, H, W, h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+    sp, sq, sbad, lo, hi, cx, cp, cq, cbad = _slide_window(
+        sp, sq, sbad, lo, hi, first, end, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h,
+        centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH, True)
     G, bad = _window_g(sp, sq, c, d_row, g_row, rows, first, end, eps, cell_ok, DIVERGENCE)
-    return sp, sq, sbad, lo, hi, G, bad
+    return sp, sq, sbad, lo, hi, cx, cp, cq, cbad, G, bad
 
 
 @triton.jit
@@ -449,7 +476,12 @@ def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, gr
                               PRECISE_MATH: tl.constexpr):
     """T(x) = sum of G_c over this row's windows c that cover column x, slid along the row with two
     window states (the window entering T and the one leaving it); then every pixel (y, x) of the
-    rows gets a'^T T b and a^T T b' (atomics: each pixel is under win_h output rows)."""
+    rows gets a'^T T b and a^T T b' (atomics: each pixel is under win_h output rows).
+
+    At column x the leading state moves to window x + off_w, whose columns are [x, x + win_w): it
+    leaves column x - 1. The lagging one moves to window x + off_w - win_w, columns [x - win_w, x):
+    it enters column x - 1. A one-column cache shared by both hands that sum over, so a window
+    costs three column sums here instead of four."""
     n, ho, row0, rows = _row(tl.program_id(0), H, Ho, win_h, off_h)
     h, eps, centres, bin_ok, cell_ok = _kernel_setup(scalars, u_pred, BINS, LP)
     d_row = d_saved + (n * Ho + ho) * Wo
@@ -469,22 +501,26 @@ def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, gr
     t_lo = zero
     t_hi = zero
     poison = zero
+    cx = zero - 1  # the one-column cache: column index and its sums
+    cp = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
+    cq = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
+    cbad = zero
     for x in range(0, W):
         # The windows c covering column x: c - off_w <= x < c - off_w + win_w.
         new_lo = tl.maximum(x + off_w - win_w + 1, 0)
         new_hi = tl.minimum(x + off_w + 1, Wo)
         for c in range(t_hi, new_hi):
-            lead_p, lead_q, lead_bad, lead_lo, lead_hi, G, bad = _window_at(
-                lead_p, lead_q, lead_bad, lead_lo, lead_hi, c, d_row, g_row, eps, cell_ok, u_pred, m_pred, u_tgt,
-                m_tgt, n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP, KERNEL, DIVERGENCE, BLOCK_P,
-                PRECISION, PRECISE_MATH)
+            lead_p, lead_q, lead_bad, lead_lo, lead_hi, cx, cp, cq, cbad, G, bad = _window_at(
+                lead_p, lead_q, lead_bad, lead_lo, lead_hi, c, cx, cp, cq, cbad, d_row, g_row, eps, cell_ok, u_pred,
+                m_pred, u_tgt, m_tgt, n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP, KERNEL, DIVERGENCE,
+                BLOCK_P, PRECISION, PRECISE_MATH)
             t_sum += G.to(tl.float64)
             poison += bad
         for c in range(t_lo, new_lo):
-            lag_p, lag_q, lag_bad, lag_lo, lag_hi, G, bad = _window_at(
-                lag_p, lag_q, lag_bad, lag_lo, lag_hi, c, d_row, g_row, eps, cell_ok, u_pred, m_pred, u_tgt,
-                m_tgt, n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP, KERNEL, DIVERGENCE, BLOCK_P,
-                PRECISION, PRECISE_MATH)
+            lag_p, lag_q, lag_bad, lag_lo, lag_hi, cx, cp, cq, cbad, G, bad = _window_at(
+                lag_p, lag_q, lag_bad, lag_lo, lag_hi, c, cx, cp, cq, cbad, d_row, g_row, eps, cell_ok, u_pred,
+                m_pred, u_tgt, m_tgt, n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP, KERNEL, DIVERGENCE,
+                BLOCK_P, PRECISION, PRECISE_MATH)
             t_sum -= G.to(tl.float64)
             poison -= bad
         t_lo = tl.maximum(t_lo, new_lo)
