@@ -8,6 +8,7 @@ and the static SASS instruction mix. Each configuration is the one the backend l
 
     python benchmarks/triton_static.py                   # table for sm_90 (H100 / H200)
     python benchmarks/triton_static.py --warps 4 8 16    # the same with num_warps overridden
+    python benchmarks/triton_static.py --precision tf32x3   # tensor-core dots instead of IEEE FMA ones
     python benchmarks/triton_static.py --check           # CI: every launched configuration compiles
                                                          # for sm_90, and the default algorithm's
                                                          # float32 ones with bins <= 32 do not spill
@@ -135,6 +136,11 @@ def _run(*cmd):
     return result.stdout
 
 
+def _set_precision(precision):
+    if precision:
+        triton_kde.DOT_PRECISION = precision
+
+
 def _job(args):
     try:
         return compile_kernel(*args[:6], warps=args[6])
@@ -168,6 +174,8 @@ def main():
     parser.add_argument("--warps", type=int, nargs="*", default=[None], help="override num_warps")
     parser.add_argument("--loops", action="store_true", help="print each kernel's loop nest: per-thread "
                         "instruction counts, a loop's inner loops in brackets")
+    parser.add_argument("--precision", choices=("ieee", "tf32", "tf32x3"), help="override the dots' "
+                        f"input_precision (default {triton_kde.DOT_PRECISION!r})")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
     reason = tools_missing()
@@ -175,7 +183,7 @@ def main():
         print(reason)
         return 1 if args.check else 0
     todo = jobs(args.check, args.warps)
-    with ProcessPoolExecutor(args.workers) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=_set_precision, initargs=(args.precision,)) as pool:
         rows = list(pool.map(_job, todo))
     print(f"sm_90, window {WINDOW}, Triton {triton.__version__}; stack/spill_st/spill_ld: bytes and local "
           "store/load instructions (register spills); sass: static instruction count")
