@@ -46,6 +46,7 @@ TOOLS = Path(nvidia_backend.__file__).parent / "bin"
 POINTERS = {"u_pred", "m_pred", "u_tgt", "m_tgt", "scalars", "d_out", "d_saved", "grad_d", "grad_u", "grad_m"}
 KERNELS = {
     ("slide", "fwd"): "_kde_divergence_fwd_slide", ("slide", "bwd"): "_kde_divergence_bwd_slide",
+    ("slide", "fused"): "_kde_divergence_bwd_slide",  # the forward when a gradient will be needed
     ("strip", "fwd"): "_kde_divergence_fwd", ("strip", "bwd"): "_kde_divergence_bwd",
 }
 DTYPES = {"float32": "fp32", "float64": "fp64"}
@@ -79,6 +80,8 @@ def compile_kernel(algorithm, direction, dtype, bins, kernel="logistic", diverge
     config = launch_config(algorithm, bins, warps)
     num_warps = config.pop("num_warps")
     constants = dict(triton_kde._constants(bins, kernel, divergence, BANDWIDTH), PRECISE_MATH=True, **config)
+    if "FUSED" in fn.arg_names:  # a constexpr with a default, which the signature must name
+        constants["FUSED"] = direction == "fused"
     signature = {name: "constexpr" if name in constants else ("*" + DTYPES[dtype] if name in POINTERS else "i32")
                  for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
@@ -155,7 +158,7 @@ def jobs(check, warps_list):
     out = []
     for warps in warps_list:
         for algorithm in triton_kde.ALGORITHMS:
-            for direction in ("fwd", "bwd"):
+            for direction in ("fwd", "bwd", "fused") if algorithm == "slide" else ("fwd", "bwd"):
                 for dtype in DTYPES:
                     for bins in (8, 32, 64):
                         if check and algorithm != triton_kde.ALGORITHM and (dtype, bins) != ("float32", 32):
@@ -163,7 +166,7 @@ def jobs(check, warps_list):
                         out.append((algorithm, direction, dtype, bins, "logistic", "kl", warps))
     if check:
         # The Gaussian kernel and Hellinger divergence branches compile too (the other constexprs).
-        out += [(triton_kde.ALGORITHM, d, "float32", 32, "gaussian", "hellinger", None) for d in ("fwd", "bwd")]
+        out += [(triton_kde.ALGORITHM, d, "float32", 32, "gaussian", "hellinger", None) for d in ("fwd", "bwd", "fused")]
     return out
 
 

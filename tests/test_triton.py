@@ -119,15 +119,26 @@ def test_backward_shares_the_column_its_two_window_states_cross(gen, monkeypatch
     monkeypatch.setattr(triton_kde, "_column_sums", Counting())
     width, win_w = 40, 3
     maps = random_maps(gen, 1, 1, width, 8)
-    u_pred, m_pred = (x.clone().requires_grad_() for x in maps[:2])
-    d = triton_kde.local_divergence(u_pred, m_pred, *maps[2:], 1, win_w, False, 8, 0.5, "logistic", "kl", 1e-10)
-    forward = len(calls)
+    options = (1, win_w, False, 8, 0.5, "logistic", "kl", 1e-10)
+
+    def count(fuse, grad_d):
+        monkeypatch.setattr(triton_kde, "FUSE_FORWARD", fuse)
+        u_pred, m_pred = (x.clone().requires_grad_() for x in maps[:2])
+        calls.clear()
+        d = triton_kde.local_divergence(u_pred, m_pred, *maps[2:], *options)
+        forward = len(calls)
+        calls.clear()
+        d.backward(grad_d(d))
+        return forward, len(calls)
+
+    forward, backward = count(False, lambda d: torch.randn(d.shape, generator=gen, dtype=d.dtype).to(DEVICE))
     assert forward == width + (width - 1 - win_w // 2)  # every column entered once, all but the last ones left
-    calls.clear()
-    d.backward(torch.randn(d.shape, generator=gen, dtype=d.dtype).to(DEVICE))
     # The leading state alone costs what the forward did; the lagging one adds one sum per column
     # (its leaving one) where without the cache it would add two (about 2 * forward in all).
-    assert forward < len(calls) <= forward + width, (forward, len(calls))
+    assert forward < backward <= forward + width, (forward, backward)
+    # Fused: the forward is the backward kernel, and a uniform grad_output needs no column sum after it.
+    assert count(True, lambda d: torch.full_like(d, 0.25)) == (backward, 0)
+    assert count(True, lambda d: torch.rand(d.shape, generator=gen, dtype=d.dtype).to(DEVICE)) == (backward, backward)
 
 
 @pytest.fixture
@@ -191,7 +202,7 @@ ERROR_CASES = [
 
 @needs_triton
 @pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: f"w{c[3]}-L{c[6]}-{c[8]}-{c[9]}{'-apart' if c[-1] else ''}")
-def test_float32_error_bound(gen, case):
+def test_float32_error_bound(gen, case, uniform=False):
     n, height, width, *options, spans = case
     if spans is None:
         maps = random_maps(gen, n, height, width, options[3])
@@ -199,7 +210,10 @@ def test_float32_error_bound(gen, case):
         maps = random_maps(gen, n, height, width, options[3], *spans[0])[:2] + \
             random_maps(gen, n, height, width, options[3], *spans[1])[2:]
     maps = [x.float().double() for x in maps]
-    grad_d = torch.randn(n, height, width, generator=gen).double().to(DEVICE)
+    if uniform:  # the 'mean' reduction's grad_output: the fused forward's gradient, rescaled
+        grad_d = torch.full((n, height, width), 0.3, dtype=torch.float64).to(DEVICE)
+    else:
+        grad_d = torch.randn(n, height, width, generator=gen).double().to(DEVICE)
     exact = divergence_and_grads(reference, maps, options, grad_d, torch.float64)
     ref32 = divergence_and_grads(reference, maps, options, grad_d, torch.float32)
     ours = divergence_and_grads(triton_kde, maps, options, grad_d, torch.float32)
@@ -208,6 +222,13 @@ def test_float32_error_bound(gen, case):
         ours_max, ref_max = (o - e).abs().max().item(), (r - e).abs().max().item()
         assert ours_rms <= 2 * ref_rms + FLOOR, f"{name}: RMS error {ours_rms:.3e} vs reference fp32 {ref_rms:.3e}"
         assert ours_max <= 4 * ref_max + FLOOR, f"{name}: max error {ours_max:.3e} vs reference fp32 {ref_max:.3e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [ERROR_CASES[0], ERROR_CASES[1]], ids=["logistic-kl", "gaussian-hellinger"])
+def test_float32_error_bound_uniform_grad_output(gen, case):
+    """The rule for the fused forward's gradient (grad_output = 1) rescaled by a uniform grad_output."""
+    test_float32_error_bound(gen, case, uniform=True)
 
 
 @needs_triton
@@ -230,15 +251,46 @@ def test_gradcheck_float64(gen, options, shape, fast_mode):
 
 
 @needs_triton
-def test_opcheck(gen):
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_opcheck(gen, with_grad):
     u_pred, m_pred, u_tgt, m_tgt = random_maps(gen, 1, 3, 4, 6)
     options = (3, 3, False, 6, 0.5, "logistic", "kl", 1e-10)
-    args = (u_pred.clone().requires_grad_(), m_pred.clone().requires_grad_(), u_tgt, m_tgt, *options)
+    args = (u_pred.clone().requires_grad_(), m_pred.clone().requires_grad_(), u_tgt, m_tgt, *options, with_grad)
     torch.library.opcheck(triton_kde.triton_local_divergence, args)
-    grad_d = torch.randn(1, 3, 4, dtype=torch.float64, generator=gen).to(DEVICE)
-    d = triton_kde.triton_local_divergence(u_pred, m_pred, u_tgt, m_tgt, *options)
-    torch.library.opcheck(triton_kde.triton_local_divergence_backward,
-                          (grad_d, d, u_pred, m_pred, u_tgt, m_tgt, *options))
+    d, grad_u1, grad_m1 = triton_kde.triton_local_divergence(u_pred, m_pred, u_tgt, m_tgt, *options, with_grad)
+    assert grad_u1.numel() == (u_pred.numel() if with_grad else 0)
+    for grad_d in (torch.randn(1, 3, 4, dtype=torch.float64, generator=gen).to(DEVICE), torch.full_like(d, 0.3)):
+        torch.library.opcheck(triton_kde.triton_local_divergence_backward,
+                              (grad_d, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1, *options))
+
+
+@needs_triton
+@pytest.mark.parametrize("divergence", ["kl", "hellinger"])
+def test_fused_forward_and_its_rescaled_gradient(gen, divergence, monkeypatch):
+    """With a gradient to come, the forward runs the backward kernel for grad_output = 1 and stores
+    D as it goes: the same D as the plain forward, and for a uniform grad_output the rescaled
+    gradient matches the backward kernel's; a non-uniform grad_output runs the backward kernel."""
+    maps = random_maps(gen, 2, 5, 8, 7)
+    maps[0][0, 1, 2] = float("nan")  # a poisoned region: NaN in D and in the gradient under it
+    options = (3, 5, False, 7, 0.5, "gaussian", divergence, 1e-6)
+    u_pred, m_pred = (x.clone().requires_grad_() for x in maps[:2])
+    d = triton_kde.local_divergence(u_pred, m_pred, *maps[2:], *options)
+    with torch.no_grad():
+        plain = triton_kde.local_divergence(*maps, *options)
+    torch.testing.assert_close(d, plain, rtol=0, atol=0, equal_nan=True)
+    assert d.isnan().any() and not d.isnan().all()
+    fused = torch.autograd.grad(d, (u_pred, m_pred), torch.full_like(d, -0.7))
+    monkeypatch.setattr(triton_kde, "FUSE_FORWARD", False)
+    u2, m2 = (x.clone().requires_grad_() for x in maps[:2])
+    d2 = triton_kde.local_divergence(u2, m2, *maps[2:], *options)
+    separate = torch.autograd.grad(d2, (u2, m2), torch.full_like(d2, -0.7))
+    for a, b in zip(fused, separate):
+        # Within rounding: G_c is formed with g = 1 and scaled at the end, and T slides in float64.
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * b.nan_to_num().abs().max().item(), equal_nan=True)
+        assert a.isnan().any() and (a.isnan() == b.isnan()).all()
+    expected = divergence_and_grads(reference, maps, options, torch.full_like(d, -0.7), torch.float64)
+    for a, e in zip(fused, expected[1:]):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-7 * e.nan_to_num().abs().max().item(), equal_nan=True)
 
 
 def loss_and_grad(pred, target, grad_out, backend, **kwargs):

@@ -434,14 +434,25 @@ def _kde_divergence_fwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_out, H, W
 
 
 @triton.jit
-def _window_g(sp, sq, c, d_saved, grad_d, rows, first, end, eps, cell_ok, DIVERGENCE: tl.constexpr):
-    """(G_c = g_c dD/dQ / N_c, poisoned): poisoned windows (D or g_c not finite) give G = 0."""
+def _window_g(sp, sq, sbad, c, d_saved, grad_d, rows, first, end, eps, cell_ok, DIVERGENCE: tl.constexpr,
+              PRECISE_MATH: tl.constexpr, FUSED: tl.constexpr, WANT_D: tl.constexpr):
+    """(G_c = g_c dD/dQ / N_c, poisoned, D_c): poisoned windows (D or g_c not finite) give G = 0.
+    FUSED (eps > 0): g_c = 1 and D_c is computed here as the forward computes it when WANT_D; without
+    WANT_D (KL, whose dD/dQ does not read D) only its finiteness is needed: finite unless the window
+    holds a non-finite pixel."""
     pixels = (rows * (end - first)).to(tl.float64)
     inv_n = 1.0 / pixels  # as the C++ and CUDA backends: cells times 1/N in float64, then rounded
     p = (sp * inv_n).to(grad_d.dtype.element_ty)
     q = (sq * inv_n).to(grad_d.dtype.element_ty)
-    d = tl.load(d_saved + c)
-    g = tl.load(grad_d + c)
+    if FUSED:
+        if WANT_D:
+            d = tl.where(sbad > 0, float("nan"), _divergence(p, q, eps, cell_ok, DIVERGENCE, PRECISE_MATH))
+        else:
+            d = tl.where(sbad > 0, float("nan"), 0.0).to(p.dtype)
+        g = tl.where(sbad > 0, 1.0, 1.0).to(p.dtype)
+    else:
+        d = tl.load(d_saved + c)
+        g = tl.load(grad_d + c)
     if DIVERGENCE == 0:
         dq = _div(q - p, q + eps)
     else:
@@ -450,22 +461,23 @@ def _window_g(sp, sq, c, d_saved, grad_d, rows, first, end, eps, cell_ok, DIVERG
     healthy = _is_finite(d) & _is_finite(g)
     # Padded cells are dropped so that eps = 0 cannot make 0/0 there.
     G = tl.where(cell_ok, dq * _div(g, pixels.to(grad_d.dtype.element_ty)), 0.0)
-    return tl.where(healthy, G, 0.0), tl.where(healthy, 0, 1)
+    return tl.where(healthy, G, 0.0), tl.where(healthy, 0, 1), d
 
 
 @triton.jit
 def _window_at(sp, sq, sbad, lo, hi, c, cx, cp, cq, cbad, d_row, g_row, eps, cell_ok, u_pred, m_pred, u_tgt, m_tgt,
                n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP: tl.constexpr, KERNEL: tl.constexpr,
                DIVERGENCE: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
-               PRECISE_MATH: tl.constexpr):
+               PRECISE_MATH: tl.constexpr, FUSED: tl.constexpr, WANT_D: tl.constexpr):
     """A window state moved to window c (column sums through the cache), and that window's
-    (G_c, poisoned)."""
+    (G_c, poisoned, D_c)."""
     first, end = _window_cols(c, W, win_w, off_w)
     sp, sq, sbad, lo, hi, cx, cp, cq, cbad = _slide_window(
         sp, sq, sbad, lo, hi, first, end, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h,
         centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH, True)
-    G, bad = _window_g(sp, sq, c, d_row, g_row, rows, first, end, eps, cell_ok, DIVERGENCE)
-    return sp, sq, sbad, lo, hi, cx, cp, cq, cbad, G, bad
+    G, bad, d = _window_g(sp, sq, sbad, c, d_row, g_row, rows, first, end, eps, cell_ok, DIVERGENCE, PRECISE_MATH,
+                          FUSED, WANT_D)
+    return sp, sq, sbad, lo, hi, cx, cp, cq, cbad, G, bad, d
 
 
 @triton.jit
@@ -473,7 +485,7 @@ def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, gr
                               H, W, Ho, Wo, win_h, win_w, off_h, off_w,
                               BINS: tl.constexpr, KERNEL: tl.constexpr, DIVERGENCE: tl.constexpr,
                               BLOCK_P: tl.constexpr, LP: tl.constexpr, PRECISION: tl.constexpr,
-                              PRECISE_MATH: tl.constexpr):
+                              PRECISE_MATH: tl.constexpr, FUSED: tl.constexpr = False):
     """T(x) = sum of G_c over this row's windows c that cover column x, slid along the row with two
     window states (the window entering T and the one leaving it); then every pixel (y, x) of the
     rows gets a'^T T b and a^T T b' (atomics: each pixel is under win_h output rows).
@@ -481,7 +493,11 @@ def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, gr
     At column x the leading state moves to window x + off_w, whose columns are [x, x + win_w): it
     leaves column x - 1. The lagging one moves to window x + off_w - win_w, columns [x - win_w, x):
     it enters column x - 1. A one-column cache shared by both hands that sum over, so a window
-    costs three column sums here instead of four."""
+    costs three column sums here instead of four.
+
+    FUSED (the forward when a gradient will be needed): d_saved receives D, computed by the leading
+    state as the forward computes it, and grad_d is not read: the gradients are those of
+    grad_output = 1, which the backward rescales when grad_output is uniform."""
     n, ho, row0, rows = _row(tl.program_id(0), H, Ho, win_h, off_h)
     h, eps, centres, bin_ok, cell_ok = _kernel_setup(scalars, u_pred, BINS, LP)
     d_row = d_saved + (n * Ho + ho) * Wo
@@ -510,17 +526,19 @@ def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, gr
         new_lo = tl.maximum(x + off_w - win_w + 1, 0)
         new_hi = tl.minimum(x + off_w + 1, Wo)
         for c in range(t_hi, new_hi):
-            lead_p, lead_q, lead_bad, lead_lo, lead_hi, cx, cp, cq, cbad, G, bad = _window_at(
+            lead_p, lead_q, lead_bad, lead_lo, lead_hi, cx, cp, cq, cbad, G, bad, d = _window_at(
                 lead_p, lead_q, lead_bad, lead_lo, lead_hi, c, cx, cp, cq, cbad, d_row, g_row, eps, cell_ok, u_pred,
                 m_pred, u_tgt, m_tgt, n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP, KERNEL, DIVERGENCE,
-                BLOCK_P, PRECISION, PRECISE_MATH)
+                BLOCK_P, PRECISION, PRECISE_MATH, FUSED, True)
+            if FUSED:
+                tl.store(d_row + c, d)
             t_sum += G.to(tl.float64)
             poison += bad
         for c in range(t_lo, new_lo):
-            lag_p, lag_q, lag_bad, lag_lo, lag_hi, cx, cp, cq, cbad, G, bad = _window_at(
+            lag_p, lag_q, lag_bad, lag_lo, lag_hi, cx, cp, cq, cbad, G, bad, _ = _window_at(
                 lag_p, lag_q, lag_bad, lag_lo, lag_hi, c, cx, cp, cq, cbad, d_row, g_row, eps, cell_ok, u_pred,
                 m_pred, u_tgt, m_tgt, n, row0, rows, H, W, win_w, off_w, h, centres, bin_ok, LP, KERNEL, DIVERGENCE,
-                BLOCK_P, PRECISION, PRECISE_MATH)
+                BLOCK_P, PRECISION, PRECISE_MATH, FUSED, DIVERGENCE == 1)
             t_sum -= G.to(tl.float64)
             poison -= bad
         t_lo = tl.maximum(t_lo, new_lo)
@@ -539,6 +557,9 @@ LAUNCH_OVERRIDES: dict = {}
 # strips of windows each summed directly (measured at 109x the floor on an H100, docs/triton.md).
 ALGORITHM = "slide"
 ALGORITHMS = ("slide", "strip")
+# The forward computes the gradient for grad_output = 1 too when one will be needed ('slide' only;
+# see local_divergence). Benchmarks may switch it off to time the separate passes.
+FUSE_FORWARD = True
 
 
 def _slide_config(win_h: int, bins: int):
@@ -632,38 +653,70 @@ def _check_maps(*maps):
                              f"{x.dtype} {x.device} and {tuple(first.shape)} {first.dtype} {first.device}")
 
 
+def _fuses(with_grad: bool, eps: float) -> bool:
+    """Whether the forward also computes the gradient for grad_output = 1 (see local_divergence)."""
+    return bool(with_grad) and eps > 0 and FUSE_FORWARD and ALGORITHM == "slide"
+
+
 @torch.library.custom_op("entropy_kernels::triton_local_divergence", mutates_args=())
 def triton_local_divergence(
     u_pred: torch.Tensor, m_pred: torch.Tensor, u_tgt: torch.Tensor, m_tgt: torch.Tensor,
     win_h: int, win_w: int, valid: bool, bins: int, bandwidth: float, kernel: str, divergence: str, eps: float,
-) -> torch.Tensor:
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(D, grad_u1, grad_m1): with a fused pass (_fuses) the gradients for grad_output = 1, else empty."""
     _check_maps(u_pred, m_pred, u_tgt, m_tgt)
     u_pred, m_pred, u_tgt, m_tgt = (x.contiguous() for x in (u_pred, m_pred, u_tgt, m_tgt))
     n, height, width = u_pred.shape
     ho, wo, off_h, off_w = _geometry(height, width, win_h, win_w, valid)
     d = torch.empty((n, ho, wo), dtype=u_pred.dtype, device=u_pred.device)
-    args = (u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d,
-            height, width, ho, wo, win_h, win_w, off_h, off_w)
-    _launch(True, args, win_h, win_w, n, ho, wo, bins, _constants(bins, kernel, divergence, bandwidth))
-    return d
+    params = _params(u_pred.device, u_pred.dtype, bandwidth, eps)
+    constants = _constants(bins, kernel, divergence, bandwidth)
+    if _fuses(with_grad, eps):
+        grad_u = torch.zeros_like(u_pred)
+        grad_m = torch.zeros_like(m_pred)
+        # d stands in for grad_d, which the fused kernel does not read.
+        args = (u_pred, m_pred, u_tgt, m_tgt, params, d, d, grad_u, grad_m, height, width, ho, wo, win_h, win_w,
+                off_h, off_w)
+        _kde_divergence_bwd_slide[(n * ho,)](*args, **constants, **_slide_config(win_h, bins), FUSED=True)
+        return d, grad_u, grad_m
+    args = (u_pred, m_pred, u_tgt, m_tgt, params, d, height, width, ho, wo, win_h, win_w, off_h, off_w)
+    _launch(True, args, win_h, win_w, n, ho, wo, bins, constants)
+    return d, u_pred.new_empty((0,)), u_pred.new_empty((0,))
 
 
 @triton_local_divergence.register_fake
-def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad):
     n, height, width = u_pred.shape
     ho, wo, _, _ = _geometry(height, width, win_h, win_w, valid)
-    return u_pred.new_empty((n, ho, wo))
+    if _fuses(with_grad, eps):
+        return u_pred.new_empty((n, ho, wo)), torch.empty_like(u_pred), torch.empty_like(m_pred)
+    return u_pred.new_empty((n, ho, wo)), u_pred.new_empty((0,)), u_pred.new_empty((0,))
+
+
+def _uniform(grad_d: torch.Tensor):
+    """grad_d's one value when all its elements equal it and it is finite, else None."""
+    g0 = grad_d.reshape(-1)[0]
+    return g0 if bool(torch.isfinite(g0)) and torch.equal(grad_d, g0.expand_as(grad_d)) else None
 
 
 @torch.library.custom_op("entropy_kernels::triton_local_divergence_backward", mutates_args=())
 def triton_local_divergence_backward(
     grad_d: torch.Tensor, d: torch.Tensor,
     u_pred: torch.Tensor, m_pred: torch.Tensor, u_tgt: torch.Tensor, m_tgt: torch.Tensor,
+    grad_u1: torch.Tensor, grad_m1: torch.Tensor,
     win_h: int, win_w: int, valid: bool, bins: int, bandwidth: float, kernel: str, divergence: str, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients for grad_d: the forward's ones for grad_output = 1 (grad_u1, grad_m1, when not
+    empty) scaled by grad_d's value when grad_d is uniform (the 'mean' and 'sum' reductions), else
+    the backward kernel."""
     _check_maps(u_pred, m_pred, u_tgt, m_tgt)
-    u_pred, m_pred, u_tgt, m_tgt = (x.contiguous() for x in (u_pred, m_pred, u_tgt, m_tgt))
     grad_d = grad_d.to(u_pred.dtype).contiguous()
+    if grad_u1.numel() == u_pred.numel() and grad_m1.numel() == m_pred.numel() and grad_d.numel() > 0:
+        g0 = _uniform(grad_d)
+        if g0 is not None:
+            return grad_u1 * g0, grad_m1 * g0
+    u_pred, m_pred, u_tgt, m_tgt = (x.contiguous() for x in (u_pred, m_pred, u_tgt, m_tgt))
     n, height, width = u_pred.shape
     ho, wo, off_h, off_w = _geometry(height, width, win_h, win_w, valid)
     grad_u = torch.zeros_like(u_pred)
@@ -675,20 +728,23 @@ def triton_local_divergence_backward(
 
 
 @triton_local_divergence_backward.register_fake
-def _(grad_d, d, u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+def _(grad_d, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1, win_h, win_w, valid, bins, bandwidth, kernel,
+      divergence, eps):
     return torch.empty_like(u_pred), torch.empty_like(m_pred)
 
 
 def _setup_context(ctx, inputs, output):
-    u_pred, m_pred, u_tgt, m_tgt, *ctx.options = inputs
-    ctx.save_for_backward(u_pred, m_pred, u_tgt, m_tgt, output)
+    u_pred, m_pred, u_tgt, m_tgt, *options = inputs
+    ctx.options = options[:-1]  # without with_grad
+    ctx.save_for_backward(u_pred, m_pred, u_tgt, m_tgt, *output)
 
 
-def _backward(ctx, grad_d):
-    u_pred, m_pred, u_tgt, m_tgt, d = ctx.saved_tensors
-    grad_u, grad_m = triton_local_divergence_backward(grad_d, d, u_pred, m_pred, u_tgt, m_tgt, *ctx.options)
+def _backward(ctx, grad_d, _grad_u1, _grad_m1):
+    u_pred, m_pred, u_tgt, m_tgt, d, grad_u1, grad_m1 = ctx.saved_tensors
+    grad_u, grad_m = triton_local_divergence_backward(grad_d, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1,
+                                                      *ctx.options)
     # The target maps are constants of the loss (SPEC.md): no gradient flows to them.
-    return (grad_u, grad_m, None, None) + (None,) * len(ctx.options)
+    return (grad_u, grad_m, None, None) + (None,) * (len(ctx.options) + 1)
 
 
 triton_local_divergence.register_autograd(_backward, setup_context=_setup_context)
@@ -715,8 +771,16 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, bins: int):
 
 
 def local_divergence(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
-    """The backend contract of entropy_kernels.reference, computed by the fused Triton kernels."""
-    return triton_local_divergence(
+    """The backend contract of entropy_kernels.reference, computed by the fused Triton kernels.
+
+    When a gradient will be needed (and eps > 0), one pass computes D and the gradient for
+    grad_output = 1 (the backward kernel's work, which a separate forward would repeat), and the
+    backward only rescales it when grad_output is uniform, as the 'mean' and 'sum' reductions make
+    it; another grad_output runs the backward kernel. As the C++ CPU backend does.
+    """
+    with_grad = torch.is_grad_enabled() and (u_pred.requires_grad or m_pred.requires_grad)
+    d, _, _ = triton_local_divergence(
         u_pred, m_pred, u_tgt.detach(), m_tgt.detach(), int(win_h), int(win_w), bool(valid), int(bins),
-        float(bandwidth), kernel, divergence, float(eps),
+        float(bandwidth), kernel, divergence, float(eps), bool(with_grad),
     )
+    return d
