@@ -356,10 +356,15 @@ def _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centre
 @triton.jit
 def _column(x, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h, centres, bin_ok,
             LP: tl.constexpr, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
-            PRECISE_MATH: tl.constexpr):
-    """Column x's sums from the one-column cache (cx, cp, cq, cbad) when it holds x, else computed;
-    returns the cache, which then holds x. The same floats either way: the sums are deterministic."""
-    if x != cx:
+            PRECISE_MATH: tl.constexpr, SHARE: tl.constexpr):
+    """Column x's sums as (x, sums of the target, of pred, non-finite count): the one-column cache
+    (cx, cp, cq, cbad) updated to hold x. With SHARE a cache that already holds x is returned as it
+    is (the same floats: the sums are deterministic); without, the sums are always computed."""
+    if SHARE:
+        if x != cx:
+            cp, cq, cbad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
+                                        LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
+    else:
         cp, cq, cbad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
                                     LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
     return x, cp, cq, cbad
@@ -370,31 +375,22 @@ def _slide_window(sp, sq, sbad, lo, hi, first, end, cx, cp, cq, cbad, u_pred, m_
                   H, W, h, centres, bin_ok, LP: tl.constexpr, KERNEL: tl.constexpr, BLOCK_P: tl.constexpr,
                   PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr, SHARE: tl.constexpr):
     """The float64 window state (sp, sq, sbad) over columns [lo, hi) moved to [first, end) (both ends
-    only move right): entering columns are added, leaving ones subtracted. With SHARE the column sums
-    go through the one-column cache (cx, cp, cq, cbad), returned updated: the backward's lagging
-    state enters the column its leading state has just left (see _kde_divergence_bwd_slide)."""
+    only move right): entering columns are added, leaving ones subtracted. The column sums go through
+    the one-column cache (cx, cp, cq, cbad), returned updated; with SHARE a cached column is not
+    summed again: the backward's lagging state enters the column its leading state has just left
+    (see _kde_divergence_bwd_slide)."""
     for x in range(hi, end):
-        if SHARE:
-            cx, cp, cq, cbad = _column(x, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h,
-                                       centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
-            ep, eq, ebad = cp, cq, cbad
-        else:
-            ep, eq, ebad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
-                                        LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
-        sp += ep.to(tl.float64)
-        sq += eq.to(tl.float64)
-        sbad += ebad
+        cx, cp, cq, cbad = _column(x, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h,
+                                   centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH, SHARE)
+        sp += cp.to(tl.float64)
+        sq += cq.to(tl.float64)
+        sbad += cbad
     for x in range(lo, first):
-        if SHARE:
-            cx, cp, cq, cbad = _column(x, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h,
-                                       centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
-            ep, eq, ebad = cp, cq, cbad
-        else:
-            ep, eq, ebad = _column_sums(u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, x, H, W, h, centres, bin_ok,
-                                        LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH)
-        sp -= ep.to(tl.float64)
-        sq -= eq.to(tl.float64)
-        sbad -= ebad
+        cx, cp, cq, cbad = _column(x, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W, h,
+                                   centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH, SHARE)
+        sp -= cp.to(tl.float64)
+        sq -= cq.to(tl.float64)
+        sbad -= cbad
     return sp, sq, sbad, tl.maximum(lo, first), tl.maximum(hi, end), cx, cp, cq, cbad
 
 
@@ -420,10 +416,14 @@ def _kde_divergence_fwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_out, H, W
     sbad = rows * 0
     lo = rows * 0
     hi = rows * 0
+    cx = rows * 0 - 1  # the column cache, unused here (no column is summed twice in a row)
+    cp = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
+    cq = tl.zeros((LP, LP), dtype=u_pred.dtype.element_ty)
+    cbad = rows * 0
     for c in range(0, Wo):
         first, end = _window_cols(c, W, win_w, off_w)
-        sp, sq, sbad, lo, hi, _, _, _, _ = _slide_window(
-            sp, sq, sbad, lo, hi, first, end, 0, sp, sq, sbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W,
+        sp, sq, sbad, lo, hi, cx, cp, cq, cbad = _slide_window(
+            sp, sq, sbad, lo, hi, first, end, cx, cp, cq, cbad, u_pred, m_pred, u_tgt, m_tgt, n, row0, rows, H, W,
             h, centres, bin_ok, LP, KERNEL, BLOCK_P, PRECISION, PRECISE_MATH, False)
         inv_n = 1.0 / (rows * (end - first)).to(tl.float64)  # one division per window, not one per cell
         p = (sp * inv_n).to(u_pred.dtype.element_ty)
@@ -449,7 +449,7 @@ def _window_g(sp, sq, sbad, c, d_saved, grad_d, rows, first, end, eps, cell_ok, 
             d = tl.where(sbad > 0, float("nan"), _divergence(p, q, eps, cell_ok, DIVERGENCE, PRECISE_MATH))
         else:
             d = tl.where(sbad > 0, float("nan"), 0.0).to(p.dtype)
-        g = tl.where(sbad > 0, 1.0, 1.0).to(p.dtype)
+        g = tl.full([], 1.0, p.dtype)
     else:
         d = tl.load(d_saved + c)
         g = tl.load(grad_d + c)
@@ -604,7 +604,7 @@ def _launch_config(win_h: int, win_w: int, wo: int, bins: int):
                 best = (cost, per_strip, block_p)
     _, per_strip, block_p = best
     # 8 warps from LP 32: at 4 warps the 32 x 32 tiles spilled registers (benchmarks/triton_static.py: 73
-    # local stores forward, 133 backward; 8 warps: 0 and 4), and 8 warps ran the target case in 99.8 ms
+    # local stores forward, 133 backward; 8 warps: 0 and 2), and 8 warps ran the target case in 99.8 ms
     # against 144 ms on an H100 (docs/results.md).
     config = dict(per_strip=per_strip, BLOCK_P=block_p, LP=lp, num_warps=8 if lp >= 32 else 4)
     config.update(LAUNCH_OVERRIDES)
