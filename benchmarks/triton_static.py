@@ -82,6 +82,13 @@ def compile_kernel(algorithm, direction, dtype, bins, kernel="logistic", diverge
     constants = dict(triton_kde._constants(bins, kernel, divergence, BANDWIDTH), PRECISE_MATH=True, **config)
     if "FUSED" in fn.arg_names:  # a constexpr with a default, which the signature must name
         constants["FUSED"] = direction == "fused"
+    return dict(algorithm=algorithm, **{"pass": direction}, dtype=dtype, bins=bins, LP=constants["LP"],
+                BLOCK_P=constants["BLOCK_P"], **compile_resources(fn, constants, dtype, num_warps, arch))
+
+
+def compile_resources(fn, constants, dtype, num_warps, arch=90):
+    """Compiles the Triton function `fn` (pointer arguments named as in POINTERS, the others int32
+    or in `constants`) for sm_<arch>: warps, registers, spills, shared memory, SASS mix, loop nest."""
     signature = {name: "constexpr" if name in constants else ("*" + DTYPES[dtype] if name in POINTERS else "i32")
                  for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
@@ -101,11 +108,9 @@ def compile_kernel(algorithm, direction, dtype, bins, kernel="logistic", diverge
     threads = 32 * num_warps
     # An SM has 64K registers, allocated per warp in units of 256 (8 registers per thread).
     per_warp = -(-regs * 32 // 256) * 256
-    return dict(algorithm=algorithm, **{"pass": direction}, dtype=dtype, bins=bins, LP=constants["LP"],
-                BLOCK_P=constants["BLOCK_P"], warps=num_warps, regs=regs, stack=stack, spill_st=ops["STL"],
-                spill_ld=ops["LDL"], shared=shared, sass=sum(ops.values()), FFMA=ops["FFMA"],
-                **{"DFMA+DADD": ops["DFMA"] + ops["DADD"]}, MUFU=ops["MUFU"], LDS=ops["LDS"],
-                programs_per_sm=min(65536 // (per_warp * num_warps), 2048 // threads),
+    return dict(warps=num_warps, regs=regs, stack=stack, spill_st=ops["STL"], spill_ld=ops["LDL"], shared=shared,
+                sass=sum(ops.values()), FFMA=ops["FFMA"], **{"DFMA+DADD": ops["DFMA"] + ops["DADD"]},
+                MUFU=ops["MUFU"], LDS=ops["LDS"], programs_per_sm=min(65536 // (per_warp * num_warps), 2048 // threads),
                 loops=loop_nest(instructions))
 
 
