@@ -185,11 +185,15 @@ def test_power_of_two_bandwidth_times_its_reciprocal_is_bit_for_bit(gen, kernel,
 
 # The error-bound rule (as in flash-attention's tests): on inputs representable in float32, the
 # float32 kernel's error against the float64 reference is at most twice the error of the reference
-# itself run in float32. The metric is the root-mean-square error over the whole D map (and over
-# each gradient map): a max over a few hundred rounding errors is itself noisy (ratios up to about
-# 2.2 were seen for two correct float32 computations), the RMS is not (ratios 0.7-1.3). A max-error
-# guard at 4x catches an error that is concentrated in a few windows. FLOOR only matters when both
-# errors are exactly zero.
+# itself run in float32. The metric is the root-mean-square, over the whole D map (and over each
+# gradient map), of each element's error scaled by |exact| + the map's RMS: an element's rounding
+# error grows with its magnitude, so unscaled a few large values dominate the RMS of a small map and
+# the ratio of two equally accurate float32 computations is noisy (over maps of 84 single-pixel
+# windows it exceeds 2 for about 1% of random maps, and one case run in 89 failed that way; scaled,
+# its 99th percentile is 1.4: benchmarks/error_rule_noise.py, docs/triton.md). There is no separate
+# max-error guard: a maximum over a few dozen elements is noisier still (the scaled ratio of maxima
+# reached 3.7 in 34 seeds), and on maps this small one element 64 ulps off already breaks the RMS
+# rule (`test_error_bound_rule_has_teeth`). FLOOR only matters when both errors are exactly zero.
 FLOOR = 1e-30
 ERROR_CASES = [
     (2, 6, 7, 3, 3, False, 12, 0.5, "logistic", "kl", 1e-10, None),
@@ -218,10 +222,45 @@ def test_float32_error_bound(gen, case, uniform=False):
     ref32 = divergence_and_grads(reference, maps, options, grad_d, torch.float32)
     ours = divergence_and_grads(triton_kde, maps, options, grad_d, torch.float32)
     for name, e, r, o in zip(("D", "grad_u", "grad_m"), exact, ref32, ours):
-        ours_rms, ref_rms = (o - e).norm().item(), (r - e).norm().item()
-        ours_max, ref_max = (o - e).abs().max().item(), (r - e).abs().max().item()
-        assert ours_rms <= 2 * ref_rms + FLOOR, f"{name}: RMS error {ours_rms:.3e} vs reference fp32 {ref_rms:.3e}"
-        assert ours_max <= 4 * ref_max + FLOOR, f"{name}: max error {ours_max:.3e} vs reference fp32 {ref_max:.3e}"
+        broken = error_bound_rule(o, r, e)
+        assert not broken, f"{name}: {broken}"
+
+
+@needs_triton
+def test_error_bound_rule_has_teeth(gen):
+    """The rule passes the kernel's float32 result and fails it with 8 more ulps of error spread over
+    every element, or 64 more in a single one (ulps of each element's scale)."""
+    n, height, width, *options, _ = ERROR_CASES[0]
+    maps = [x.float().double() for x in random_maps(gen, n, height, width, options[3])]
+    grad_d = torch.randn(n, height, width, generator=gen).double().to(DEVICE)
+    exact = divergence_and_grads(reference, maps, options, grad_d, torch.float64)
+    ref32 = divergence_and_grads(reference, maps, options, grad_d, torch.float32)
+    ours = divergence_and_grads(triton_kde, maps, options, grad_d, torch.float32)
+    ulp = 2.0**-24
+    for name, e, r, o in zip(("D", "grad_u", "grad_m"), exact, ref32, ours):
+        assert not error_bound_rule(o, r, e), name
+        scale = error_scale(e)
+        spread = o + 8 * ulp * scale * torch.randn(o.shape, generator=gen, dtype=o.dtype).to(DEVICE)
+        assert error_bound_rule(spread, r, e), name
+        single = o.clone().view(-1)
+        pick = int(torch.randint(single.numel(), (1,), generator=gen))
+        single[pick] += 64 * ulp * scale.view(-1)[pick]
+        assert error_bound_rule(single.view(o.shape), r, e), name
+
+
+def error_scale(exact):
+    """|exact| + the RMS of the exact map, per element (see the rule above)."""
+    return exact.abs() + exact.norm() / exact.numel() ** 0.5 + FLOOR
+
+
+def scaled_errors(x, exact):
+    return (x - exact) / error_scale(exact)
+
+
+def error_bound_rule(ours, ref32, exact):
+    """Why `ours` breaks the rule against the reference's float32 result (empty when it does not)."""
+    mine, theirs = scaled_errors(ours, exact).norm().item(), scaled_errors(ref32, exact).norm().item()
+    return f"scaled RMS error {mine:.3e} vs reference fp32 {theirs:.3e}" if mine > 2 * theirs + FLOOR else ""
 
 
 @needs_triton
