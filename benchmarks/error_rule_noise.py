@@ -14,7 +14,6 @@ scaled by |exact| + the map's RMS (is the test's statistic noisy?).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
