@@ -9,6 +9,7 @@ and the static SASS instruction mix. Each configuration is the one the backend l
     python benchmarks/triton_static.py                   # table for sm_90 (H100 / H200)
     python benchmarks/triton_static.py --warps 4 8 16    # the same with num_warps overridden
     python benchmarks/triton_static.py --precision tf32x3   # tensor-core dots instead of IEEE FMA ones
+    python benchmarks/triton_static.py --maxnreg 128     # registers capped (two 8-warp programs per SM)
     python benchmarks/triton_static.py --check           # CI: every launched configuration compiles
                                                          # for sm_90, and the default algorithm's
                                                          # float32 ones with bins <= 32 do not spill
@@ -51,6 +52,7 @@ KERNELS = {
 }
 DTYPES = {"float32": "fp32", "float64": "fp64"}
 WINDOW, ROW = 11, 128
+MAXNREG = None  # --maxnreg: a register cap for every compiled kernel
 BANDWIDTH = 0.5  # the default: a power of two (see triton_kde._reciprocal_h)
 FIELDS = ["algorithm", "pass", "dtype", "bins", "LP", "BLOCK_P", "warps", "regs", "stack", "spill_st",
           "spill_ld", "shared", "sass", "FFMA", "DFMA+DADD", "MUFU", "LDS", "programs_per_sm"]
@@ -79,20 +81,23 @@ def compile_kernel(algorithm, direction, dtype, bins, kernel="logistic", diverge
     fn = getattr(triton_kde, KERNELS[algorithm, direction])
     config = launch_config(algorithm, bins, warps)
     num_warps = config.pop("num_warps")
+    maxnreg = config.pop("maxnreg", MAXNREG)
     constants = dict(triton_kde._constants(bins, kernel, divergence, BANDWIDTH), PRECISE_MATH=True, **config)
     if "FUSED" in fn.arg_names:  # a constexpr with a default, which the signature must name
         constants["FUSED"] = direction == "fused"
     return dict(algorithm=algorithm, **{"pass": direction}, dtype=dtype, bins=bins, LP=constants["LP"],
-                BLOCK_P=constants["BLOCK_P"], **compile_resources(fn, constants, dtype, num_warps, arch))
+                BLOCK_P=constants["BLOCK_P"], **compile_resources(fn, constants, dtype, num_warps, arch, maxnreg))
 
 
-def compile_resources(fn, constants, dtype, num_warps, arch=90):
+def compile_resources(fn, constants, dtype, num_warps, arch=90, maxnreg=None):
     """Compiles the Triton function `fn` (pointer arguments named as in POINTERS, the others int32
-    or in `constants`) for sm_<arch>: warps, registers, spills, shared memory, SASS mix, loop nest."""
+    or in `constants`) for sm_<arch>, registers capped at maxnreg if given: warps, registers,
+    spills, shared memory, SASS mix, loop nest."""
     signature = {name: "constexpr" if name in constants else ("*" + DTYPES[dtype] if name in POINTERS else "i32")
                  for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    options = dict(num_warps=num_warps) if maxnreg is None else dict(num_warps=num_warps, maxnreg=maxnreg)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -144,9 +149,11 @@ def _run(*cmd):
     return result.stdout
 
 
-def _set_precision(precision):
+def _set_options(precision, maxnreg):
+    global MAXNREG
     if precision:
         triton_kde.DOT_PRECISION = precision
+    MAXNREG = maxnreg
 
 
 def _job(args):
@@ -184,6 +191,8 @@ def main():
                         "instruction counts, a loop's inner loops in brackets")
     parser.add_argument("--precision", choices=("ieee", "tf32", "tf32x3"), help="override the dots' "
                         f"input_precision (default {triton_kde.DOT_PRECISION!r})")
+    parser.add_argument("--maxnreg", type=int, help="cap the registers per thread (ptxas), as the "
+                        "'slide-maxnreg128' variant of triton_variants.py launches")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
     reason = tools_missing()
@@ -191,9 +200,10 @@ def main():
         print(reason)
         return 1 if args.check else 0
     todo = jobs(args.check, args.warps)
-    with ProcessPoolExecutor(args.workers, initializer=_set_precision, initargs=(args.precision,)) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=_set_options, initargs=(args.precision, args.maxnreg)) as pool:
         rows = list(pool.map(_job, todo))
-    print(f"sm_90, window {WINDOW}, Triton {triton.__version__}; stack/spill_st/spill_ld: bytes and local "
+    cap = f", registers capped at {args.maxnreg}" if args.maxnreg else ""
+    print(f"sm_90, window {WINDOW}, Triton {triton.__version__}{cap}; stack/spill_st/spill_ld: bytes and local "
           "store/load instructions (register spills); sass: static instruction count")
     print(" | ".join(FIELDS))
     problems = []

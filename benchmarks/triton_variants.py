@@ -34,9 +34,13 @@ from entropy_kernels.ops import triton_kde  # noqa: E402
 
 VARIANTS = [  # most telling first: the stage's time budget may stop the list early
     ("slide", {}),
-    # 16 warps: 97 / 127 registers (forward / backward) instead of 162 / 186 at bins 32, no spills, so an
-    # SM holds 16 warps of one program instead of 8 (benchmarks/triton_static.py).
+    # 16 warps: 97 / 128 registers (forward / fused forward) instead of 164 / 220 at bins 32, no spills, so
+    # an SM holds 16 warps of one program instead of 8 (benchmarks/triton_static.py).
     ("slide-warps16", {"launch": {"num_warps": 16}}),
+    # 8 warps with registers capped at 128: two programs per SM (16 warps) with 4% more instructions
+    # per window than uncapped (16 warps: 34% more); the plain forward needs 126 (no spill), the fused
+    # forward spills ~60 local stores and loads per window, outside the column sums.
+    ("slide-maxnreg128", {"launch": {"maxnreg": 128}}),
     ("strip", {"algorithm": "strip"}),
     ("slide-unfused", {"fuse": False}),
     ("slide-fast-math", {"precise": False}),

@@ -45,8 +45,9 @@ def test_every_launched_configuration_compiles_for_sm90_without_spills(tools):
     assert len(rows) == 23, result.stdout
 
 
-def _compile(algorithm, direction, dtype, bins, warps):
+def _compile(algorithm, direction, dtype, bins, warps, maxnreg=None):
     code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import triton_static; "
+            f"triton_static.MAXNREG = {maxnreg!r}; "
             f"print(json.dumps(triton_static.compile_kernel({algorithm!r}, {direction!r}, {dtype!r}, {bins}, "
             f"warps={warps})))")
     result = _python(["-c", code])
@@ -63,3 +64,12 @@ def test_the_static_report_sees_spills_and_registers(tools):
     default = _compile("slide", "fwd", "float32", 32, None)
     assert 32 <= default["regs"] <= 255 and default["spill_st"] == 0 and default["sass"] > 500, default
     assert default["FFMA"] > 0 and default["MUFU"] > 0 and default["programs_per_sm"] >= 1, default
+
+
+def test_a_register_cap_of_128_puts_two_forward_programs_on_an_sm(tools):
+    """The premise of triton_variants.py's 'slide-maxnreg128': capped at 128 registers, the 8-warp
+    'slide' forward fits two programs per SM without spilling (uncapped it takes one)."""
+    capped = _compile("slide", "fwd", "float32", 32, None, maxnreg=128)
+    assert capped["regs"] <= 128 and capped["spill_st"] == 0 and capped["programs_per_sm"] == 2, capped
+    uncapped = _compile("slide", "fwd", "float32", 32, None)
+    assert uncapped["regs"] > 128 and uncapped["programs_per_sm"] == 1, uncapped

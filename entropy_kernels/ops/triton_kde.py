@@ -551,7 +551,8 @@ def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, gr
 _INTERPRETED = isinstance(_kde_divergence_fwd, InterpretedFunction)
 # libdevice expf/logf and IEEE division on the GPU (the interpreter has no libdevice).
 PRECISE_MATH = not _INTERPRETED
-# Benchmarks may pin launch parameters here (per_strip, BLOCK_P, num_warps) to compare variants.
+# Benchmarks may pin launch parameters here (per_strip, BLOCK_P, num_warps; maxnreg for 'slide') to
+# compare variants.
 LAUNCH_OVERRIDES: dict = {}
 # 'slide' (default): one program per output row, windows slid along it; 'strip': the first design,
 # strips of windows each summed directly (measured at 109x the floor on an H100, docs/triton.md).
@@ -567,7 +568,8 @@ def _slide_config(win_h: int, bins: int):
     lp = max(16, triton.next_power_of_2(bins))
     # 8 warps: the backward carries five float64 LP x LP tiles (two window states, T) in registers.
     config = dict(BLOCK_P=16 if win_h <= 16 else 32, LP=lp, num_warps=8)
-    config.update({k: v for k, v in LAUNCH_OVERRIDES.items() if k in config})
+    # maxnreg (a register cap for ptxas, launch option) only when a benchmark sets it.
+    config.update({k: v for k, v in LAUNCH_OVERRIDES.items() if k in config or k == "maxnreg"})
     return config
 
 
