@@ -59,9 +59,11 @@ DOT_PRECISION = "ieee"
 
 
 @triton.jit
-def _div(x, y):
+def _div(x, y, PRECISE_MATH: tl.constexpr = True):
     # Triton's fp32 '/' is div.full (2 ulp); the error-bound rule wants IEEE rounding as torch has.
-    if x.dtype == tl.float32:
+    # Without PRECISE_MATH (the fast-math benchmark variants; the interpreter, whose '/' is numpy's
+    # IEEE division anyway) the hot paths use '/'.
+    if x.dtype == tl.float32 and PRECISE_MATH:
         q = tl.div_rn(x, y)
     else:
         q = x / y
@@ -98,12 +100,12 @@ def _log(x, PRECISE_MATH: tl.constexpr):
 
 
 @triton.jit
-def _over_h(x, y, h, KERNEL: tl.constexpr):
+def _over_h(x, y, h, KERNEL: tl.constexpr, PRECISE_MATH: tl.constexpr):
     """x / (y h), or with RECIPROCAL_H in KERNEL (h is then 1/h of a power of two) x / y times it."""
     if KERNEL >= 2:
-        r = _div(x, y) * h
+        r = _div(x, y, PRECISE_MATH) * h
     else:
-        r = _div(x, y * h)
+        r = _div(x, y * h, PRECISE_MATH)
     return r
 
 
@@ -120,26 +122,26 @@ def _kernel_vectors(v, centres, h, WITH_SLOPE: tl.constexpr, KERNEL: tl.constexp
     if KERNEL >= 2:
         z = (v - centres) * h
     else:
-        z = _div(v - centres, h)
+        z = _div(v - centres, h, PRECISE_MATH)
     if KERNEL % 2 == 0:
         # e^-|z| / (1 + e^-|z|)^2: the symmetric form never rounds to 0 on one side.
         e = _exp(-tl.abs(z), PRECISE_MATH)
         opp = 1.0 + e
-        k = _over_h(e, opp * opp, h, KERNEL)
+        k = _over_h(e, opp * opp, h, KERNEL, PRECISE_MATH)
         if WITH_SLOPE:
             # K'(z) = -sign(z) K(z) (1 - e)/(1 + e); sign(0) = 0 as for torch's abs.
             sign = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-            slope = _over_h(-sign * k * (1.0 - e), opp, h, KERNEL)
+            slope = _over_h(-sign * k * (1.0 - e), opp, h, KERNEL, PRECISE_MATH)
         else:
             slope = k
     else:
         g = _exp(-0.5 * z * z, PRECISE_MATH)
-        k = _over_h(g, 2.5066282746310002, h, KERNEL)
+        k = _over_h(g, 2.5066282746310002, h, KERNEL, PRECISE_MATH)
         if WITH_SLOPE:
             if KERNEL >= 2:
                 slope = -z * k * h
             else:
-                slope = _div(-z * k, h)
+                slope = _div(-z * k, h, PRECISE_MATH)
         else:
             slope = k
     return k, slope
@@ -454,10 +456,10 @@ def _window_g(sp, sq, sbad, c, d_saved, grad_d, rows, first, end, eps, cell_ok, 
         d = tl.load(d_saved + c)
         g = tl.load(grad_d + c)
     if DIVERGENCE == 0:
-        dq = _div(q - p, q + eps)
+        dq = _div(q - p, q + eps, PRECISE_MATH)
     else:
         root_q = _sqrt(q + eps)
-        dq = -_div(_sqrt(p + eps) - root_q, 4.0 * d * root_q)
+        dq = -_div(_sqrt(p + eps) - root_q, 4.0 * d * root_q, PRECISE_MATH)
     healthy = _is_finite(d) & _is_finite(g)
     # Padded cells are dropped so that eps = 0 cannot make 0/0 there.
     G = tl.where(cell_ok, dq * _div(g, pixels.to(grad_d.dtype.element_ty)), 0.0)
