@@ -679,10 +679,10 @@ def triton_local_divergence(
     if _fuses(with_grad, eps):
         grad_u = torch.zeros_like(u_pred)
         grad_m = torch.zeros_like(m_pred)
-        # d stands in for grad_d, which the fused kernel does not read.
+        # The backward kernel with FUSED: d receives D and stands in for grad_d, which it does not read.
         args = (u_pred, m_pred, u_tgt, m_tgt, params, d, d, grad_u, grad_m, height, width, ho, wo, win_h, win_w,
                 off_h, off_w)
-        _kde_divergence_bwd_slide[(n * ho,)](*args, **constants, **_slide_config(win_h, bins), FUSED=True)
+        _launch(False, args, win_h, win_w, n, ho, wo, bins, dict(constants, FUSED=True))
         return d, grad_u, grad_m
     args = (u_pred, m_pred, u_tgt, m_tgt, params, d, height, width, ho, wo, win_h, win_w, off_h, off_w)
     _launch(True, args, win_h, win_w, n, ho, wo, bins, constants)
@@ -699,9 +699,10 @@ def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel
 
 
 def _uniform(grad_d: torch.Tensor):
-    """grad_d's one value when all its elements equal it and it is finite, else None."""
-    g0 = grad_d.reshape(-1)[0]
-    return g0 if bool(torch.isfinite(g0)) and torch.equal(grad_d, g0.expand_as(grad_d)) else None
+    """grad_d's one value when all its elements equal it and it is finite, else None (one host sync;
+    an expanded grad_d, as 'mean' and 'sum' send it, is read without being copied)."""
+    g0 = grad_d[(0,) * grad_d.dim()]
+    return g0 if bool(torch.isfinite(g0) & (grad_d == g0).all()) else None
 
 
 @torch.library.custom_op("entropy_kernels::triton_local_divergence_backward", mutates_args=())
@@ -715,11 +716,12 @@ def triton_local_divergence_backward(
     empty) scaled by grad_d's value when grad_d is uniform (the 'mean' and 'sum' reductions), else
     the backward kernel."""
     _check_maps(u_pred, m_pred, u_tgt, m_tgt)
-    grad_d = grad_d.to(u_pred.dtype).contiguous()
+    grad_d = grad_d.to(u_pred.dtype)
     if grad_u1.numel() == u_pred.numel() and grad_m1.numel() == m_pred.numel() and grad_d.numel() > 0:
         g0 = _uniform(grad_d)
         if g0 is not None:
             return grad_u1 * g0, grad_m1 * g0
+    grad_d = grad_d.contiguous()
     u_pred, m_pred, u_tgt, m_tgt = (x.contiguous() for x in (u_pred, m_pred, u_tgt, m_tgt))
     n, height, width = u_pred.shape
     ho, wo, off_h, off_w = _geometry(height, width, win_h, win_w, valid)
