@@ -123,10 +123,10 @@ def launch(maps, d_out, win, bins, bandwidth, kernel, divergence, eps, rows_per_
     n, height, width = maps[0].shape
     constants = triton_kde._constants(bins, kernel, divergence, bandwidth)
     scalars = triton_kde._params(maps[0].device, maps[0].dtype, bandwidth, eps)
-    lp = max(16, triton.next_power_of_2(bins))
+    config = triton_kde._slide_config(win, bins)  # BLOCK_P and LP as 'slide' launches them
     _kde_divergence_fwd_rows[(n * triton.cdiv(height, rows_per_program),)](
         *maps, scalars, d_out, height, width, height, width, win, win, win // 2, win // 2, **constants,
-        BLOCK_P=16, LP=lp, R=rows_per_program)
+        BLOCK_P=config["BLOCK_P"], LP=config["LP"], R=rows_per_program)
 
 
 def check():
@@ -163,8 +163,10 @@ def main():
     print("|---|---|---|---|---|---|")
     for rows in args.rows:
         for warps in args.warps:
-            constants = dict(triton_kde._constants(32, "logistic", "kl", 0.5), PRECISE_MATH=True, BLOCK_P=16,
-                             LP=32, R=rows)  # PRECISE_MATH as the GPU launch sets it
+            config = triton_static.launch_config("slide", 32)  # BLOCK_P, LP (and num_warps, replaced)
+            config.pop("num_warps")
+            constants = dict(triton_kde._constants(32, "logistic", "kl", triton_static.BANDWIDTH), **config,
+                             PRECISE_MATH=True, R=rows)  # PRECISE_MATH as the GPU launch sets it
             r = triton_static.compile_resources(_kde_divergence_fwd_rows, constants, "float32", warps)
             body = int(r["loops"].split("[", 2)[1].split("[")[0])
             print(f"| {rows} | {warps} | {r['regs']} | {r['spill_st']} | {body / rows:.0f} | {r['loops']} |", flush=True)

@@ -93,12 +93,17 @@ def test_matches_float64_reference(gen, case):
     expected = divergence_and_grads(reference, maps, options, grad_d, torch.float64)
     got = divergence_and_grads(triton_kde, maps, options, grad_d, torch.float64)
     for name, g, e in zip(("D", "grad_u", "grad_m"), got, expected):
-        # Sliding sums (add a column, later subtract it) leave an absolute error of ~1e-16 of the
-        # window's largest cell, which the KL gradient's 1 / (Q + eps) can raise to ~1e-8 of the
-        # map's largest value (as in the C++ and CUDA backends; 1.2e-8 was the worst of 41 seeds of
-        # the bins-33 Gaussian case, which had failed a 1e-8 bound once); a direct sum gives 1e-13.
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-13 + 1e-7 * e.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+        assert_close_float64(g, e, name)
+
+
+def assert_close_float64(got, expected, name="", rtol=1e-9):
+    """float64 agreement with the reference. Sliding sums (add a column, later subtract it) leave an
+    absolute error of ~1e-16 of the window's largest cell, which the KL gradient's 1 / (Q + eps) can
+    raise to ~1e-8 of the map's largest value (as in the C++ and CUDA backends; 1.2e-8 was the worst
+    of 41 seeds of the bins-33 Gaussian case, which had failed a 1e-8 bound once); a direct sum
+    gives 1e-13."""
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=1e-13 + 1e-7 * expected.abs().max().item(),
+                               msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.skipif(not triton_kde._INTERPRETED, reason="counts calls in Triton's interpreter")
@@ -360,10 +365,9 @@ def test_public_api_matches_reference(gen, shape, kwargs):
     grad_out = torch.randn(loss_ref.shape, dtype=torch.float64, generator=gen).to(DEVICE)
     expected, expected_grad = loss_and_grad(pred, target, grad_out, "reference", **kwargs)
     got, got_grad = loss_and_grad(pred, target, grad_out, "triton", **kwargs)
-    # The sliding sums' float64 error, as in test_matches_float64_reference: relative to
-    # the map's largest value (a gradient 7.5e-13 of it off failed an absolute 1e-13 once).
-    for a, e in ((got, expected), (got_grad, expected_grad)):
-        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-13 + 1e-7 * e.abs().max().item())
+    # Relative to the map's largest value (a gradient 7.5e-13 of it off failed an absolute 1e-13 once).
+    assert_close_float64(got, expected, "loss")
+    assert_close_float64(got_grad, expected_grad, "gradient")
 
 
 @needs_triton
@@ -445,10 +449,12 @@ def test_cuda_gradients_stable_across_runs(gen, dtype):
         for g, f in zip(again[1:], first[1:]):
             torch.testing.assert_close(g, f, **tol)
     for g, e in zip(first, expected):
-        # float64 against the reference: the sliding sums' error, relative to the map's largest value
-        # (test_matches_float64_reference); run to run the atomics' order alone differs, as above.
-        atol = tol["atol"] if dtype == torch.float32 else 1e-13 + 1e-7 * e.abs().max().item()
-        torch.testing.assert_close(g, e, rtol=tol["rtol"], atol=atol)
+        # float64 against the reference: the sliding sums' error; run to run the atomics' order
+        # alone differs, as above.
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, e, **tol)
+        else:
+            assert_close_float64(g, e, rtol=tol["rtol"])
 
 
 @needs_triton
@@ -462,8 +468,7 @@ def test_both_algorithms_match_the_reference(gen, algorithm, monkeypatch):
     expected = divergence_and_grads(reference, maps, options, grad_d, torch.float64)
     got = divergence_and_grads(triton_kde, maps, options, grad_d, torch.float64)
     for name, g, e in zip(("D", "grad_u", "grad_m"), got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-13 + 1e-7 * e.abs().max().item(),
-                                   msg=lambda m: f"{algorithm} {name}: {m}")
+        assert_close_float64(g, e, f"{algorithm} {name}")
 
 
 def test_unknown_algorithm_is_an_error(monkeypatch):
