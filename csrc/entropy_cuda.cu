@@ -23,6 +23,12 @@
 #include "entropy_cuda.h"
 #include "entropy_math.h"
 
+// tests/simt/simt.h (a CPU emulator that runs these kernels in CI) defines both differently.
+#ifndef EK_SIMT_EMULATION
+#define EK_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#define EK_LAUNCH_KERNEL(kernel, grid, block, shared, stream) kernel<<<grid, block, shared, stream>>>
+#endif
+
 namespace entropy_kernels {
 namespace {
 
@@ -131,7 +137,7 @@ struct WindowState {
 template <typename T, int CPT>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(Geometry g, const T* up, const T* mp, const T* ut, const T* mt, const int32_t* bad_sat, T* d) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  EK_DYNAMIC_SHARED(smem);
   T* sh = reinterpret_cast<T*>(smem);
   __shared__ double scratch[kWarps];
   const int r = blockIdx.x, plane = blockIdx.y;
@@ -188,7 +194,7 @@ template <typename T, int CPT>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(Geometry g, const T* up, const T* mp, const T* ut, const T* mt, const T* d, const T* grad,
                     const int32_t* poison_sat, T* gu, T* gm) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  EK_DYNAMIC_SHARED(smem);
   T* sh = reinterpret_cast<T*>(smem);
   __shared__ double partial[kWarps][kChunk][2];
   const int r = blockIdx.x, plane = blockIdx.y;
@@ -272,7 +278,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       __syncthreads();
-      if (threadIdx.x < 2 * n) {
+      if ((int)threadIdx.x < 2 * n) {
         const int tt = threadIdx.x / 2, which = threadIdx.x % 2;
         double s = 0.0;
         for (int w = 0; w < kWarps; ++w) s += partial[w][tt][which];
@@ -302,12 +308,12 @@ Geometry geometry(const CudaProblem& pb) {
 }
 
 // Launches KERNEL<T, CPT> for the problem's cells per thread.
-#define EK_LAUNCH(KERNEL, ...)                                                         \
-  if (cells_per_thread(pb.bins) == 4)                                                  \
-    KERNEL<T, 4><<<grid, kThreads, shared, stream>>>(__VA_ARGS__);                     \
-  else                                                                                 \
-    KERNEL<T, 16><<<grid, kThreads, shared, stream>>>(__VA_ARGS__);                    \
-  return cudaGetLastError();
+#define EK_LAUNCH(KERNEL, ...)                                                                 \
+  {                                                                                            \
+    const auto kernel = cells_per_thread(pb.bins) == 4 ? &KERNEL<T, 4> : &KERNEL<T, 16>;       \
+    EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(__VA_ARGS__);                     \
+    return cudaGetLastError();                                                                 \
+  }
 
 }  // namespace
 

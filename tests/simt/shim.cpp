@@ -1,0 +1,61 @@
+// csrc/entropy_cuda.cu compiled as C++ against the CPU emulator (simt.h), behind a C ABI that
+// tests/test_cuda_emulated.py loads with ctypes. Pointers are host memory; dtype 0 is float,
+// 1 double. Each call returns the launcher's cudaError_t.
+#include "entropy_cuda.cu"
+
+namespace {
+
+entropy_kernels::CudaProblem problem(int planes, int height, int width, int bins, int win_h, int win_w, int valid,
+                                     double bandwidth, double eps, int kernel, int divergence) {
+  entropy_kernels::CudaProblem pb;
+  pb.planes = planes;
+  pb.height = height;
+  pb.width = width;
+  pb.bins = bins;
+  pb.win_h = win_h;
+  pb.win_w = win_w;
+  pb.valid = valid != 0;
+  pb.bandwidth = bandwidth;
+  pb.eps = eps;
+  pb.kernel = kernel;
+  pb.divergence = divergence;
+  return pb;
+}
+
+template <typename T>
+int forward(const entropy_kernels::CudaProblem& pb, const void* const* maps, const int32_t* bad_sat, void* d) {
+  return entropy_kernels::launch_local_divergence_forward<T>(
+      pb, static_cast<const T*>(maps[0]), static_cast<const T*>(maps[1]), static_cast<const T*>(maps[2]),
+      static_cast<const T*>(maps[3]), bad_sat, static_cast<T*>(d), nullptr);
+}
+
+template <typename T>
+int backward(const entropy_kernels::CudaProblem& pb, const void* const* maps, const void* d, const void* grad,
+             const int32_t* poison_sat, void* grad_u, void* grad_m) {
+  return entropy_kernels::launch_local_divergence_backward<T>(
+      pb, static_cast<const T*>(maps[0]), static_cast<const T*>(maps[1]), static_cast<const T*>(maps[2]),
+      static_cast<const T*>(maps[3]), static_cast<const T*>(d), static_cast<const T*>(grad), poison_sat,
+      static_cast<T*>(grad_u), static_cast<T*>(grad_m), nullptr);
+}
+
+}  // namespace
+
+extern "C" {
+
+// maps: u_pred, m_pred, u_tgt, m_tgt.
+int ek_emulated_forward(int dtype, int planes, int height, int width, int bins, int win_h, int win_w, int valid,
+                        double bandwidth, double eps, int kernel, int divergence, const void* const* maps,
+                        const int32_t* bad_sat, void* d) {
+  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence);
+  return dtype == 0 ? forward<float>(pb, maps, bad_sat, d) : forward<double>(pb, maps, bad_sat, d);
+}
+
+int ek_emulated_backward(int dtype, int planes, int height, int width, int bins, int win_h, int win_w, int valid,
+                         double bandwidth, double eps, int kernel, int divergence, const void* const* maps,
+                         const void* d, const void* grad, const int32_t* poison_sat, void* grad_u, void* grad_m) {
+  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence);
+  return dtype == 0 ? backward<float>(pb, maps, d, grad, poison_sat, grad_u, grad_m)
+                    : backward<double>(pb, maps, d, grad, poison_sat, grad_u, grad_m);
+}
+
+}  // extern "C"

@@ -1,0 +1,216 @@
+"""backend='cuda''s kernels (csrc/entropy_cuda.cu) run on the CPU by a CUDA emulator, against the
+float64 reference.
+
+CI has no GPU, so until now the CUDA kernels' indexing, barriers, shuffles and NaN bookkeeping
+were checked only in sessions lent one (tests/test_cpp.py runs them on CUDA tensors there).
+Here the same source is compiled as C++ against tests/simt/simt.h, which runs a block's threads
+as fibers switched at its barriers (what it can and cannot show is written there), and called
+through the glue csrc/bindings.cpp puts around the launchers on CUDA tensors: the summed-area
+tables of non-finite pixels and of poisoned windows, and zero-filled gradients. The kernels see
+host pointers; everything else is the code a GPU runs, except that expf and logf are the host's
+(csrc/entropy_math.h's CPU polynomials).
+"""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from entropy_kernels import reference
+from entropy_kernels.ops import _extension
+from test_cpp import CASES, assert_close_f64, check_float32_arithmetic_rule, check_parity_f64, random_maps
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMT = ROOT / "tests" / "simt"
+CXX = shutil.which("g++") or shutil.which("c++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+
+
+def compile_shared(source: Path, out: Path) -> ctypes.CDLL:
+    """source as C++ against the emulator; warnings about our own sources fail the build."""
+    cmd = [
+        CXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-shared", "-fPIC",
+        f"-I{SIMT}", f"-I{ROOT / 'csrc'}", "-x", "c++", str(source), "-o", str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr}"
+    assert "warning" not in result.stderr.lower(), result.stderr
+    return ctypes.CDLL(str(out))
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return compile_shared(SIMT / "shim.cpp", tmp_path_factory.mktemp("simt") / "entropy_cuda_emulated.so")
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    return compile_shared(SIMT / "selftest.cu", tmp_path_factory.mktemp("simt") / "selftest.so")
+
+
+def summed_area(mark: torch.Tensor) -> torch.Tensor:
+    """int32 (N, R + 1, C + 1) table of a (N, R, C) mask, as bindings.cpp's summed_area."""
+    return F.pad(mark.int().cumsum(1).cumsum(2), (1, 0, 1, 0)).int().contiguous()
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+class EmulatedCuda:
+    """The backend contract (entropy_kernels.reference) served by the emulated CUDA launchers."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def _problem(self, u, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+        n, height, width = u.shape
+        return (
+            0 if u.dtype == torch.float32 else 1, n, height, width, bins, win_h, win_w, int(valid),
+            ctypes.c_double(bandwidth), ctypes.c_double(eps), _extension.KERNEL_IDS[kernel],
+            _extension.DIVERGENCE_IDS[divergence],
+        )
+
+    def forward(self, maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+        u = maps[0]
+        ho, wo = (u.shape[1] - win_h + 1, u.shape[2] - win_w + 1) if valid else u.shape[1:]
+        bad = summed_area(~(maps[0].isfinite() & maps[1].isfinite() & maps[2].isfinite() & maps[3].isfinite()))
+        d = torch.empty(u.shape[0], ho, wo, dtype=u.dtype)
+        pointers = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in maps])
+        rc = self.lib.ek_emulated_forward(
+            *self._problem(u, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps), pointers, _ptr(bad), _ptr(d)
+        )
+        assert rc == 0, f"forward launch failed: cudaError_t {rc}"
+        return d
+
+    def backward(self, maps, d, grad, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+        grad = grad.contiguous()
+        poison = summed_area(~(d.isfinite() & grad.isfinite()))
+        gu, gm = torch.zeros_like(maps[0]), torch.zeros_like(maps[0])
+        pointers = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in maps])
+        rc = self.lib.ek_emulated_backward(
+            *self._problem(maps[0], win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps), pointers,
+            _ptr(d), _ptr(grad), _ptr(poison), _ptr(gu), _ptr(gm),
+        )
+        assert rc == 0, f"backward launch failed: cudaError_t {rc}"
+        return gu, gm
+
+    def local_divergence(self, u_pred, m_pred, u_tgt, m_tgt, *args):
+        return _Emulated.apply(self, u_pred, m_pred, u_tgt, m_tgt, *args)
+
+
+class _Emulated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl, u_pred, m_pred, u_tgt, m_tgt, *args):
+        maps = [t.detach().contiguous() for t in (u_pred, m_pred, u_tgt, m_tgt)]
+        d = impl.forward(maps, *args)
+        ctx.impl, ctx.args, ctx.maps, ctx.d = impl, args, maps, d
+        return d
+
+    @staticmethod
+    def backward(ctx, grad):
+        gu, gm = ctx.impl.backward(ctx.maps, ctx.d, grad, *ctx.args)
+        return (None, gu, gm, None, None) + (None,) * len(ctx.args)
+
+
+@pytest.fixture(scope="module")
+def cuda_emulated(lib):
+    return EmulatedCuda(lib)
+
+
+# Beyond tests/test_cpp.py's CASES, the kernels' own layouts: bins 32 at window 11 (4 cells per
+# thread, the training default), bins 33..64 (16 cells per thread), windows taller than the 16
+# image rows staged in shared memory at a time (several chunks per column sum and gradient).
+CUDA_CASES = [
+    (2, 13, 15, 32, 11, 11, False, "logistic", "kl"),
+    (1, 7, 9, 40, 3, 5, False, "gaussian", "hellinger"),
+    (1, 6, 5, 64, 3, 3, True, "logistic", "kl"),
+    (1, 21, 6, 6, 19, 3, False, "gaussian", "kl"),
+    (2, 40, 5, 5, 34, 3, True, "logistic", "hellinger"),
+]
+
+
+@pytest.mark.parametrize("case", CASES + CUDA_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
+def test_contract_parity_float64(cuda_emulated, case):
+    check_parity_f64(cuda_emulated, case)
+
+
+@pytest.mark.parametrize("kernel, divergence", [("logistic", "kl"), ("gaussian", "hellinger")])
+def test_float32_arithmetic_error_within_twice_reference_float32(cuda_emulated, kernel, divergence):
+    """tests/test_cpp.py's float32 rule (bins 32, window 11, error at most twice the reference's own
+    float32 error against float64 on the same inputs), for the kernels' float32 instantiation."""
+    check_float32_arithmetic_rule(cuda_emulated, kernel, divergence, 17, 19)
+
+
+@pytest.mark.parametrize("where", [0, 3])
+def test_nan_map_gives_nan_in_exactly_the_affected_windows(cuda_emulated, where):
+    bins = 6
+    maps = random_maps(1, 9, 10, bins)
+    maps[where][0, 2, 7] = float("nan")  # a pred intensity or a target neighbour value
+    args = (3, 3, False, bins, 0.5, "logistic", "kl", 1e-10)
+    d_ref = reference.local_divergence(*maps, *args)
+    u, m = maps[0].clone().requires_grad_(True), maps[1].clone().requires_grad_(True)
+    d = cuda_emulated.local_divergence(u, m, maps[2], maps[3], *args)
+    assert torch.equal(torch.isnan(d.detach()), torch.isnan(d_ref))
+    assert torch.isnan(d).sum() == 9  # the 3x3 windows containing the pixel
+    finite = torch.isfinite(d_ref)
+    assert_close_f64(d.detach()[finite], d_ref[finite])
+    gu, gm = torch.autograd.grad(d.sum(), (u, m))
+    # Pixels under a NaN window get NaN gradients (the 5x5 block around the pixel); the others stay finite.
+    assert torch.isnan(gu).sum() == 25 and torch.isnan(gm).sum() == 25
+    assert torch.isfinite(gu).sum() == 90 - 25
+
+
+def test_nan_grad_output_poisons_only_its_window_pixels(cuda_emulated):
+    bins = 6
+    maps = random_maps(1, 8, 8, bins)
+    args = (3, 3, False, bins, 0.5, "gaussian", "hellinger", 1e-10)
+    g = torch.rand(1, 8, 8, dtype=torch.float64) * 2 - 0.5
+    g[0, 4, 4] = float("nan")
+    outs = []
+    for impl in (reference, cuda_emulated):
+        u, m = maps[0].clone().requires_grad_(True), maps[1].clone().requires_grad_(True)
+        outs.append(torch.autograd.grad(impl.local_divergence(u, m, maps[2], maps[3], *args), (u, m), g))
+    (gu_ref, gm_ref), (gu, gm) = outs
+    assert torch.equal(torch.isnan(gu), torch.isnan(gu_ref)) and torch.isnan(gu).sum() == 9
+    assert torch.equal(torch.isnan(gm), torch.isnan(gm_ref))
+    finite = torch.isfinite(gu_ref)
+    assert_close_f64(gu[finite], gu_ref[finite])
+
+
+# ---- the emulator itself ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [32, 96, 256])
+def test_emulator_block_reduction_with_shuffles(selftest, threads):
+    blocks = 3
+    x = torch.randn(blocks * threads, dtype=torch.float64)
+    out = torch.zeros(blocks, dtype=torch.float64)
+    assert selftest.simt_block_sum(_ptr(x), _ptr(out), blocks, threads) == 0
+    torch.testing.assert_close(out, x.view(blocks, threads).sum(1), rtol=1e-14, atol=1e-14)
+
+
+def test_emulator_reports_a_deadlock(selftest):
+    out = torch.zeros(64)
+    assert selftest.simt_deadlock(_ptr(out)) == 719  # cudaErrorLaunchFailure
+
+
+def test_emulator_shared_memory_starts_unwritten(selftest):
+    out = torch.zeros(64)
+    assert selftest.simt_unwritten_shared(_ptr(out), 64) == 0
+    torch.testing.assert_close(out[:63], torch.arange(1, 64, dtype=torch.float32))
+    assert torch.isnan(out[63])  # the slot no thread wrote
+
+
+def test_emulator_dynamic_shared_memory_limit(selftest):
+    out = torch.zeros(1)
+    assert selftest.simt_atomic(_ptr(out), 128, 48 * 1024, 0) == 0
+    assert out.item() == sum(range(128))  # the atomics
+    assert selftest.simt_atomic(_ptr(out), 128, 64 * 1024, 0) == 1  # over 48 KiB without opting in
+    assert selftest.simt_atomic(_ptr(out), 128, 64 * 1024, 64 * 1024) == 0
+    assert selftest.simt_atomic(_ptr(out), 128, 64 * 1024, 228 * 1024) == 1  # above an sm_90 SM's 227 KiB
+    assert selftest.simt_atomic(_ptr(out), 2048, 0, 0) == 9  # more than 1024 threads per block
