@@ -139,7 +139,7 @@ CudaProblem cuda_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool
 
 }  // namespace
 
-// Returns {D, grad_u, grad_m}. With with_grad (CPU, eps > 0) the pass also yields the gradient for
+// Returns {D, grad_u, grad_m}. With with_grad (and eps > 0) the pass also yields the gradient for
 // grad_output = 1, which the backward rescales when grad_output is uniform (the 'mean' and 'sum'
 // reductions) instead of recomputing the histograms; otherwise the two are empty.
 std::vector<at::Tensor> local_divergence_forward(const at::Tensor& u_pred, const at::Tensor& m_pred,
@@ -157,6 +157,18 @@ std::vector<at::Tensor> local_divergence_forward(const at::Tensor& u_pred, const
     at::Tensor d = at::empty({pb.planes, ho, wo}, u_pred.options());
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     cudaError_t err = cudaSuccess;
+    if (with_grad && eps > 0) {  // one pass: D and the gradient for grad_output = 1
+      const at::Tensor bad_windows = bad_window_table(bad_sat, pb.height, pb.width, win_h, win_w, valid);
+      at::Tensor gu = at::zeros_like(u_pred), gm = at::zeros_like(u_pred);
+      AT_DISPATCH_FLOATING_TYPES(u_pred.scalar_type(), "local_divergence_forward_with_grad_cuda", [&] {
+        err = launch_local_divergence_forward_with_grad<scalar_t>(
+            pb, u_pred.data_ptr<scalar_t>(), m_pred.data_ptr<scalar_t>(), u_tgt.data_ptr<scalar_t>(),
+            m_tgt.data_ptr<scalar_t>(), bad_sat.data_ptr<int32_t>(), bad_windows.data_ptr<int32_t>(),
+            d.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), stream);
+      });
+      TORCH_CHECK(err == cudaSuccess, "entropy_kernels cuda forward: ", cudaGetErrorString(err));
+      return {d, gu, gm};
+    }
     AT_DISPATCH_FLOATING_TYPES(u_pred.scalar_type(), "local_divergence_forward_cuda", [&] {
       err = launch_local_divergence_forward<scalar_t>(
           pb, u_pred.data_ptr<scalar_t>(), m_pred.data_ptr<scalar_t>(), u_tgt.data_ptr<scalar_t>(),

@@ -11,9 +11,15 @@
 //
 // Forward: D_c per window from a deterministic block reduction.
 // Backward: the block of row r builds T_r(x) = sum over the windows c of row r that cover
-// column x of G_c, sliding two window states (the window entering T and the one leaving it),
-// and adds a'^T T b and a^T T b' of the pixels (y, x) under row r's windows to their
-// gradients with atomicAdd, so the last bits of the gradient can vary between runs.
+// column x of G_c, sliding two window states (the window entering T and the one leaving it;
+// the column the first leaves is the one the second enters, computed once: three column sums
+// per column x, not four). T goes to shared memory and each warp takes one image row y at a
+// time, its lanes the columns j of T, for a'(y)^T T b(y) and a(y)^T T b'(y): the pixel
+// gradients, added to grad_u and grad_m with atomicAdd (blocks of neighbouring rows share
+// pixels), so their last bits can vary between runs.
+// Fused forward (grad_output uniform, the 'mean' and 'sum' reductions): the backward kernel with
+// grad = 1, computing each window's D from its leading state as it enters T (the same column
+// sums in the same order as the forward kernel, so the same D): D and the gradient in one pass.
 //
 // NaN/Inf: non-finite pixels contribute nothing to the sums; windows containing one get
 // D = NaN from a summed-area table, and pixels under windows with non-finite D or grad_output
@@ -85,6 +91,46 @@ __device__ void stage_factors(const T* u, const T* m, int y0, int n, int x, cons
   }
 }
 
+// The column sum of column x over image rows [y0, y1) for this thread's cells: the sum over the
+// rows of a_i b_j, Q from pred and P from target, each chunk of 16 rows summed in T and the
+// chunks in double. Deterministic: a column computed again is bit-identical, so a window state
+// that adds it and later subtracts it returns to within rounding of double.
+template <typename T, int CPT>
+struct ColumnSum {
+  int x = -1;  // the column held (-1: none)
+  double p[CPT], q[CPT];
+
+  __device__ __forceinline__ void compute(int col, int y0, int y1, const T* up, const T* mp, const T* ut, const T* mt,
+                          const Geometry& g, T* sh) {
+    const int L = g.bins, L2 = L * L;
+    T *sap = sh, *sbp = sh + kChunk * L, *sat = sh + 2 * kChunk * L, *sbt = sh + 3 * kChunk * L;
+    x = col;
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) p[k] = q[k] = 0.0;
+    for (int yc = y0; yc < y1; yc += kChunk) {
+      const int n = min(kChunk, y1 - yc);
+      __syncthreads();  // the previous chunk has been read
+      stage_factors<T>(up, mp, yc, n, col, g, sap, sbp);
+      stage_factors<T>(ut, mt, yc, n, col, g, sat, sbt);
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) {
+        const int cell = threadIdx.x + k * kThreads;
+        if (cell < L2) {
+          const int i = cell / L, j = cell % L;
+          T sq = T(0), sp = T(0);
+          for (int t = 0; t < n; ++t) {
+            sq += sap[t * L + i] * sbp[t * L + j];
+            sp += sat[t * L + i] * sbt[t * L + j];
+          }
+          q[k] += (double)sq;
+          p[k] += (double)sp;
+        }
+      }
+    }
+  }
+};
+
 // Window histograms of P (target) and Q (pred) over image rows [y0, y1), kept per thread.
 template <typename T, int CPT>
 struct WindowState {
@@ -97,45 +143,49 @@ struct WindowState {
     lo = hi = at;
   }
 
-  // Add (sign = 1) or remove (sign = -1) the column sum of column x.
-  __device__ void column(int x, double sign, int y0, int y1, const T* up, const T* mp, const T* ut, const T* mt,
-                         const Geometry& g, T* sh) {
-    const int L = g.bins, L2 = L * L;
-    T *sap = sh, *sbp = sh + kChunk * L, *sat = sh + 2 * kChunk * L, *sbt = sh + 3 * kChunk * L;
-    for (int yc = y0; yc < y1; yc += kChunk) {
-      const int n = min(kChunk, y1 - yc);
-      __syncthreads();  // the previous chunk has been read
-      stage_factors<T>(up, mp, yc, n, x, g, sap, sbp);
-      stage_factors<T>(ut, mt, yc, n, x, g, sat, sbt);
-      __syncthreads();
-#pragma unroll
-      for (int k = 0; k < CPT; ++k) {
-        const int cell = threadIdx.x + k * kThreads;
-        if (cell < L2) {
-          const int i = cell / L, j = cell % L;
-          T sq = T(0), sp = T(0);
-          for (int t = 0; t < n; ++t) {
-            sq += sap[t * L + i] * sbp[t * L + j];
-            sp += sat[t * L + i] * sbt[t * L + j];
-          }
-          q[k] += sign * (double)sq;
-          p[k] += sign * (double)sp;
-        }
-      }
-    }
-  }
-
-  __device__ void move_to(int new_lo, int new_hi, int y0, int y1, const T* up, const T* mp, const T* ut,
-                          const T* mt, const Geometry& g, T* sh) {
-    for (int x = hi; x < new_hi; ++x) column(x, 1.0, y0, y1, up, mp, ut, mt, g, sh);
-    for (int x = lo; x < new_lo; ++x) column(x, -1.0, y0, y1, up, mp, ut, mt, g, sh);
+  // Slides to columns [new_lo, new_hi): adds the column sums entering, subtracts those leaving.
+  // Each is taken from `cache` when it holds that column, else computed into it: the backward's
+  // two states cross the same column one after the other (the leading window leaves the column
+  // the lagging one enters), so they share it.
+  __device__ __forceinline__ void move_to(int new_lo, int new_hi, int y0, int y1, const T* up, const T* mp, const T* ut,
+                          const T* mt, const Geometry& g, T* sh, ColumnSum<T, CPT>& cache) {
+    for (int x = hi; x < new_hi; ++x) add(x, 1.0, y0, y1, up, mp, ut, mt, g, sh, cache);
+    for (int x = lo; x < new_lo; ++x) add(x, -1.0, y0, y1, up, mp, ut, mt, g, sh, cache);
     lo = new_lo > lo ? new_lo : lo;
     hi = new_hi > hi ? new_hi : hi;
   }
+
+  __device__ __forceinline__ void add(int x, double sign, int y0, int y1, const T* up, const T* mp, const T* ut, const T* mt,
+                      const Geometry& g, T* sh, ColumnSum<T, CPT>& cache) {
+    if (cache.x != x) cache.compute(x, y0, y1, up, mp, ut, mt, g, sh);  // x is the same in every thread
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      p[k] += sign * cache.p[k];
+      q[k] += sign * cache.q[k];
+    }
+  }
 };
 
+// D of the window held by `win` (every thread gets it), with N = 1 / inv_n pixels.
 template <typename T, int CPT>
-__global__ void __launch_bounds__(kThreads)
+__device__ __forceinline__ T window_divergence(const WindowState<T, CPT>& win, double inv_n, const Geometry& g, double* scratch) {
+  const int L2 = g.bins * g.bins;
+  const T eps = (T)g.eps;
+  double part = 0.0;
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) {
+    const int cell = threadIdx.x + k * kThreads;
+    if (cell < L2) {
+      const T p = (T)(win.p[k] * inv_n), q = (T)(win.q[k] * inv_n);
+      part += (double)(g.divergence == kKL ? kl_term(p, q, eps) : hellinger_term(p, q, eps));
+    }
+  }
+  const double total = block_sum(part, scratch);
+  return g.divergence == kKL ? (T)total : hellinger_finish((T)total, eps);
+}
+
+template <typename T, int CPT>
+__global__ void __launch_bounds__(kThreads, CPT == 4 ? 4 : 1)
     forward_kernel(Geometry g, const T* up, const T* mp, const T* ut, const T* mt, const int32_t* bad_sat, T* d) {
   EK_DYNAMIC_SHARED(smem);
   T* sh = reinterpret_cast<T*>(smem);
@@ -145,36 +195,22 @@ __global__ void __launch_bounds__(kThreads)
   up += in; mp += in; ut += in; mt += in;
   bad_sat += (int64_t)plane * (g.height + 1) * (g.width + 1);
   d += ((int64_t)plane * g.rows.out + r) * g.cols.out;
-  const int L2 = g.bins * g.bins, y0 = g.rows.lo(r), y1 = g.rows.hi(r);
-  const T eps = (T)g.eps;
+  const int y0 = g.rows.lo(r), y1 = g.rows.hi(r);
   WindowState<T, CPT> win;
+  ColumnSum<T, CPT> cache;
   win.reset(g.cols.lo(0));
   for (int c = 0; c < g.cols.out; ++c) {
     const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
-    win.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh);
-    const double inv_n = 1.0 / ((double)(y1 - y0) * (x1 - x0));
-    double part = 0.0;
-#pragma unroll
-    for (int k = 0; k < CPT; ++k) {
-      const int cell = threadIdx.x + k * kThreads;
-      if (cell < L2) {
-        const T p = (T)(win.p[k] * inv_n), q = (T)(win.q[k] * inv_n);
-        part += (double)(g.divergence == kKL ? kl_term(p, q, eps) : hellinger_term(p, q, eps));
-      }
-    }
-    const double total = block_sum(part, scratch);
-    if (threadIdx.x == 0) {
-      const bool bad = rect_count(bad_sat, g.width + 1, y0, y1, x0, x1) > 0;
-      const T value = g.divergence == kKL ? (T)total : hellinger_finish((T)total, eps);
-      d[c] = bad ? (T)NAN : value;
-    }
+    win.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh, cache);
+    const T value = window_divergence(win, 1.0 / ((double)(y1 - y0) * (x1 - x0)), g, scratch);
+    if (threadIdx.x == 0) d[c] = rect_count(bad_sat, g.width + 1, y0, y1, x0, x1) > 0 ? (T)NAN : value;
   }
 }
 
 // G_c = grad_c / N_c * dD_c/dQ_c for the cells of this thread, or zero for a window whose D or
 // grad is not finite (those are reported through poison_sat) or whose grad is zero.
 template <typename T, int CPT>
-__device__ void window_grad(const WindowState<T, CPT>& win, T grad, T dval, double inv_n, const Geometry& g,
+__device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T grad, T dval, double inv_n, const Geometry& g,
                             double sign, double* acc) {
   if (!(finite(grad) && finite(dval)) || grad == T(0)) return;
   const int L2 = g.bins * g.bins;
@@ -190,24 +226,39 @@ __device__ void window_grad(const WindowState<T, CPT>& win, T grad, T dval, doub
   }
 }
 
-template <typename T, int CPT>
-__global__ void __launch_bounds__(kThreads)
-    backward_kernel(Geometry g, const T* up, const T* mp, const T* ut, const T* mt, const T* d, const T* grad,
-                    const int32_t* poison_sat, T* gu, T* gm) {
+// Dynamic shared memory of the backward: T (L*L doubles), then the kernel values of a chunk of
+// rows (4 x 16 x L doubles for the gradient; the column sums stage theirs in the same place).
+inline size_t backward_shared_bytes(int bins) {
+  return ((size_t)bins * bins + 4 * (size_t)kChunk * bins) * sizeof(double);
+}
+
+// The gradient with respect to pred. With FUSED (the forward pass of a loss whose grad_output
+// will be uniform) grad is 1 everywhere, and each window's D is computed from the leading
+// state, written to d and NaN where bad_sat marks a non-finite pixel; otherwise d and grad are
+// inputs. poison_sat marks the windows whose D or grad is not finite.
+template <typename T, int CPT, bool FUSED>
+__global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
+    backward_kernel(Geometry g, const T* up, const T* mp, const T* ut, const T* mt, T* d, const T* grad,
+                    const int32_t* bad_sat, const int32_t* poison_sat, T* gu, T* gm) {
   EK_DYNAMIC_SHARED(smem);
-  T* sh = reinterpret_cast<T*>(smem);
-  __shared__ double partial[kWarps][kChunk][2];
+  double* s_t = reinterpret_cast<double*>(smem);
+  double* sf = s_t + g.bins * g.bins;  // kernel values of the gradient
+  T* sh = reinterpret_cast<T*>(sf);    // kernel values of the column sums
+  __shared__ double scratch[kWarps];
   const int r = blockIdx.x, plane = blockIdx.y;
   const int64_t in = (int64_t)plane * g.height * g.width;
   up += in; mp += in; ut += in; mt += in; gu += in; gm += in;
   const int64_t out_row = ((int64_t)plane * g.rows.out + r) * g.cols.out;
   d += out_row;
-  grad += out_row;
+  if (!FUSED) grad += out_row;
+  if (FUSED) bad_sat += (int64_t)plane * (g.height + 1) * (g.width + 1);
   poison_sat += (int64_t)plane * (g.rows.out + 1) * (g.cols.out + 1);
   const int L = g.bins, L2 = L * L, y0 = g.rows.lo(r), y1 = g.rows.hi(r);
   const T h = (T)g.bandwidth;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   WindowState<T, CPT> lead, lag;  // the window entering T and the one leaving it
+  ColumnSum<T, CPT> cache;
   lead.reset(g.cols.lo(0));
   lag.reset(g.cols.lo(0));
   double t[CPT];
@@ -219,72 +270,75 @@ __global__ void __launch_bounds__(kThreads)
     const int new_lo = g.cols.out_lo(x), new_hi = g.cols.out_hi(x);
     for (int c = t_hi; c < new_hi; ++c) {
       const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
-      lead.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh);
-      window_grad(lead, grad[c], d[c], 1.0 / ((double)(y1 - y0) * (x1 - x0)), g, 1.0, t);
+      lead.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh, cache);
+      const double inv_n = 1.0 / ((double)(y1 - y0) * (x1 - x0));
+      T dval;
+      if (FUSED) {
+        const T value = window_divergence(lead, inv_n, g, scratch);
+        dval = rect_count(bad_sat, g.width + 1, y0, y1, x0, x1) > 0 ? (T)NAN : value;
+        if (threadIdx.x == 0) d[c] = dval;  // read back by the lagging state, after barriers
+      } else {
+        dval = d[c];
+      }
+      window_grad(lead, FUSED ? T(1) : grad[c], dval, inv_n, g, 1.0, t);
     }
     for (int c = t_lo; c < new_lo; ++c) {
       const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
-      lag.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh);
-      window_grad(lag, grad[c], d[c], 1.0 / ((double)(y1 - y0) * (x1 - x0)), g, -1.0, t);
+      lag.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh, cache);
+      window_grad(lag, FUSED ? T(1) : grad[c], d[c], 1.0 / ((double)(y1 - y0) * (x1 - x0)), g, -1.0, t);
     }
     t_lo = new_lo > t_lo ? new_lo : t_lo;
     t_hi = new_hi > t_hi ? new_hi : t_hi;
 
+    // grad_u(y, x) = a'(y)^T T b(y) and grad_m(y, x) = a(y)^T T b'(y) for the rows y of this
+    // block's windows: T goes to shared memory, and one warp takes one row at a time, its lanes
+    // the columns j of T (no reduction across warps).
     const bool poisoned = rect_count(poison_sat, g.cols.out + 1, r, r + 1, new_lo, new_hi) > 0;
-    T *sa = sh, *sda = sh + kChunk * L, *sb = sh + 2 * kChunk * L, *sdb = sh + 3 * kChunk * L;
+    double *sa = sf, *sda = sf + kChunk * L, *sb = sf + 2 * kChunk * L, *sdb = sf + 3 * kChunk * L;
     for (int yc = y0; yc < y1; yc += kChunk) {
       const int n = min(kChunk, y1 - yc);
-      __syncthreads();
+      __syncthreads();  // the column sums' and the previous chunk's readers are done
+      if (yc == y0) {
+#pragma unroll
+        for (int k = 0; k < CPT; ++k) {
+          const int cell = threadIdx.x + k * kThreads;
+          if (cell < L2) s_t[cell] = t[k];
+        }
+      }
       for (int idx = threadIdx.x; idx < n * L; idx += kThreads) {
         const int tt = idx / L, i = idx % L;
         const int64_t at = (int64_t)(yc + tt) * g.width + x;
         const T uv = up[at], mv = mp[at];
         const bool ok = finite(uv) && finite(mv);
         const T zu = (uv - T(i)) / h, zm = (mv - T(i)) / h;
-        sa[idx] = ok ? kernel_value(zu, g.kernel) / h : T(0);
-        sda[idx] = ok ? kernel_deriv(zu, g.kernel) / (h * h) : T(0);
-        sb[idx] = ok ? kernel_value(zm, g.kernel) / h : T(0);
-        sdb[idx] = ok ? kernel_deriv(zm, g.kernel) / (h * h) : T(0);
+        sa[idx] = ok ? (double)(kernel_value(zu, g.kernel) / h) : 0.0;
+        sda[idx] = ok ? (double)(kernel_deriv(zu, g.kernel) / (h * h)) : 0.0;
+        sb[idx] = ok ? (double)(kernel_value(zm, g.kernel) / h) : 0.0;
+        sdb[idx] = ok ? (double)(kernel_deriv(zm, g.kernel) / (h * h)) : 0.0;
       }
       __syncthreads();
-      double pu[kChunk], pm[kChunk];
-#pragma unroll
-      for (int tt = 0; tt < kChunk; ++tt) pu[tt] = pm[tt] = 0.0;
-#pragma unroll
-      for (int k = 0; k < CPT; ++k) {
-        const int cell = threadIdx.x + k * kThreads;
-        if (cell < L2) {
-          const int i = cell / L, j = cell % L;
-#pragma unroll
-          for (int tt = 0; tt < kChunk; ++tt) {
-            if (tt < n) {
-              pu[tt] += (double)sda[tt * L + i] * t[k] * (double)sb[tt * L + j];
-              pm[tt] += (double)sa[tt * L + i] * t[k] * (double)sdb[tt * L + j];
-            }
+      for (int tt = warp; tt < n; tt += kWarps) {  // the same rows for a warp's lanes: shuffles stay whole-warp
+        const double *ra = sa + tt * L, *rda = sda + tt * L;
+        double vu = 0.0, vm = 0.0;
+        for (int j = lane; j < L; j += 32) {
+          double su = 0.0, sm = 0.0;
+          for (int i = 0; i < L; ++i) {
+            const double tij = s_t[i * L + j];
+            su += rda[i] * tij;
+            sm += ra[i] * tij;
           }
+          vu += su * sb[tt * L + j];
+          vm += sm * sdb[tt * L + j];
         }
-      }
-      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-      for (int tt = 0; tt < kChunk; ++tt) {
-        double vu = pu[tt], vm = pm[tt];
         for (int off = 16; off > 0; off >>= 1) {
           vu += __shfl_down_sync(0xffffffffu, vu, off);
           vm += __shfl_down_sync(0xffffffffu, vm, off);
         }
         if (lane == 0) {
-          partial[warp][tt][0] = vu;
-          partial[warp][tt][1] = vm;
+          const int64_t at = (int64_t)(yc + tt) * g.width + x;
+          atomicAdd(gu + at, poisoned ? (T)NAN : (T)vu);
+          atomicAdd(gm + at, poisoned ? (T)NAN : (T)vm);
         }
-      }
-      __syncthreads();
-      if ((int)threadIdx.x < 2 * n) {
-        const int tt = threadIdx.x / 2, which = threadIdx.x % 2;
-        double s = 0.0;
-        for (int w = 0; w < kWarps; ++w) s += partial[w][tt][which];
-        const int64_t at = (int64_t)(yc + tt) * g.width + x;
-        const T value = poisoned ? (T)NAN : (T)s;
-        atomicAdd(which == 0 ? gu + at : gm + at, value);
       }
     }
   }
@@ -307,13 +361,33 @@ Geometry geometry(const CudaProblem& pb) {
   return g;
 }
 
-// Launches KERNEL<T, CPT> for the problem's cells per thread.
-#define EK_LAUNCH(KERNEL, ...)                                                                 \
-  {                                                                                            \
-    const auto kernel = cells_per_thread(pb.bins) == 4 ? &KERNEL<T, 4> : &KERNEL<T, 16>;       \
-    EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(__VA_ARGS__);                     \
-    return cudaGetLastError();                                                                 \
-  }
+// The kernel instantiation for the problem's cells per thread.
+#define EK_PICK(KERNEL, ...) (cells_per_thread(pb.bins) == 4 ? &KERNEL<T, 4, ##__VA_ARGS__> : &KERNEL<T, 16, ##__VA_ARGS__>)
+
+// Above 48 KiB of dynamic shared memory (the backward at bins > 45 in double) a kernel must
+// opt in.
+template <typename Kernel>
+cudaError_t allow_shared(Kernel kernel, size_t bytes) {
+  return bytes > 48 * 1024 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes)
+                           : cudaSuccess;
+}
+
+template <typename T, bool FUSED>
+cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt, const T* m_tgt,
+                            T* d, const T* grad, const int32_t* bad_sat, const int32_t* poison_sat, T* grad_u,
+                            T* grad_m, cudaStream_t stream) {
+  const Geometry g = geometry(pb);
+  if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
+  if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
+  const dim3 grid(g.rows.out, pb.planes);
+  const size_t shared = backward_shared_bytes(pb.bins);
+  const auto kernel = EK_PICK(backward_kernel, FUSED);
+  const cudaError_t err = allow_shared(kernel, shared);
+  if (err != cudaSuccess) return err;
+  EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(g, u_pred, m_pred, u_tgt, m_tgt, d, grad, bad_sat,
+                                                            poison_sat, grad_u, grad_m);
+  return cudaGetLastError();
+}
 
 }  // namespace
 
@@ -322,22 +396,30 @@ cudaError_t launch_local_divergence_forward(const CudaProblem& pb, const T* u_pr
                                             const T* m_tgt, const int32_t* bad_sat, T* d, cudaStream_t stream) {
   const Geometry g = geometry(pb);
   if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
+  if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
   const dim3 grid(g.rows.out, pb.planes);
   const size_t shared = 4 * kChunk * pb.bins * sizeof(T);
-  if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
-  EK_LAUNCH(forward_kernel, g, u_pred, m_pred, u_tgt, m_tgt, bad_sat, d)
+  const auto kernel = EK_PICK(forward_kernel);
+  EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(g, u_pred, m_pred, u_tgt, m_tgt, bad_sat, d);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_local_divergence_forward_with_grad(const CudaProblem& pb, const T* u_pred, const T* m_pred,
+                                                      const T* u_tgt, const T* m_tgt, const int32_t* bad_sat,
+                                                      const int32_t* bad_window_sat, T* d, T* grad_u, T* grad_m,
+                                                      cudaStream_t stream) {
+  return launch_backward<T, true>(pb, u_pred, m_pred, u_tgt, m_tgt, d, nullptr, bad_sat, bad_window_sat, grad_u,
+                                  grad_m, stream);
 }
 
 template <typename T>
 cudaError_t launch_local_divergence_backward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt,
                                              const T* m_tgt, const T* d, const T* grad, const int32_t* poison_sat,
                                              T* grad_u, T* grad_m, cudaStream_t stream) {
-  const Geometry g = geometry(pb);
-  if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
-  const dim3 grid(g.rows.out, pb.planes);
-  const size_t shared = 4 * kChunk * pb.bins * sizeof(T);
-  if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
-  EK_LAUNCH(backward_kernel, g, u_pred, m_pred, u_tgt, m_tgt, d, grad, poison_sat, grad_u, grad_m)
+  // d is only read when the kernel is not FUSED.
+  return launch_backward<T, false>(pb, u_pred, m_pred, u_tgt, m_tgt, const_cast<T*>(d), grad, nullptr, poison_sat,
+                                   grad_u, grad_m, stream);
 }
 
 template cudaError_t launch_local_divergence_forward<float>(const CudaProblem&, const float*, const float*,
@@ -346,6 +428,14 @@ template cudaError_t launch_local_divergence_forward<float>(const CudaProblem&, 
 template cudaError_t launch_local_divergence_forward<double>(const CudaProblem&, const double*, const double*,
                                                              const double*, const double*, const int32_t*, double*,
                                                              cudaStream_t);
+template cudaError_t launch_local_divergence_forward_with_grad<float>(const CudaProblem&, const float*, const float*,
+                                                                      const float*, const float*, const int32_t*,
+                                                                      const int32_t*, float*, float*, float*,
+                                                                      cudaStream_t);
+template cudaError_t launch_local_divergence_forward_with_grad<double>(const CudaProblem&, const double*,
+                                                                       const double*, const double*, const double*,
+                                                                       const int32_t*, const int32_t*, double*,
+                                                                       double*, double*, cudaStream_t);
 template cudaError_t launch_local_divergence_backward<float>(const CudaProblem&, const float*, const float*,
                                                              const float*, const float*, const float*, const float*,
                                                              const int32_t*, float*, float*, cudaStream_t);

@@ -24,6 +24,16 @@ template <typename T>
 cudaError_t launch_local_divergence_forward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt,
                                             const T* m_tgt, const int32_t* bad_sat, T* d, cudaStream_t stream);
 
+// The forward pass of a loss whose grad_output will be uniform: D as above, and in the same pass
+// the gradient for grad_output = 1 (the backward then only scales it). bad_window_sat: int32
+// (planes, Ho + 1, Wo + 1) table of the windows that contain a non-finite pixel. grad_u, grad_m
+// zero-filled by the caller.
+template <typename T>
+cudaError_t launch_local_divergence_forward_with_grad(const CudaProblem& pb, const T* u_pred, const T* m_pred,
+                                                      const T* u_tgt, const T* m_tgt, const int32_t* bad_sat,
+                                                      const int32_t* bad_window_sat, T* d, T* grad_u, T* grad_m,
+                                                      cudaStream_t stream);
+
 // grad_u, grad_m: (planes, H, W), zero-filled by the caller (windows accumulate into them with
 // atomics). poison_sat: int32 (planes, Ho + 1, Wo + 1) table of windows with non-finite D or grad.
 template <typename T>

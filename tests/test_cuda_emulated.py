@@ -62,11 +62,20 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
-class EmulatedCuda:
-    """The backend contract (entropy_kernels.reference) served by the emulated CUDA launchers."""
+def window_bounds(extent, side, valid):
+    """Window c covers [lo[c], hi[c]) along an axis (csrc/entropy_math.h's Axis)."""
+    offset, out = (0, extent - side + 1) if valid else (side // 2, extent)
+    c = torch.arange(out)
+    return (c - offset).clamp(min=0), (c - offset + side).clamp(max=extent)
 
-    def __init__(self, lib):
-        self.lib = lib
+
+class EmulatedCuda:
+    """The backend contract (entropy_kernels.reference) served by the emulated CUDA launchers, with
+    bindings.cpp's glue. With fused, a forward whose maps require grad also computes the gradient
+    for grad_output = 1, which the backward scales when grad_output is uniform (as the op does)."""
+
+    def __init__(self, lib, fused=False):
+        self.lib, self.fused = lib, fused
 
     def _problem(self, u, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
         n, height, width = u.shape
@@ -76,17 +85,28 @@ class EmulatedCuda:
             _extension.DIVERGENCE_IDS[divergence],
         )
 
-    def forward(self, maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+    def forward(self, maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad=False):
+        """D, and (grad_u, grad_m) for grad_output = 1 when with_grad (else None)."""
         u = maps[0]
-        ho, wo = (u.shape[1] - win_h + 1, u.shape[2] - win_w + 1) if valid else u.shape[1:]
+        n, height, width = u.shape
+        ho, wo = (height - win_h + 1, width - win_w + 1) if valid else (height, width)
         bad = summed_area(~(maps[0].isfinite() & maps[1].isfinite() & maps[2].isfinite() & maps[3].isfinite()))
-        d = torch.empty(u.shape[0], ho, wo, dtype=u.dtype)
+        d = torch.empty(n, ho, wo, dtype=u.dtype)
         pointers = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in maps])
-        rc = self.lib.ek_emulated_forward(
-            *self._problem(u, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps), pointers, _ptr(bad), _ptr(d)
+        problem = self._problem(u, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps)
+        if not with_grad:
+            rc = self.lib.ek_emulated_forward(*problem, pointers, _ptr(bad), _ptr(d))
+            assert rc == 0, f"forward launch failed: cudaError_t {rc}"
+            return d, None
+        (r0, r1), (c0, c1) = window_bounds(height, win_h, valid), window_bounds(width, win_w, valid)
+        count = bad[:, r1][:, :, c1] - bad[:, r0][:, :, c1] - bad[:, r1][:, :, c0] + bad[:, r0][:, :, c0]
+        bad_windows = summed_area(count > 0)
+        gu, gm = torch.zeros_like(u), torch.zeros_like(u)
+        rc = self.lib.ek_emulated_forward_with_grad(
+            *problem, pointers, _ptr(bad), _ptr(bad_windows), _ptr(d), _ptr(gu), _ptr(gm)
         )
-        assert rc == 0, f"forward launch failed: cudaError_t {rc}"
-        return d
+        assert rc == 0, f"fused forward launch failed: cudaError_t {rc}"
+        return d, (gu, gm)
 
     def backward(self, maps, d, grad, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
         grad = grad.contiguous()
@@ -108,19 +128,29 @@ class _Emulated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, u_pred, m_pred, u_tgt, m_tgt, *args):
         maps = [t.detach().contiguous() for t in (u_pred, m_pred, u_tgt, m_tgt)]
-        d = impl.forward(maps, *args)
-        ctx.impl, ctx.args, ctx.maps, ctx.d = impl, args, maps, d
+        with_grad = impl.fused and (u_pred.requires_grad or m_pred.requires_grad) and args[-1] > 0
+        d, grads1 = impl.forward(maps, *args, with_grad=with_grad)
+        ctx.impl, ctx.args, ctx.maps, ctx.d, ctx.grads1 = impl, args, maps, d, grads1
         return d
 
     @staticmethod
     def backward(ctx, grad):
-        gu, gm = ctx.impl.backward(ctx.maps, ctx.d, grad, *ctx.args)
+        g0 = grad.reshape(-1)[0]
+        if ctx.grads1 is not None and torch.isfinite(g0) and torch.equal(grad, g0.expand_as(grad)):
+            gu, gm = (t * g0 for t in ctx.grads1)
+        else:
+            gu, gm = ctx.impl.backward(ctx.maps, ctx.d, grad, *ctx.args)
         return (None, gu, gm, None, None) + (None,) * len(ctx.args)
 
 
 @pytest.fixture(scope="module")
 def cuda_emulated(lib):
     return EmulatedCuda(lib)
+
+
+@pytest.fixture(scope="module")
+def cuda_emulated_fused(lib):
+    return EmulatedCuda(lib, fused=True)
 
 
 # Beyond tests/test_cpp.py's CASES, the kernels' own layouts: bins 32 at window 11 (4 cells per
@@ -181,6 +211,38 @@ def test_nan_grad_output_poisons_only_its_window_pixels(cuda_emulated):
     assert torch.equal(torch.isnan(gm), torch.isnan(gm_ref))
     finite = torch.isfinite(gu_ref)
     assert_close_f64(gu[finite], gu_ref[finite])
+
+
+# ---- the fused forward (D and the gradient for grad_output = 1 in one pass) ----------------
+
+FUSED_CASES = [CASES[0], CASES[1], CASES[3], CUDA_CASES[0], CUDA_CASES[1], CUDA_CASES[3]]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
+def test_fused_forward_parity_float64(cuda_emulated_fused, case):
+    """A uniform grad_output (the 'mean' and 'sum' reductions) takes the fused pass's gradient,
+    scaled; a random one recomputes it in the backward."""
+    maps = check_parity_f64(cuda_emulated_fused, case, grad_out=-0.75)
+    check_parity_f64(cuda_emulated_fused, case, maps=maps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("divergence", ["kl", "hellinger"])
+def test_fused_forward_is_the_forward_and_the_backward(cuda_emulated, dtype, divergence):
+    """Bit for bit: the fused pass's D is the forward kernel's (the leading window state slides
+    through the same column sums in the same order), and its gradient is the backward kernel's
+    for grad_output = 1, NaN bookkeeping included (the emulator's atomics run in a fixed order)."""
+    bins = 9
+    maps = [t.to(dtype) for t in random_maps(2, 11, 13, bins)]
+    maps[2][1, 4, 6] = float("nan")  # a target pixel: NaN windows and the gradients under them
+    args = (5, 3, False, bins, 0.5, "gaussian", divergence, 1e-10)
+    d, _ = cuda_emulated.forward(maps, *args)
+    d_fused, (gu_fused, gm_fused) = cuda_emulated.forward(maps, *args, with_grad=True)
+    gu, gm = cuda_emulated.backward(maps, d, torch.ones_like(d), *args)
+    assert torch.isnan(d).sum() == 15 and torch.isnan(gu).sum() == 9 * 5  # 5x3 windows; the pixels under them
+    assert torch.equal(d.isnan(), d_fused.isnan()) and torch.equal(d.nan_to_num(), d_fused.nan_to_num())
+    for ours, theirs in ((gu_fused, gu), (gm_fused, gm)):
+        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())
 
 
 # ---- the emulator itself ----------------------------------------------------------------------

@@ -16,7 +16,8 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc") or next(
     (p for p in ("/usr/local/bin/nvcc", "/usr/local/cuda/bin/nvcc") if os.access(p, os.X_OK)), None
 )
-CU_FILES = sorted(CSRC.glob("*.cu"))
+# The sources, and the CPU emulator's self-test kernels (tests/simt), which must stay valid CUDA too.
+CU_FILES = sorted(CSRC.glob("*.cu")) + sorted((CSRC.parent / "tests" / "simt").glob("*.cu"))
 
 
 def test_there_are_cuda_sources():

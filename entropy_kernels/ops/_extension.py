@@ -160,7 +160,7 @@ def register(name: str, device_type: str, cuda: bool):
 
     @forward.register_fake
     def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad):
-        grads = cuda is False and with_grad and eps > 0
+        grads = with_grad and eps > 0
         extra = (lambda: torch.empty_like(u_pred)) if grads else (lambda: u_pred.new_empty((0,)))
         return u_pred.new_empty(output_shape(u_pred, win_h, win_w, valid)), extra(), extra()
 

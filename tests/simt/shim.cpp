@@ -30,6 +30,15 @@ int forward(const entropy_kernels::CudaProblem& pb, const void* const* maps, con
 }
 
 template <typename T>
+int forward_with_grad(const entropy_kernels::CudaProblem& pb, const void* const* maps, const int32_t* bad_sat,
+                      const int32_t* bad_window_sat, void* d, void* grad_u, void* grad_m) {
+  return entropy_kernels::launch_local_divergence_forward_with_grad<T>(
+      pb, static_cast<const T*>(maps[0]), static_cast<const T*>(maps[1]), static_cast<const T*>(maps[2]),
+      static_cast<const T*>(maps[3]), bad_sat, bad_window_sat, static_cast<T*>(d), static_cast<T*>(grad_u),
+      static_cast<T*>(grad_m), nullptr);
+}
+
+template <typename T>
 int backward(const entropy_kernels::CudaProblem& pb, const void* const* maps, const void* d, const void* grad,
              const int32_t* poison_sat, void* grad_u, void* grad_m) {
   return entropy_kernels::launch_local_divergence_backward<T>(
@@ -48,6 +57,15 @@ int ek_emulated_forward(int dtype, int planes, int height, int width, int bins, 
                         const int32_t* bad_sat, void* d) {
   const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence);
   return dtype == 0 ? forward<float>(pb, maps, bad_sat, d) : forward<double>(pb, maps, bad_sat, d);
+}
+
+int ek_emulated_forward_with_grad(int dtype, int planes, int height, int width, int bins, int win_h, int win_w,
+                                  int valid, double bandwidth, double eps, int kernel, int divergence,
+                                  const void* const* maps, const int32_t* bad_sat, const int32_t* bad_window_sat,
+                                  void* d, void* grad_u, void* grad_m) {
+  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence);
+  return dtype == 0 ? forward_with_grad<float>(pb, maps, bad_sat, bad_window_sat, d, grad_u, grad_m)
+                    : forward_with_grad<double>(pb, maps, bad_sat, bad_window_sat, d, grad_u, grad_m);
 }
 
 int ek_emulated_backward(int dtype, int planes, int height, int width, int bins, int win_h, int win_w, int valid,
