@@ -42,6 +42,28 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 16;  // image rows of kernel values staged in shared memory at a time
 
+// The cells of a thread: an S x S block, S = 2 for 4 cells per thread (bins <= 32) and 4 for 16
+// (bins <= 64), the block's 16 x 16 threads tiling the L x L cells; cell k is (i0 + k / S,
+// j0 + k % S). A row of a column sum then costs 2 S loads from shared memory for S^2 products
+// of each histogram (one load per product when a thread's cells shared no i or j).
+template <int CPT>
+struct Cells {
+  static constexpr int S = CPT == 4 ? 2 : 4;
+  static_assert(S * S == CPT && kThreads == 256, "16 x 16 threads of S x S cells");
+  int i0, j0;
+  __device__ Cells() : i0(S * ((int)threadIdx.x / 16)), j0(S * ((int)threadIdx.x % 16)) {}
+  __device__ int i(int k) const { return i0 + k / S; }
+  __device__ int j(int k) const { return j0 + k % S; }
+  __device__ bool valid(int k, int L) const { return i(k) < L && j(k) < L; }
+};
+
+// Row stride of the staged kernel values: bins rounded up to S, so that a thread's S values of a
+// row stay inside the row (those past L are never used).
+inline __host__ __device__ int staged_stride(int bins, int cells_per_thread) {
+  const int s = cells_per_thread == 4 ? 2 : 4;
+  return (bins + s - 1) / s * s;
+}
+
 struct Geometry {
   Axis rows, cols;
   int width, height, bins;
@@ -75,10 +97,11 @@ __device__ double block_sum(double v, double* scratch) {
   return total;
 }
 
-// Kernel values a(i) = K((v - i) / h) / h of the pixels (y0 + t, x), t < n, into sh[t * L + i]
+// Kernel values a(i) = K((v - i) / h) / h of the pixels (y0 + t, x), t < n, into sa[t * ls + i]
 // (zero for non-finite pixels); likewise b from m.
 template <typename T>
-__device__ void stage_factors(const T* u, const T* m, int y0, int n, int x, const Geometry& g, T* sa, T* sb) {
+__device__ void stage_factors(const T* u, const T* m, int y0, int n, int x, const Geometry& g, int ls, T* sa,
+                              T* sb) {
   const int L = g.bins;
   const T h = (T)g.bandwidth;
   for (int idx = threadIdx.x; idx < n * L; idx += kThreads) {
@@ -86,8 +109,8 @@ __device__ void stage_factors(const T* u, const T* m, int y0, int n, int x, cons
     const int64_t at = (int64_t)(y0 + t) * g.width + x;
     const T uv = u[at], mv = m[at];
     const bool ok = finite(uv) && finite(mv);
-    sa[idx] = ok ? kernel_value((uv - T(i)) / h, g.kernel) / h : T(0);
-    sb[idx] = ok ? kernel_value((mv - T(i)) / h, g.kernel) / h : T(0);
+    sa[t * ls + i] = ok ? kernel_value((uv - T(i)) / h, g.kernel) / h : T(0);
+    sb[t * ls + i] = ok ? kernel_value((mv - T(i)) / h, g.kernel) / h : T(0);
   }
 }
 
@@ -102,29 +125,42 @@ struct ColumnSum {
 
   __device__ __forceinline__ void compute(int col, int y0, int y1, const T* up, const T* mp, const T* ut, const T* mt,
                           const Geometry& g, T* sh) {
-    const int L = g.bins, L2 = L * L;
-    T *sap = sh, *sbp = sh + kChunk * L, *sat = sh + 2 * kChunk * L, *sbt = sh + 3 * kChunk * L;
+    constexpr int S = Cells<CPT>::S;
+    const int L = g.bins, ls = staged_stride(L, CPT);
+    const Cells<CPT> cells;
+    T *sap = sh, *sbp = sh + kChunk * ls, *sat = sh + 2 * kChunk * ls, *sbt = sh + 3 * kChunk * ls;
     x = col;
 #pragma unroll
     for (int k = 0; k < CPT; ++k) p[k] = q[k] = 0.0;
     for (int yc = y0; yc < y1; yc += kChunk) {
       const int n = min(kChunk, y1 - yc);
       __syncthreads();  // the previous chunk has been read
-      stage_factors<T>(up, mp, yc, n, col, g, sap, sbp);
-      stage_factors<T>(ut, mt, yc, n, col, g, sat, sbt);
+      stage_factors<T>(up, mp, yc, n, col, g, ls, sap, sbp);
+      stage_factors<T>(ut, mt, yc, n, col, g, ls, sat, sbt);
       __syncthreads();
+      if (cells.i0 < L && cells.j0 < L) {  // a block wholly past L reads nothing
+        T sq[CPT], sp[CPT];
 #pragma unroll
-      for (int k = 0; k < CPT; ++k) {
-        const int cell = threadIdx.x + k * kThreads;
-        if (cell < L2) {
-          const int i = cell / L, j = cell % L;
-          T sq = T(0), sp = T(0);
-          for (int t = 0; t < n; ++t) {
-            sq += sap[t * L + i] * sbp[t * L + j];
-            sp += sat[t * L + i] * sbt[t * L + j];
+        for (int k = 0; k < CPT; ++k) sq[k] = sp[k] = T(0);
+        for (int t = 0; t < n; ++t) {
+          T ap[S], bp[S], at[S], bt[S];
+#pragma unroll
+          for (int e = 0; e < S; ++e) {
+            ap[e] = sap[t * ls + cells.i0 + e];
+            bp[e] = sbp[t * ls + cells.j0 + e];
+            at[e] = sat[t * ls + cells.i0 + e];
+            bt[e] = sbt[t * ls + cells.j0 + e];
           }
-          q[k] += (double)sq;
-          p[k] += (double)sp;
+#pragma unroll
+          for (int k = 0; k < CPT; ++k) {
+            sq[k] += ap[k / S] * bp[k % S];
+            sp[k] += at[k / S] * bt[k % S];
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < CPT; ++k) {  // cells past L hold garbage: never read (see Cells::valid)
+          q[k] += (double)sq[k];
+          p[k] += (double)sp[k];
         }
       }
     }
@@ -169,13 +205,12 @@ struct WindowState {
 // D of the window held by `win` (every thread gets it), with N = 1 / inv_n pixels.
 template <typename T, int CPT>
 __device__ __forceinline__ T window_divergence(const WindowState<T, CPT>& win, double inv_n, const Geometry& g, double* scratch) {
-  const int L2 = g.bins * g.bins;
+  const Cells<CPT> cells;
   const T eps = (T)g.eps;
   double part = 0.0;
 #pragma unroll
   for (int k = 0; k < CPT; ++k) {
-    const int cell = threadIdx.x + k * kThreads;
-    if (cell < L2) {
+    if (cells.valid(k, g.bins)) {
       const T p = (T)(win.p[k] * inv_n), q = (T)(win.q[k] * inv_n);
       part += (double)(g.divergence == kKL ? kl_term(p, q, eps) : hellinger_term(p, q, eps));
     }
@@ -213,12 +248,11 @@ template <typename T, int CPT>
 __device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T grad, T dval, double inv_n, const Geometry& g,
                             double sign, double* acc) {
   if (!(finite(grad) && finite(dval)) || grad == T(0)) return;
-  const int L2 = g.bins * g.bins;
+  const Cells<CPT> cells;
   const T eps = (T)g.eps, coef = (T)(grad * inv_n);
 #pragma unroll
   for (int k = 0; k < CPT; ++k) {
-    const int cell = threadIdx.x + k * kThreads;
-    if (cell < L2) {
+    if (cells.valid(k, g.bins)) {
       const T p = (T)(win.p[k] * inv_n), q = (T)(win.q[k] * inv_n);
       const T dq = g.divergence == kKL ? kl_dq(p, q, eps) : hellinger_dq(p, q, eps, dval);
       acc[k] += sign * (double)(coef * dq);
@@ -227,9 +261,10 @@ __device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T gr
 }
 
 // Dynamic shared memory of the backward: T (L*L doubles), then the kernel values of a chunk of
-// rows (4 x 16 x L doubles for the gradient; the column sums stage theirs in the same place).
-inline size_t backward_shared_bytes(int bins) {
-  return ((size_t)bins * bins + 4 * (size_t)kChunk * bins) * sizeof(double);
+// rows (4 x 16 x L doubles for the gradient; the column sums stage theirs, 4 x 16 rows of
+// staged_stride values, in the same place).
+inline size_t backward_shared_bytes(int bins, int cells_per_thread) {
+  return ((size_t)bins * bins + 4 * (size_t)kChunk * staged_stride(bins, cells_per_thread)) * sizeof(double);
 }
 
 // The gradient with respect to pred. With FUSED (the forward pass of a loss whose grad_output
@@ -253,7 +288,7 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
   if (!FUSED) grad += out_row;
   if (FUSED) bad_sat += (int64_t)plane * (g.height + 1) * (g.width + 1);
   poison_sat += (int64_t)plane * (g.rows.out + 1) * (g.cols.out + 1);
-  const int L = g.bins, L2 = L * L, y0 = g.rows.lo(r), y1 = g.rows.hi(r);
+  const int L = g.bins, y0 = g.rows.lo(r), y1 = g.rows.hi(r);
   const T h = (T)g.bandwidth;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -299,11 +334,10 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
       const int n = min(kChunk, y1 - yc);
       __syncthreads();  // the column sums' and the previous chunk's readers are done
       if (yc == y0) {
+        const Cells<CPT> cells;
 #pragma unroll
-        for (int k = 0; k < CPT; ++k) {
-          const int cell = threadIdx.x + k * kThreads;
-          if (cell < L2) s_t[cell] = t[k];
-        }
+        for (int k = 0; k < CPT; ++k)
+          if (cells.valid(k, L)) s_t[cells.i(k) * L + cells.j(k)] = t[k];
       }
       for (int idx = threadIdx.x; idx < n * L; idx += kThreads) {
         const int tt = idx / L, i = idx % L;
@@ -380,7 +414,7 @@ cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_p
   if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
   if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
   const dim3 grid(g.rows.out, pb.planes);
-  const size_t shared = backward_shared_bytes(pb.bins);
+  const size_t shared = backward_shared_bytes(pb.bins, cells_per_thread(pb.bins));
   const auto kernel = EK_PICK(backward_kernel, FUSED);
   const cudaError_t err = allow_shared(kernel, shared);
   if (err != cudaSuccess) return err;
@@ -398,7 +432,7 @@ cudaError_t launch_local_divergence_forward(const CudaProblem& pb, const T* u_pr
   if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
   if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
   const dim3 grid(g.rows.out, pb.planes);
-  const size_t shared = 4 * kChunk * pb.bins * sizeof(T);
+  const size_t shared = 4 * kChunk * staged_stride(pb.bins, cells_per_thread(pb.bins)) * sizeof(T);
   const auto kernel = EK_PICK(forward_kernel);
   EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(g, u_pred, m_pred, u_tgt, m_tgt, bad_sat, d);
   return cudaGetLastError();
