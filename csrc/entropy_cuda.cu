@@ -68,7 +68,33 @@ struct Geometry {
   Axis rows, cols;
   int width, height, bins;
   double bandwidth, eps;
+  double inv_h;  // 1 / bandwidth, exact when h_pow2
+  bool h_pow2;   // bandwidth a power of two (the default 0.5)
+  bool ring;     // backward: the G of the windows in T kept in shared memory (see backward_kernel)
   int kernel, divergence;
+};
+
+// x / h, as a product with the exact 1 / h where h is a power of two (the same float: both
+// scale x by a power of two and round once), else an IEEE division.
+template <typename T>
+__device__ __forceinline__ T over_h(T x, const Geometry& g) {
+  return g.h_pow2 ? x * (T)g.inv_h : x / (T)g.bandwidth;
+}
+
+// The (row, bin) pairs t * L + i of n rows, kThreads apart from this thread's first, without an
+// integer division per pair.
+struct RowBinWalk {
+  int t, i, dt, di, L;
+  __device__ RowBinWalk(int bins)
+      : t((int)threadIdx.x / bins), i((int)threadIdx.x % bins), dt(kThreads / bins), di(kThreads % bins), L(bins) {}
+  __device__ void next() {
+    t += dt;
+    i += di;
+    if (i >= L) {
+      i -= L;
+      ++t;
+    }
+  }
 };
 
 // The kernel is chosen at run time (a uniform branch) to halve the instantiations, and so
@@ -102,15 +128,13 @@ __device__ double block_sum(double v, double* scratch) {
 template <typename T>
 __device__ void stage_factors(const T* u, const T* m, int y0, int n, int x, const Geometry& g, int ls, T* sa,
                               T* sb) {
-  const int L = g.bins;
-  const T h = (T)g.bandwidth;
-  for (int idx = threadIdx.x; idx < n * L; idx += kThreads) {
-    const int t = idx / L, i = idx % L;
+  for (RowBinWalk w(g.bins); w.t < n; w.next()) {
+    const int t = w.t, i = w.i;
     const int64_t at = (int64_t)(y0 + t) * g.width + x;
     const T uv = u[at], mv = m[at];
     const bool ok = finite(uv) && finite(mv);
-    sa[t * ls + i] = ok ? kernel_value((uv - T(i)) / h, g.kernel) / h : T(0);
-    sb[t * ls + i] = ok ? kernel_value((mv - T(i)) / h, g.kernel) / h : T(0);
+    sa[t * ls + i] = ok ? over_h(kernel_value(over_h(uv - T(i), g), g.kernel), g) : T(0);
+    sb[t * ls + i] = ok ? over_h(kernel_value(over_h(mv - T(i), g), g.kernel), g) : T(0);
   }
 }
 
@@ -243,29 +267,43 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 4 : 1)
 }
 
 // G_c = grad_c / N_c * dD_c/dQ_c for the cells of this thread, or zero for a window whose D or
-// grad is not finite (those are reported through poison_sat) or whose grad is zero.
+// grad is not finite (those are reported through poison_sat) or whose grad is zero; added to acc
+// with `sign`, and stored in `slot` (cell k at slot[k * kThreads]) when given.
 template <typename T, int CPT>
-__device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T grad, T dval, double inv_n, const Geometry& g,
-                            double sign, double* acc) {
-  if (!(finite(grad) && finite(dval)) || grad == T(0)) return;
+__device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T grad, T dval, double inv_n,
+                                            const Geometry& g, double sign, double* acc, T* slot) {
+  const bool skip = !(finite(grad) && finite(dval)) || grad == T(0);
   const Cells<CPT> cells;
   const T eps = (T)g.eps, coef = (T)(grad * inv_n);
 #pragma unroll
   for (int k = 0; k < CPT; ++k) {
-    if (cells.valid(k, g.bins)) {
+    T value = T(0);
+    if (!skip && cells.valid(k, g.bins)) {
       const T p = (T)(win.p[k] * inv_n), q = (T)(win.q[k] * inv_n);
       const T dq = g.divergence == kKL ? kl_dq(p, q, eps) : hellinger_dq(p, q, eps, dval);
-      acc[k] += sign * (double)(coef * dq);
+      value = coef * dq;
+      acc[k] += sign * (double)value;
     }
+    if (slot) slot[k * kThreads] = value;
   }
 }
 
 // Dynamic shared memory of the backward: T (L*L doubles), then the kernel values of a chunk of
 // rows (4 x 16 x L doubles for the gradient; the column sums stage theirs, 4 x 16 rows of
-// staged_stride values, in the same place).
+// staged_stride values, in the same place), then with Geometry::ring the G ring (win_w slots of
+// the block's cells, in T).
 inline size_t backward_shared_bytes(int bins, int cells_per_thread) {
   return ((size_t)bins * bins + 4 * (size_t)kChunk * staged_stride(bins, cells_per_thread)) * sizeof(double);
 }
+template <typename T>
+size_t ring_bytes(int win_w, int cells_per_thread) {
+  return (size_t)win_w * cells_per_thread * kThreads * sizeof(T);
+}
+
+// The G ring is used when the backward's shared memory then stays within this (two blocks of
+// 128 registers per thread fit an sm_90 SM: 2 x 113 KiB of its 228 KiB). The test shim lowers it
+// to run the other schedule.
+size_t max_shared_for_ring = 113 * 1024;
 
 // The gradient with respect to pred. With FUSED (the forward pass of a loss whose grad_output
 // will be uniform) grad is 1 everywhere, and each window's D is computed from the leading
@@ -279,6 +317,7 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
   double* s_t = reinterpret_cast<double*>(smem);
   double* sf = s_t + g.bins * g.bins;  // kernel values of the gradient
   T* sh = reinterpret_cast<T*>(sf);    // kernel values of the column sums
+  T* ring = g.ring ? reinterpret_cast<T*>(sf + 4 * kChunk * staged_stride(g.bins, CPT)) + threadIdx.x : nullptr;
   __shared__ double scratch[kWarps];
   const int r = blockIdx.x, plane = blockIdx.y;
   const int64_t in = (int64_t)plane * g.height * g.width;
@@ -289,10 +328,12 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
   if (FUSED) bad_sat += (int64_t)plane * (g.height + 1) * (g.width + 1);
   poison_sat += (int64_t)plane * (g.rows.out + 1) * (g.cols.out + 1);
   const int L = g.bins, y0 = g.rows.lo(r), y1 = g.rows.hi(r);
-  const T h = (T)g.bandwidth;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  WindowState<T, CPT> lead, lag;  // the window entering T and the one leaving it
+  // The window entering T, and (without the ring) the one leaving it. With the ring, a window's G
+  // is kept from when it entered T (slot c % win_w: at most win_w windows cover a column) and
+  // subtracted from it when it leaves, instead of sliding a second state to recompute it.
+  WindowState<T, CPT> lead, lag;
   ColumnSum<T, CPT> cache;
   lead.reset(g.cols.lo(0));
   lag.reset(g.cols.lo(0));
@@ -303,6 +344,13 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
 
   for (int x = 0; x < g.width; ++x) {
     const int new_lo = g.cols.out_lo(x), new_hi = g.cols.out_hi(x);
+    if (g.ring) {  // the leaving windows first: an entering one may take the same slot
+      for (int c = t_lo; c < new_lo; ++c) {
+        const T* slot = ring + (c % g.cols.side) * CPT * kThreads;
+#pragma unroll
+        for (int k = 0; k < CPT; ++k) t[k] -= (double)slot[k * kThreads];
+      }
+    }
     for (int c = t_hi; c < new_hi; ++c) {
       const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
       lead.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh, cache);
@@ -311,16 +359,20 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
       if (FUSED) {
         const T value = window_divergence(lead, inv_n, g, scratch);
         dval = rect_count(bad_sat, g.width + 1, y0, y1, x0, x1) > 0 ? (T)NAN : value;
-        if (threadIdx.x == 0) d[c] = dval;  // read back by the lagging state, after barriers
+        if (threadIdx.x == 0) d[c] = dval;  // read back by the lagging state (no ring), after barriers
       } else {
         dval = d[c];
       }
-      window_grad(lead, FUSED ? T(1) : grad[c], dval, inv_n, g, 1.0, t);
+      window_grad(lead, FUSED ? T(1) : grad[c], dval, inv_n, g, 1.0, t,
+                  g.ring ? ring + (c % g.cols.side) * CPT * kThreads : (T*)nullptr);
     }
-    for (int c = t_lo; c < new_lo; ++c) {
-      const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
-      lag.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh, cache);
-      window_grad(lag, FUSED ? T(1) : grad[c], d[c], 1.0 / ((double)(y1 - y0) * (x1 - x0)), g, -1.0, t);
+    if (!g.ring) {
+      for (int c = t_lo; c < new_lo; ++c) {
+        const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
+        lag.move_to(x0, x1, y0, y1, up, mp, ut, mt, g, sh, cache);
+        window_grad(lag, FUSED ? T(1) : grad[c], d[c], 1.0 / ((double)(y1 - y0) * (x1 - x0)), g, -1.0, t,
+                    (T*)nullptr);
+      }
     }
     t_lo = new_lo > t_lo ? new_lo : t_lo;
     t_hi = new_hi > t_hi ? new_hi : t_hi;
@@ -339,16 +391,16 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
         for (int k = 0; k < CPT; ++k)
           if (cells.valid(k, L)) s_t[cells.i(k) * L + cells.j(k)] = t[k];
       }
-      for (int idx = threadIdx.x; idx < n * L; idx += kThreads) {
-        const int tt = idx / L, i = idx % L;
+      for (RowBinWalk w(L); w.t < n; w.next()) {
+        const int tt = w.t, i = w.i, idx = tt * L + i;
         const int64_t at = (int64_t)(yc + tt) * g.width + x;
         const T uv = up[at], mv = mp[at];
         const bool ok = finite(uv) && finite(mv);
-        const T zu = (uv - T(i)) / h, zm = (mv - T(i)) / h;
-        sa[idx] = ok ? (double)(kernel_value(zu, g.kernel) / h) : 0.0;
-        sda[idx] = ok ? (double)(kernel_deriv(zu, g.kernel) / (h * h)) : 0.0;
-        sb[idx] = ok ? (double)(kernel_value(zm, g.kernel) / h) : 0.0;
-        sdb[idx] = ok ? (double)(kernel_deriv(zm, g.kernel) / (h * h)) : 0.0;
+        const T zu = over_h(uv - T(i), g), zm = over_h(mv - T(i), g);
+        sa[idx] = ok ? (double)over_h(kernel_value(zu, g.kernel), g) : 0.0;
+        sda[idx] = ok ? (double)over_h(over_h(kernel_deriv(zu, g.kernel), g), g) : 0.0;
+        sb[idx] = ok ? (double)over_h(kernel_value(zm, g.kernel), g) : 0.0;
+        sdb[idx] = ok ? (double)over_h(over_h(kernel_deriv(zm, g.kernel), g), g) : 0.0;
       }
       __syncthreads();
       for (int tt = warp; tt < n; tt += kWarps) {  // the same rows for a warp's lanes: shuffles stay whole-warp
@@ -389,6 +441,10 @@ Geometry geometry(const CudaProblem& pb) {
   g.height = pb.height;
   g.bins = pb.bins;
   g.bandwidth = pb.bandwidth;
+  int exponent = 0;
+  g.h_pow2 = std::frexp(pb.bandwidth, &exponent) == 0.5 && exponent > -100 && exponent < 100;
+  g.inv_h = 1.0 / pb.bandwidth;
+  g.ring = false;
   g.eps = pb.eps;
   g.kernel = pb.kernel;
   g.divergence = pb.divergence;
@@ -413,12 +469,16 @@ cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_p
   const Geometry g = geometry(pb);
   if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
   if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
+  Geometry g_run = g;
   const dim3 grid(g.rows.out, pb.planes);
-  const size_t shared = backward_shared_bytes(pb.bins, cells_per_thread(pb.bins));
+  const size_t base = backward_shared_bytes(pb.bins, cells_per_thread(pb.bins)),
+               with_ring = base + ring_bytes<T>(pb.win_w, cells_per_thread(pb.bins));
+  g_run.ring = with_ring <= max_shared_for_ring;
+  const size_t shared = g_run.ring ? with_ring : base;
   const auto kernel = EK_PICK(backward_kernel, FUSED);
   const cudaError_t err = allow_shared(kernel, shared);
   if (err != cudaSuccess) return err;
-  EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(g, u_pred, m_pred, u_tgt, m_tgt, d, grad, bad_sat,
+  EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(g_run, u_pred, m_pred, u_tgt, m_tgt, d, grad, bad_sat,
                                                             poison_sat, grad_u, grad_m);
   return cudaGetLastError();
 }

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from entropy_kernels import reference
 from entropy_kernels.ops import _extension
-from test_cpp import CASES, assert_close_f64, check_float32_arithmetic_rule, check_parity_f64, random_maps
+from test_cpp import (
+    CASES, assert_close_f64, check_float32_arithmetic_rule, check_parity_f64, random_maps, values_and_grads,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMT = ROOT / "tests" / "simt"
@@ -143,8 +145,19 @@ class _Emulated(torch.autograd.Function):
         return (None, gu, gm, None, None) + (None,) * len(ctx.args)
 
 
+@pytest.fixture(scope="module", params=["ring", "two-states"])
+def schedule(lib, request):
+    """The backward's two schedules: the G of the windows in T kept in shared memory (where it fits,
+    as at bins 32 / window 11), or a second window state sliding behind to recompute it."""
+    lib.ek_emulated_max_shared_for_ring.restype = ctypes.c_size_t
+    default = lib.ek_emulated_max_shared_for_ring()
+    lib.ek_emulated_set_max_shared_for_ring(ctypes.c_size_t(default if request.param == "ring" else 0))
+    yield request.param
+    lib.ek_emulated_set_max_shared_for_ring(ctypes.c_size_t(default))
+
+
 @pytest.fixture(scope="module")
-def cuda_emulated(lib):
+def cuda_emulated(lib, schedule):
     return EmulatedCuda(lib)
 
 
@@ -276,3 +289,18 @@ def test_emulator_dynamic_shared_memory_limit(selftest):
     assert selftest.simt_atomic(_ptr(out), 128, 64 * 1024, 64 * 1024) == 0
     assert selftest.simt_atomic(_ptr(out), 128, 64 * 1024, 228 * 1024) == 1  # above an sm_90 SM's 227 KiB
     assert selftest.simt_atomic(_ptr(out), 2048, 0, 0) == 9  # more than 1024 threads per block
+
+
+@pytest.mark.parametrize("bandwidth", [0.7, 0.25, 2.0])
+def test_bandwidths_parity_float64(cuda_emulated_fused, bandwidth):
+    """A power-of-two bandwidth is applied as a product with its exact reciprocal, any other as a
+    division: both against the reference, through the fused pass and the backward."""
+    bins = 11
+    maps = random_maps(2, 9, 10, bins)
+    args = (5, 3, False, bins, bandwidth, "logistic", "hellinger", 1e-10)
+    for grad_out in (1.5, None):
+        d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args, grad_out)
+        d, gu, gm, _ = values_and_grads(cuda_emulated_fused, maps, args, g)
+        assert_close_f64(d, d_ref)
+        assert_close_f64(gu, gu_ref)
+        assert_close_f64(gm, gm_ref)
