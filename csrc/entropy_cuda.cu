@@ -340,6 +340,8 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
   double t[CPT];
 #pragma unroll
   for (int k = 0; k < CPT; ++k) t[k] = 0.0;
+  constexpr bool kTInRegisters = CPT == 4 && sizeof(T) == sizeof(float);
+  T t_col[kTInRegisters ? 32 : 1];  // this lane's column of T (kTInRegisters)
   int t_lo = g.cols.out_lo(0), t_hi = t_lo;
 
   for (int x = 0; x < g.width; ++x) {
@@ -379,9 +381,11 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
 
     // grad_u(y, x) = a'(y)^T T b(y) and grad_m(y, x) = a(y)^T T b'(y) for the rows y of this
     // block's windows: T goes to shared memory, and one warp takes one row at a time, its lanes
-    // the columns j of T (no reduction across warps).
+    // the columns j of T (no reduction across warps). In float at bins <= 32 each lane first
+    // copies its column of T to registers (in float), so a row costs two broadcast loads and two
+    // FMAs per bin i; otherwise the products read T from shared memory in double.
     const bool poisoned = rect_count(poison_sat, g.cols.out + 1, r, r + 1, new_lo, new_hi) > 0;
-    double *sa = sf, *sda = sf + kChunk * L, *sb = sf + 2 * kChunk * L, *sdb = sf + 3 * kChunk * L;
+    T *sa = reinterpret_cast<T*>(sf), *sda = sa + kChunk * L, *sb = sa + 2 * kChunk * L, *sdb = sa + 3 * kChunk * L;
     for (int yc = y0; yc < y1; yc += kChunk) {
       const int n = min(kChunk, y1 - yc);
       __syncthreads();  // the column sums' and the previous chunk's readers are done
@@ -397,24 +401,43 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
         const T uv = up[at], mv = mp[at];
         const bool ok = finite(uv) && finite(mv);
         const T zu = over_h(uv - T(i), g), zm = over_h(mv - T(i), g);
-        sa[idx] = ok ? (double)over_h(kernel_value(zu, g.kernel), g) : 0.0;
-        sda[idx] = ok ? (double)over_h(over_h(kernel_deriv(zu, g.kernel), g), g) : 0.0;
-        sb[idx] = ok ? (double)over_h(kernel_value(zm, g.kernel), g) : 0.0;
-        sdb[idx] = ok ? (double)over_h(over_h(kernel_deriv(zm, g.kernel), g), g) : 0.0;
+        sa[idx] = ok ? over_h(kernel_value(zu, g.kernel), g) : T(0);
+        sda[idx] = ok ? over_h(over_h(kernel_deriv(zu, g.kernel), g), g) : T(0);
+        sb[idx] = ok ? over_h(kernel_value(zm, g.kernel), g) : T(0);
+        sdb[idx] = ok ? over_h(over_h(kernel_deriv(zm, g.kernel), g), g) : T(0);
       }
       __syncthreads();
+      if (kTInRegisters && yc == y0) {
+#pragma unroll
+        for (int i = 0; i < (kTInRegisters ? 32 : 1); ++i) t_col[i] = i < L && lane < L ? (T)s_t[i * L + lane] : T(0);
+      }
       for (int tt = warp; tt < n; tt += kWarps) {  // the same rows for a warp's lanes: shuffles stay whole-warp
-        const double *ra = sa + tt * L, *rda = sda + tt * L;
+        const T *ra = sa + tt * L, *rda = sda + tt * L;
         double vu = 0.0, vm = 0.0;
-        for (int j = lane; j < L; j += 32) {
-          double su = 0.0, sm = 0.0;
-          for (int i = 0; i < L; ++i) {
-            const double tij = s_t[i * L + j];
-            su += rda[i] * tij;
-            sm += ra[i] * tij;
+        if constexpr (kTInRegisters) {
+          T su = T(0), sm = T(0);
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            if (i < L) {
+              su += rda[i] * t_col[i];
+              sm += ra[i] * t_col[i];
+            }
           }
-          vu += su * sb[tt * L + j];
-          vm += sm * sdb[tt * L + j];
+          if (lane < L) {
+            vu = (double)su * (double)sb[tt * L + lane];
+            vm = (double)sm * (double)sdb[tt * L + lane];
+          }
+        } else {
+          for (int j = lane; j < L; j += 32) {
+            double su = 0.0, sm = 0.0;
+            for (int i = 0; i < L; ++i) {
+              const double tij = s_t[i * L + j];
+              su += (double)rda[i] * tij;
+              sm += (double)ra[i] * tij;
+            }
+            vu += su * (double)sb[tt * L + j];
+            vm += sm * (double)sdb[tt * L + j];
+          }
         }
         for (int off = 16; off > 0; off >>= 1) {
           vu += __shfl_down_sync(0xffffffffu, vu, off);
