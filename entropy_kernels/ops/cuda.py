@@ -1,8 +1,11 @@
 """backend='cuda': the fused local divergence in CUDA C++ on CUDA tensors (csrc/entropy_cuda.cu).
 
 Implements the backend contract of :mod:`entropy_kernels.reference` through the
-``entropy_kernels::cuda_local_divergence`` op. The forward pass is deterministic; the
-backward pass accumulates pixel gradients with atomics, so its last bits can vary run to run.
+``entropy_kernels::cuda_local_divergence`` op. D is deterministic; the pixel gradients are
+accumulated with atomics, so their last bits can vary run to run. When a gradient will be
+needed, the forward computes it for grad_output = 1 in the same pass (the backward kernel with
+the divergence computed as its windows enter) and the backward scales it when grad_output is
+uniform, as the 'mean' and 'sum' reductions make it.
 """
 from __future__ import annotations
 
