@@ -307,22 +307,27 @@ def test_result_does_not_depend_on_thread_count(cpp):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("divergence", ["kl", "hellinger"])
-def test_uniform_grad_output_reuses_the_forward_gradient(cpp, divergence):
+def test_uniform_grad_output_reuses_the_forward_gradient(cpp, device, divergence):
     """With a uniform grad_output ('mean'/'sum') the backward rescales the gradient that the forward
-    computed for grad_output = 1; it must match the full backward and the reference."""
+    computed for grad_output = 1; it must match the full backward and the reference. (On CUDA that
+    forward is the backward kernel's fused pass.)"""
     bins = 9
     args = (5, 3, False, bins, 0.5, "gaussian", divergence, 1e-10)
     maps = random_maps(2, 11, 8, bins)
     maps[0][1, 5, 5] = float("nan")
     g = torch.full((2, 11, 8), -0.37, dtype=torch.float64)
     d_ref, gu_ref, gm_ref, _ = values_and_grads(reference, maps, args, g)
-    d, gu, gm, _ = values_and_grads(cpp, maps, args, g)  # forward with gradient, rescaled
+    impl = impl_for(device)
+    d, gu, gm, _ = values_and_grads(impl, [t.to(device) for t in maps], args, g.to(device))  # forward with gradient
+    d, gu, gm = d.cpu(), gu.cpu(), gm.cpu()
     ids = (_extension.KERNEL_IDS["gaussian"], _extension.DIVERGENCE_IDS[divergence])
-    u, m = maps[0].clone().requires_grad_(True), maps[1].clone().requires_grad_(True)
-    d_full, gu_full_1, gm_full_1 = cpp.local_divergence_op(u, m, maps[2], maps[3], 5, 3, False, bins, 0.5, *ids, 1e-10,
-                                                           False)
-    gu_full, gm_full = torch.autograd.grad(d_full, (u, m), g)  # the full backward
+    u, m = (maps[i].clone().to(device).requires_grad_(True) for i in (0, 1))
+    d_full, gu_full_1, gm_full_1 = impl.local_divergence_op(u, m, maps[2].to(device), maps[3].to(device), 5, 3, False,
+                                                            bins, 0.5, *ids, 1e-10, False)
+    gu_full, gm_full = (t.cpu() for t in torch.autograd.grad(d_full, (u, m), g.to(device)))  # the full backward
+    d_full = d_full.detach().cpu()
     assert gu_full_1.numel() == 0 and gm_full_1.numel() == 0
     assert torch.equal(torch.isnan(d), torch.isnan(d_ref)) and torch.equal(torch.isnan(d), torch.isnan(d_full))
     assert torch.equal(torch.isnan(gu), torch.isnan(gu_full)) and torch.isnan(gu).sum() == 9 * 5  # windows 5x3: rows 1..9, columns 3..7
