@@ -8,6 +8,8 @@ sweep of the Triton issue (crops 64..1024, bins 16/32/64, B 1 and 8, C 3, window
 
 Times are medians from triton.testing.do_bench (cases slower than --single-shot-s are timed once,
 after one warm-up run). "bwd" times autograd.grad on a retained graph, "fwd+bwd" the whole step.
+The inputs require grad and the loss is a mean, so the fused backends (cuda, triton 'slide', cpp)
+compute the gradient in the forward already: their "fwd" is most of the step and "bwd" a rescale.
 Peak memory is torch.cuda.max_memory_allocated during one forward+backward over what the inputs
 already held. The reference is not attempted where its predicted peak (28 tensors of
 B*C*H*W*bins^2 floats, docs/triton.md) exceeds the card's memory; where it is attempted and fails,
