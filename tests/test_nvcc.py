@@ -5,6 +5,7 @@ without a device. Skipped when nvcc is absent.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -34,3 +35,26 @@ def test_nvcc_compiles(source, tmp_path):
     # Warnings about our own sources fail the check; toolkit notices (e.g. deprecated targets) do not.
     ours = [line for line in result.stderr.splitlines() if "warning" in line.lower() and str(CSRC) in line]
     assert not ours, "\n".join(ours)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_cuda_kernels_keep_their_occupancy_for_sm_90(tmp_path):
+    """The float kernels at bins <= 32 (the training case) compile for sm_90 to the registers their
+    launch bounds plan: the forward <= 64 per thread with no stack (four 256-thread blocks per SM),
+    the backward and the fused forward <= 128 with at most a small stack outside the hot loops (two
+    blocks per SM). Without the bounds this ptxas capped the forward at 32 registers and spilled
+    (docs/cpp.md). Read with the cuobjdump of Triton's wheel (benchmarks/cuda_static.py)."""
+    spec = importlib.util.spec_from_file_location("cuda_static", CSRC.parent / "benchmarks" / "cuda_static.py")
+    cuda_static = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_static)
+    tools = cuda_static._triton_static().TOOLS
+    if not (tools / "cuobjdump").exists():
+        pytest.skip("cuobjdump (Triton's wheel) not found")
+    cubin = tmp_path / "entropy_cuda.cubin"
+    cuda_static.compile_cubin(CSRC / "entropy_cuda.cu", 90, cubin)
+    found = cuda_static.kernels(cubin, tools)
+    assert found["forward_kernelIfLi4"]["regs"] <= 64 and found["forward_kernelIfLi4"]["stack"] == 0, found[
+        "forward_kernelIfLi4"]
+    for name in ("backward_kernelIfLi4ELb0", "backward_kernelIfLi4ELb1"):
+        k = found[name]
+        assert k["regs"] <= 128 and k["stack"] <= 64, (name, {f: k[f] for f in ("regs", "stack", "spill_st")})
