@@ -58,7 +58,8 @@ struct Cells {
 };
 
 // Row stride of the staged kernel values: bins rounded up to S, so that a thread's S values of a
-// row stay inside the row (those past L are never used).
+// row stay inside the row (those past L are loaded, never written, and only reach cells past L,
+// which nothing reads).
 inline __host__ __device__ int staged_stride(int bins, int cells_per_thread) {
   const int s = cells_per_thread == 4 ? 2 : 4;
   return (bins + s - 1) / s * s;
