@@ -5,10 +5,12 @@ without a device. Skipped when nvcc is absent.
 """
 from __future__ import annotations
 
-import importlib.util
+import csv
+import io
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,23 +40,22 @@ def test_nvcc_compiles(source, tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-def test_cuda_kernels_keep_their_occupancy_for_sm_90(tmp_path):
+def test_cuda_kernels_keep_their_occupancy_for_sm_90():
     """The float kernels at bins <= 32 (the training case) compile for sm_90 to the registers their
     launch bounds plan: the forward <= 64 per thread with no stack (four 256-thread blocks per SM),
     the backward and the fused forward <= 128 with at most a small stack outside the hot loops (two
     blocks per SM). Without the bounds this ptxas capped the forward at 32 registers and spilled
-    (docs/cpp.md). Read with the cuobjdump of Triton's wheel (benchmarks/cuda_static.py)."""
-    spec = importlib.util.spec_from_file_location("cuda_static", CSRC.parent / "benchmarks" / "cuda_static.py")
-    cuda_static = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cuda_static)
-    tools = cuda_static._triton_static().TOOLS
-    if not (tools / "cuobjdump").exists():
-        pytest.skip("cuobjdump (Triton's wheel) not found")
-    cubin = tmp_path / "entropy_cuda.cubin"
-    cuda_static.compile_cubin(CSRC / "entropy_cuda.cu", 90, cubin)
-    found = cuda_static.kernels(cubin, tools)
-    assert found["forward_kernelIfLi4"]["regs"] <= 64 and found["forward_kernelIfLi4"]["stack"] == 0, found[
-        "forward_kernelIfLi4"]
+    (docs/cpp.md). benchmarks/cuda_static.py reads them with the cuobjdump of Triton's wheel, in a
+    subprocess: it loads benchmarks/triton_static.py, which turns the Triton interpreter off for
+    its process."""
+    script = CSRC.parent / "benchmarks" / "cuda_static.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    if result.returncode and "cuobjdump not found" in result.stderr:
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    found = {row["kernel"]: {k: int(v) for k, v in row.items() if k not in ("kernel", "loops")} for row in rows}
+    forward = found["forward_kernelIfLi4"]
+    assert forward["regs"] <= 64 and forward["stack"] == 0, forward
     for name in ("backward_kernelIfLi4ELb0", "backward_kernelIfLi4ELb1"):
-        k = found[name]
-        assert k["regs"] <= 128 and k["stack"] <= 64, (name, {f: k[f] for f in ("regs", "stack", "spill_st")})
+        assert found[name]["regs"] <= 128 and found[name]["stack"] <= 64, (name, found[name])
