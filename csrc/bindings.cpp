@@ -251,6 +251,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &entropy_kernels::local_divergence_backward,
         "(grad_u_pred, grad_m_pred) from grad_output and the saved D");
 #ifdef EK_WITH_CUDA
+  m.def("cuda_max_shared_for_ring", &entropy_kernels::cuda_max_shared_for_ring,
+        "bytes of shared memory within which the CUDA backward keeps its G ring (benchmarks/cuda_variants.py)");
+  m.def("set_cuda_max_shared_for_ring", &entropy_kernels::set_cuda_max_shared_for_ring,
+        "set it; 0: the two-state schedule everywhere");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -302,8 +302,8 @@ size_t ring_bytes(int win_w, int cells_per_thread) {
 }
 
 // The G ring is used when the backward's shared memory then stays within this (two blocks of
-// 128 registers per thread fit an sm_90 SM: 2 x 113 KiB of its 228 KiB). The test shim lowers it
-// to run the other schedule.
+// 128 registers per thread fit an sm_90 SM: 2 x 113 KiB of its 228 KiB); see
+// set_cuda_max_shared_for_ring.
 size_t max_shared_for_ring = 113 * 1024;
 
 // The gradient with respect to pred. With FUSED (the forward pass of a loss whose grad_output
@@ -539,6 +539,9 @@ cudaError_t launch_local_divergence_backward(const CudaProblem& pb, const T* u_p
   return launch_backward<T, false>(pb, u_pred, m_pred, u_tgt, m_tgt, const_cast<T*>(d), grad, nullptr, poison_sat,
                                    grad_u, grad_m, stream);
 }
+
+size_t cuda_max_shared_for_ring() { return max_shared_for_ring; }
+void set_cuda_max_shared_for_ring(size_t bytes) { max_shared_for_ring = bytes; }
 
 template cudaError_t launch_local_divergence_forward<float>(const CudaProblem&, const float*, const float*,
                                                             const float*, const float*, const int32_t*, float*,

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace entropy_kernels {
@@ -18,6 +19,12 @@ struct CudaProblem {
 
 // Largest bins the CUDA kernels serve (each thread keeps at most 16 of the L*L cells).
 constexpr int kCudaMaxBins = 64;
+
+// The backward keeps the G of the windows in T in shared memory (a ring) when its shared memory
+// then stays within this many bytes (default 113 KiB: two blocks per sm_90 SM), else it slides a
+// second window state to recompute them; 0: never the ring. For benchmarks and tests.
+size_t cuda_max_shared_for_ring();
+void set_cuda_max_shared_for_ring(size_t bytes);
 
 // d: (planes, Ho, Wo). bad_sat: int32 (planes, H + 1, W + 1) summed-area table of non-finite pixels.
 template <typename T>
