@@ -34,7 +34,7 @@ cat "$OUT/info.txt"
 BUILD_PID=$!
 
 echo "== triton variants"
-timeout "${STAGE_VARIANTS:-130}" $PY benchmarks/triton_variants.py --budget-s "${VARIANTS_BUDGET:-100}" \
+timeout "${STAGE_VARIANTS:-115}" $PY benchmarks/triton_variants.py --budget-s "${VARIANTS_BUDGET:-85}" \
   --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/variants.log"
 
 wait $BUILD_PID
@@ -42,7 +42,7 @@ tail -5 "$OUT/build.log"
 rm -f "$OUT/build.log"  # its tail is above; at most 8 files come back
 
 echo "== cuda schedules (appended to variants.log)"
-timeout "${STAGE_CUDA_VARIANTS:-60}" $PY benchmarks/cuda_variants.py 2>&1 | grep -v Warning | tee -a "$OUT/variants.log"
+timeout "${STAGE_CUDA_VARIANTS:-45}" $PY benchmarks/cuda_variants.py 2>&1 | grep -v Warning | tee -a "$OUT/variants.log"
 
 echo "== parity grid of the compiled kernels (float32 too, bins 64 included, refusals bypassed)"
 for b in triton cuda; do
