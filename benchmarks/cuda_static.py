@@ -55,8 +55,10 @@ def kernels(cubin: Path, tools: Path):
     out = {}
     for block in re.split(r"\n\s+Function : ", sass)[1:]:
         name = block.split("\n", 1)[0].strip()
-        short = re.sub(r"^_ZN\d+entropy_kernels\d+_GLOBAL__N__\w+?_\d+(forward|backward)", r"\1", name)
-        short = re.sub(r"EEEvNS0_8Geometry\w*$", "", short)
+        # From the kernel's name on (the anonymous namespace's mangled name before it depends on the
+        # file's path and nvcc), without the parameter list.
+        found_name = re.search(r"(?:forward|backward)_kernel\w*", name)
+        short = re.sub(r"EEEvNS0_8Geometry\w*$", "", found_name.group(0) if found_name else name)
         instructions = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in re.finditer(
             r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)([^;]*);", block)]
         ops = collections.Counter(op for _, op, _ in instructions)
