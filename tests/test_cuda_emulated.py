@@ -168,13 +168,16 @@ def cuda_emulated_fused(lib):
 
 # Beyond tests/test_cpp.py's CASES, the kernels' own layouts: bins 32 at window 11 (4 cells per
 # thread, the training default), bins 33..64 (16 cells per thread), windows taller than the 16
-# image rows staged in shared memory at a time (several chunks per column sum and gradient).
+# image rows staged in shared memory at a time (several chunks per column sum and gradient), and
+# the smallest bins.
 CUDA_CASES = [
     (2, 13, 15, 32, 11, 11, False, "logistic", "kl"),
     (1, 7, 9, 40, 3, 5, False, "gaussian", "hellinger"),
     (1, 6, 5, 64, 3, 3, True, "logistic", "kl"),
     (1, 21, 6, 6, 19, 3, False, "gaussian", "kl"),
     (2, 40, 5, 5, 34, 3, True, "logistic", "hellinger"),
+    (1, 5, 6, 2, 3, 3, False, "gaussian", "kl"),  # the fewest bins: one thread's block holds all cells
+    (1, 6, 7, 33, 5, 3, False, "logistic", "hellinger"),  # 16 cells per thread, staged stride 36
 ]
 
 
