@@ -20,10 +20,8 @@ not how fast it is. docs/triton.md keeps the table.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -35,15 +33,16 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current defau
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import triton  # noqa: E402
-import triton.backends.nvidia as nvidia_backend  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import sass  # noqa: E402
 from entropy_kernels.ops import triton_kde  # noqa: E402
 
-TOOLS = Path(nvidia_backend.__file__).parent / "bin"
+TOOLS = sass.TOOLS
 POINTERS = {"u_pred", "m_pred", "u_tgt", "m_tgt", "scalars", "d_out", "d_saved", "grad_d", "grad_u", "grad_m"}
 KERNELS = {
     ("slide", "fwd"): "_kde_divergence_fwd_slide", ("slide", "bwd"): "_kde_divergence_bwd_slide",
@@ -101,52 +100,20 @@ def compile_resources(fn, constants, dtype, num_warps, arch=90, maxnreg=None):
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = _run(TOOLS / "cuobjdump", "-res-usage", cubin)
-        sass = _run(TOOLS / "cuobjdump", "-sass", cubin)
+        usage = sass.run(TOOLS / "cuobjdump", "-res-usage", cubin)
+        listing = sass.instructions(sass.run(TOOLS / "cuobjdump", "-sass", cubin))
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
     if not found:
         raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{usage}")
     regs, stack, shared = map(int, found.groups())
-    instructions = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in re.finditer(
-        r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)([^;]*);", sass)]
-    ops = collections.Counter(op for _, op, _ in instructions)
+    ops = sass.opcode_counts(listing)
     threads = 32 * num_warps
     # An SM has 64K registers, allocated per warp in units of 256 (8 registers per thread).
     per_warp = -(-regs * 32 // 256) * 256
     return dict(warps=num_warps, regs=regs, stack=stack, spill_st=ops["STL"], spill_ld=ops["LDL"], shared=shared,
                 sass=sum(ops.values()), FFMA=ops["FFMA"], **{"DFMA+DADD": ops["DFMA"] + ops["DADD"]},
                 MUFU=ops["MUFU"], LDS=ops["LDS"], programs_per_sm=min(65536 // (per_warp * num_warps), 2048 // threads),
-                loops=loop_nest(instructions))
-
-
-def loop_nest(instructions):
-    """The kernel's loops as nested 'instructions[inner loops]' (per thread, static): a backward branch
-    closes a loop that starts at its target. How often each runs per window is the algorithm's, so
-    a loop body's count times its trips per window, times the warps, is the issue work of a window."""
-    spans = sorted({(int(m.group(1), 16), addr) for addr, op, rest in instructions if op == "BRA"
-                    for m in [re.search(r"0x([0-9a-f]+)", rest)] if m and int(m.group(1), 16) < addr},
-                   key=lambda span: (span[0], -span[1]))
-
-    def count(lo, hi):
-        return sum(lo <= addr <= hi for addr, _, _ in instructions)
-
-    def render(lo, hi, inner):
-        children, rest = [], inner
-        while rest:
-            (a, b), rest = rest[0], rest[1:]
-            nested = [span for span in rest if span[1] <= b]
-            rest = [span for span in rest if span[1] > b]
-            children.append(render(a, b, nested))
-        return f"{count(lo, hi)}" + (f"[{' '.join(children)}]" if children else "")
-
-    return render(0, max(addr for addr, _, _ in instructions), spans)
-
-
-def _run(*cmd):
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{result.stderr}")
-    return result.stdout
+                loops=sass.loop_nest(listing))
 
 
 def _set_options(precision, maxnreg):
