@@ -46,9 +46,12 @@ constexpr int kChunk = 16;  // image rows of kernel values staged in shared memo
 // (bins <= 64), the block's 16 x 16 threads tiling the L x L cells; cell k is (i0 + k / S,
 // j0 + k % S). A row of a column sum then costs 2 S loads from shared memory for S^2 products
 // of each histogram (one load per product when a thread's cells shared no i or j).
+// The side S of a thread's block of cells for its cells per thread.
+constexpr __host__ __device__ int cell_block_side(int cells_per_thread) { return cells_per_thread == 4 ? 2 : 4; }
+
 template <int CPT>
 struct Cells {
-  static constexpr int S = CPT == 4 ? 2 : 4;
+  static constexpr int S = cell_block_side(CPT);
   static_assert(S * S == CPT && kThreads == 256, "16 x 16 threads of S x S cells");
   int i0, j0;
   __device__ Cells() : i0(S * ((int)threadIdx.x / 16)), j0(S * ((int)threadIdx.x % 16)) {}
@@ -61,7 +64,7 @@ struct Cells {
 // row stay inside the row (those past L are loaded, never written, and only reach cells past L,
 // which nothing reads).
 inline __host__ __device__ int staged_stride(int bins, int cells_per_thread) {
-  const int s = cells_per_thread == 4 ? 2 : 4;
+  const int s = cell_block_side(cells_per_thread);
   return (bins + s - 1) / s * s;
 }
 
@@ -293,8 +296,11 @@ __device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T gr
 // rows (4 x 16 x L doubles for the gradient; the column sums stage theirs, 4 x 16 rows of
 // staged_stride values, in the same place), then with Geometry::ring the G ring (win_w slots of
 // the block's cells, in T).
+inline __host__ __device__ int backward_ring_offset(int bins, int cells_per_thread) {  // in doubles
+  return bins * bins + 4 * kChunk * staged_stride(bins, cells_per_thread);
+}
 inline size_t backward_shared_bytes(int bins, int cells_per_thread) {
-  return ((size_t)bins * bins + 4 * (size_t)kChunk * staged_stride(bins, cells_per_thread)) * sizeof(double);
+  return (size_t)backward_ring_offset(bins, cells_per_thread) * sizeof(double);
 }
 template <typename T>
 size_t ring_bytes(int win_w, int cells_per_thread) {
@@ -318,7 +324,9 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
   double* s_t = reinterpret_cast<double*>(smem);
   double* sf = s_t + g.bins * g.bins;  // kernel values of the gradient
   T* sh = reinterpret_cast<T*>(sf);    // kernel values of the column sums
-  T* ring = g.ring ? reinterpret_cast<T*>(sf + 4 * kChunk * staged_stride(g.bins, CPT)) + threadIdx.x : nullptr;
+  // This thread's entries of the ring: window c's G of cell k at ring_slot(c)[k * kThreads].
+  T* ring = g.ring ? reinterpret_cast<T*>(s_t + backward_ring_offset(g.bins, CPT)) + threadIdx.x : nullptr;
+  const auto ring_slot = [&](int c) { return ring + (c % g.cols.side) * CPT * kThreads; };
   __shared__ double scratch[kWarps];
   const int r = blockIdx.x, plane = blockIdx.y;
   const int64_t in = (int64_t)plane * g.height * g.width;
@@ -349,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
     const int new_lo = g.cols.out_lo(x), new_hi = g.cols.out_hi(x);
     if (g.ring) {  // the leaving windows first: an entering one may take the same slot
       for (int c = t_lo; c < new_lo; ++c) {
-        const T* slot = ring + (c % g.cols.side) * CPT * kThreads;
+        const T* slot = ring_slot(c);
 #pragma unroll
         for (int k = 0; k < CPT; ++k) t[k] -= (double)slot[k * kThreads];
       }
@@ -366,8 +374,7 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
       } else {
         dval = d[c];
       }
-      window_grad(lead, FUSED ? T(1) : grad[c], dval, inv_n, g, 1.0, t,
-                  g.ring ? ring + (c % g.cols.side) * CPT * kThreads : (T*)nullptr);
+      window_grad(lead, FUSED ? T(1) : grad[c], dval, inv_n, g, 1.0, t, g.ring ? ring_slot(c) : (T*)nullptr);
     }
     if (!g.ring) {
       for (int c = t_lo; c < new_lo; ++c) {
@@ -490,19 +497,18 @@ template <typename T, bool FUSED>
 cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt, const T* m_tgt,
                             T* d, const T* grad, const int32_t* bad_sat, const int32_t* poison_sat, T* grad_u,
                             T* grad_m, cudaStream_t stream) {
-  const Geometry g = geometry(pb);
+  Geometry g = geometry(pb);
   if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
   if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
-  Geometry g_run = g;
   const dim3 grid(g.rows.out, pb.planes);
   const size_t base = backward_shared_bytes(pb.bins, cells_per_thread(pb.bins)),
                with_ring = base + ring_bytes<T>(pb.win_w, cells_per_thread(pb.bins));
-  g_run.ring = with_ring <= max_shared_for_ring;
-  const size_t shared = g_run.ring ? with_ring : base;
+  g.ring = with_ring <= max_shared_for_ring;
+  const size_t shared = g.ring ? with_ring : base;
   const auto kernel = EK_PICK(backward_kernel, FUSED);
   const cudaError_t err = allow_shared(kernel, shared);
   if (err != cudaSuccess) return err;
-  EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(g_run, u_pred, m_pred, u_tgt, m_tgt, d, grad, bad_sat,
+  EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(g, u_pred, m_pred, u_tgt, m_tgt, d, grad, bad_sat,
                                                             poison_sat, grad_u, grad_m);
   return cudaGetLastError();
 }
