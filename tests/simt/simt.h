@@ -160,11 +160,8 @@ inline std::map<const void*, size_t>& shared_limits() {
 }
 
 inline Fiber& self() { return active()->fibers[active()->current]; }
-inline int linear_thread() {
-  const Block& b = *active();
-  const dim3 t = b.fibers[b.current].thread;
-  return (int)((t.z * b.block_dim.y + t.y) * b.block_dim.x + t.x);
-}
+// Fibers are stored in the order of their linear thread index.
+inline int linear_thread() { return active()->current; }
 
 inline void wait_at(Wait kind) {
   Fiber& f = self();
@@ -202,35 +199,25 @@ inline void fiber_entry() {
   __builtin_unreachable();
 }
 
-// Releases the threads whose barrier is complete; false if none could be (a deadlock).
+// Releases fibers [lo, hi) waiting at a `kind` barrier when every live one of them waits there.
+inline bool release_group(Block& b, int lo, int hi, Wait kind) {
+  bool any = false, all = true;
+  for (int i = lo; i < hi; ++i) {
+    any |= b.fibers[i].wait == kind;
+    all &= b.fibers[i].wait == kind || b.fibers[i].wait == Wait::done;
+  }
+  if (!(any && all)) return false;
+  for (int i = lo; i < hi; ++i)
+    if (b.fibers[i].wait == kind) b.fibers[i].wait = Wait::none;
+  return true;
+}
+
+// Releases the threads whose barrier is complete (warps first); false if none could be (a deadlock).
 inline bool release(Block& b) {
   const int n = (int)b.fibers.size();
   bool released = false;
-  for (int w = 0; w * kWarpSize < n; ++w) {
-    const int lo = w * kWarpSize, hi = std::min(n, lo + kWarpSize);
-    bool any = false, all = true;
-    for (int i = lo; i < hi; ++i) {
-      any |= b.fibers[i].wait == Wait::warp;
-      all &= b.fibers[i].wait == Wait::warp || b.fibers[i].wait == Wait::done;
-    }
-    if (any && all) {
-      for (int i = lo; i < hi; ++i)
-        if (b.fibers[i].wait == Wait::warp) b.fibers[i].wait = Wait::none;
-      released = true;
-    }
-  }
-  if (released) return true;
-  bool any = false, all = true;
-  for (const Fiber& f : b.fibers) {
-    any |= f.wait == Wait::block;
-    all &= f.wait == Wait::block || f.wait == Wait::done;
-  }
-  if (any && all) {
-    for (Fiber& f : b.fibers)
-      if (f.wait == Wait::block) f.wait = Wait::none;
-    return true;
-  }
-  return false;
+  for (int lo = 0; lo < n; lo += kWarpSize) released |= release_group(b, lo, std::min(n, lo + kWarpSize), Wait::warp);
+  return released || release_group(b, 0, n, Wait::block);
 }
 
 // Runs one block to completion; false on a deadlock.
