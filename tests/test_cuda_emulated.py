@@ -64,6 +64,11 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _pointers(maps):
+    """u_pred, m_pred, u_tgt, m_tgt as the C array the shim takes."""
+    return (ctypes.c_void_p * len(maps))(*[t.data_ptr() for t in maps])
+
+
 def window_bounds(extent, side, valid):
     """Window c covers [lo[c], hi[c]) along an axis (csrc/entropy_math.h's Axis)."""
     offset, out = (0, extent - side + 1) if valid else (side // 2, extent)
@@ -94,7 +99,7 @@ class EmulatedCuda:
         ho, wo = (height - win_h + 1, width - win_w + 1) if valid else (height, width)
         bad = summed_area(~(maps[0].isfinite() & maps[1].isfinite() & maps[2].isfinite() & maps[3].isfinite()))
         d = torch.empty(n, ho, wo, dtype=u.dtype)
-        pointers = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in maps])
+        pointers = _pointers(maps)
         problem = self._problem(u, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps)
         if not with_grad:
             rc = self.lib.ek_emulated_forward(*problem, pointers, _ptr(bad), _ptr(d))
@@ -114,7 +119,7 @@ class EmulatedCuda:
         grad = grad.contiguous()
         poison = summed_area(~(d.isfinite() & grad.isfinite()))
         gu, gm = torch.zeros_like(maps[0]), torch.zeros_like(maps[0])
-        pointers = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in maps])
+        pointers = _pointers(maps)
         rc = self.lib.ek_emulated_backward(
             *self._problem(maps[0], win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps), pointers,
             _ptr(d), _ptr(grad), _ptr(poison), _ptr(gu), _ptr(gm),
@@ -181,7 +186,11 @@ CUDA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES + CUDA_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
+def case_id(c):
+    return "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}"
+
+
+@pytest.mark.parametrize("case", CASES + CUDA_CASES, ids=case_id)
 def test_contract_parity_float64(cuda_emulated, case):
     check_parity_f64(cuda_emulated, case)
 
@@ -234,7 +243,7 @@ def test_nan_grad_output_poisons_only_its_window_pixels(cuda_emulated):
 FUSED_CASES = [CASES[0], CASES[1], CASES[3], CUDA_CASES[0], CUDA_CASES[1], CUDA_CASES[3]]
 
 
-@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
+@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
 def test_fused_forward_parity_float64(cuda_emulated_fused, case):
     """A uniform grad_output (the 'mean' and 'sum' reductions) takes the fused pass's gradient,
     scaled; a random one recomputes it in the backward."""
