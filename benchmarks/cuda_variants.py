@@ -33,7 +33,7 @@ def step_fn(pred, target, bins, window, fused):
     if fused:
         return lambda: torch.autograd.grad(spatial_entropy_loss(pred, target, bins=bins, window=window,
                                                                 backend="cuda"), pred)
-    weights = torch.rand(pred.shape[0], pred.shape[1], *pred.shape[2:], device=pred.device, dtype=pred.dtype)
+    weights = torch.rand_like(pred, requires_grad=False)
 
     def step():
         loss = spatial_entropy_loss(pred, target, bins=bins, window=window, backend="cuda", reduction="none")
