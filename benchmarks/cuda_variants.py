@@ -5,13 +5,17 @@ bins 32, window 11).
     python benchmarks/cuda_variants.py                 # after `python setup.py build_ext --inplace`
     python benchmarks/cuda_variants.py --size 256 --batch 4
 
-Schedules (docs/cpp.md, CUDA algorithm):
-  fused, ring        the default for a training step: a 'mean' loss, so the forward is the
-                     backward kernel with grad_output = 1 and the backward a rescale; each window's
-                     G kept in shared memory
-  fused, two states  the same with the ring off (a second window state recomputes G)
-  unfused, ring      a non-uniform grad_output (reduction 'none', random weights): the forward
-                     kernel, then the backward kernel
+Schedules (docs/cpp.md, CUDA algorithm), each a pass and the two shared-memory budgets (the G
+ring's, the column ring's):
+  fused, defaults           the training step: a 'mean' loss, so the forward is the backward kernel
+                            with grad_output = 1 and the backward a rescale; each window's G kept in
+                            shared memory (two blocks per SM at the default case)
+  fused, both rings         the same with the last column sums kept too (one column sum per window
+                            instead of two) at the price of one block per SM (157 KiB at the default case)
+  fused, two states         neither ring (a second window state recomputes G)
+  unfused, defaults         a non-uniform grad_output (reduction 'none', random weights): the forward
+                            kernel (with its column ring where it fits 113 KiB), then the backward kernel
+  forward, defaults / forward, no column ring: D alone (no gradient), the evaluation's pass
 Times are medians of triton.testing.do_bench. No GPU: exits with a message.
 """
 from __future__ import annotations
@@ -29,8 +33,16 @@ from entropy_kernels import spatial_entropy_loss  # noqa: E402
 from entropy_kernels.ops import _extension  # noqa: E402
 
 
-def step_fn(pred, target, bins, window, fused):
-    if fused:
+SM_SHARED = 227 * 1024  # an sm_90 block's most dynamic shared memory
+
+
+def step_fn(pred, target, bins, window, mode):
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                return spatial_entropy_loss(pred, target, bins=bins, window=window, backend="cuda")
+        return forward
+    if mode == "fused":
         return lambda: torch.autograd.grad(spatial_entropy_loss(pred, target, bins=bins, window=window,
                                                                 backend="cuda"), pred)
     weights = torch.rand_like(pred, requires_grad=False)
@@ -41,21 +53,33 @@ def step_fn(pred, target, bins, window, fused):
     return step
 
 
-def parity(module, fused, ring):
-    """Largest gradient error against the reference, float64, 40 x 33, bins 32, window 11 (in float64
-    the ring needs 115 KiB there, so for this check its limit is raised to an SM's 227 KiB)."""
-    module.set_cuda_max_shared_for_ring(227 * 1024 if ring else 0)
+def set_budgets(module, ring, column_ring):
+    module.set_cuda_max_shared_for_ring(ring)
+    module.set_cuda_max_shared_for_column_ring(column_ring)
+
+
+def parity(module, mode, dtype, budgets):
+    """Largest error (D for 'forward', else the gradient) against the float64 reference over its
+    largest value, 40 x 33, bins 32, window 11, the inputs in dtype. Each ring the schedule uses is
+    allowed an SM's 227 KiB here: in float64 the rings need about twice the bytes, and at bins 32 /
+    window 11 float64 the backward's column ring does not fit even so (the forward's does)."""
+    set_budgets(module, *(SM_SHARED if budget else 0 for budget in budgets))
     gen = torch.Generator().manual_seed(0)
-    pred = torch.rand(2, 3, 40, 33, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    pred = torch.rand(2, 3, 40, 33, generator=gen, dtype=torch.float64).cuda()
     target = torch.rand(2, 3, 40, 33, generator=gen, dtype=torch.float64).cuda()
     weights = torch.rand(2, 3, 40, 33, generator=gen, dtype=torch.float64).cuda()
-    grads = {}
-    for backend in ("reference", "cuda"):
-        loss = spatial_entropy_loss(pred, target, bins=32, window=11, backend=backend,
-                                    reduction="mean" if fused else "none")
-        grads[backend] = torch.autograd.grad(loss if fused else (loss * weights).sum(), pred)[0]
-    scale = grads["reference"].abs().max().item()
-    return (grads["cuda"] - grads["reference"]).abs().max().item() / scale
+    out = {}
+    for backend, kind in (("reference", torch.float64), ("cuda", dtype)):
+        p = pred.to(kind).requires_grad_(mode != "forward")
+        loss = spatial_entropy_loss(p, target.to(kind), bins=32, window=11, backend=backend,
+                                    reduction="none" if mode == "unfused" else "mean",
+                                    generator=torch.Generator().manual_seed(2))  # the same neighbour weights
+        if mode == "forward":
+            out[backend] = loss.detach().double()
+        else:
+            out[backend] = torch.autograd.grad(loss if mode == "fused" else (loss * weights.to(kind)).sum(), p)[0].double()
+    scale = out["reference"].abs().max().item()
+    return (out["cuda"] - out["reference"]).abs().max().item() / scale
 
 
 def main():
@@ -73,20 +97,24 @@ def main():
         sys.exit(f"the CUDA extension is unavailable: {error}")
     from triton.testing import do_bench
 
-    default_ring = module.cuda_max_shared_for_ring()
+    defaults = (module.cuda_max_shared_for_ring(), module.cuda_max_shared_for_column_ring())
     gen = torch.Generator().manual_seed(1)
     shape = (args.batch, args.channels, args.size, args.size)
     pred = torch.rand(shape, generator=gen).cuda().requires_grad_()
     target = torch.rand(shape, generator=gen).cuda()
     print(f"{torch.cuda.get_device_name()}; B={args.batch} C={args.channels} {args.size}^2 bins {args.bins} "
-          f"window {args.window}, float32")
-    print("schedule | parity (max grad error / max grad, float64) | fwd+bwd ms | peak extra MiB")
+          f"window {args.window}, float32; budgets (G ring, column ring) default {defaults} bytes")
+    print("schedule | parity float64 | parity float32 (max error / max value vs float64 reference) | ms | peak extra MiB")
+    schedules = (
+        ("fused, defaults", "fused", defaults), ("fused, both rings", "fused", (SM_SHARED, SM_SHARED)),
+        ("fused, two states", "fused", (0, 0)), ("unfused, defaults", "unfused", defaults),
+        ("forward, defaults", "forward", defaults), ("forward, no column ring", "forward", (defaults[0], 0)),
+    )
     try:
-        for name, fused, ring in (("fused, ring", True, default_ring), ("fused, two states", True, 0),
-                                  ("unfused, ring", False, default_ring)):
-            error = parity(module, fused, ring > 0)
-            module.set_cuda_max_shared_for_ring(ring)
-            step = step_fn(pred, target, args.bins, args.window, fused)
+        for name, mode, budgets in schedules:
+            errors = [parity(module, mode, dtype, budgets) for dtype in (torch.float64, torch.float32)]
+            set_budgets(module, *budgets)
+            step = step_fn(pred, target, args.bins, args.window, mode)
             step()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -95,9 +123,9 @@ def main():
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
             ms = do_bench(step, return_mode="median")
-            print(f"{name} | {error:.2e} | {ms:.2f} | {peak:.1f}", flush=True)
+            print(f"{name} | {errors[0]:.2e} | {errors[1]:.2e} | {ms:.2f} | {peak:.1f}", flush=True)
     finally:
-        module.set_cuda_max_shared_for_ring(default_ring)
+        set_budgets(module, *defaults)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (about 9 minutes): build the extensions in place while the Triton variants
 # ('slide' against 'strip') are timed, then the CUDA backend's schedules (benchmarks/cuda_variants.py:
-# parity and time of the fused ring, two-state and unfused schedules), parity and the sweep for reference / triton / cuda, the
+# parity and time of its fused, unfused and forward-only schedules with and without its rings), parity and the sweep for reference / triton / cuda, the
 # GPU-side tests, the largest training crop of the fused backends, and a short GPU training run
 # (train fit with mixed precision, the demo's network and loss on the GPU backends).
 #
@@ -42,7 +42,7 @@ tail -5 "$OUT/build.log"
 rm -f "$OUT/build.log"  # its tail is above; at most 8 files come back
 
 echo "== cuda schedules (appended to variants.log)"
-timeout "${STAGE_CUDA_VARIANTS:-45}" $PY benchmarks/cuda_variants.py 2>&1 | grep -v Warning | tee -a "$OUT/variants.log"
+timeout "${STAGE_CUDA_VARIANTS:-60}" $PY benchmarks/cuda_variants.py 2>&1 | grep -v Warning | tee -a "$OUT/variants.log"
 
 echo "== parity grid of the compiled kernels (float32 too, bins 64 included, refusals bypassed)"
 for b in triton cuda; do

@@ -75,6 +75,7 @@ struct Geometry {
   double inv_h;  // 1 / bandwidth, exact when h_pow2
   bool h_pow2;   // bandwidth a power of two (the default 0.5)
   bool ring;     // backward: the G of the windows in T kept in shared memory (see backward_kernel)
+  int column_ring_at;  // bytes into dynamic shared memory of the column ring (see ColumnSum), or -1
   int kernel, divergence;
 };
 
@@ -108,8 +109,11 @@ __device__ __forceinline__ T kernel_value(T z, int kind) {
   return kind == kLogistic ? kde_kernel<kLogistic>(z) : kde_kernel<kGaussian>(z);
 }
 template <typename T>
-__device__ __forceinline__ T kernel_deriv(T z, int kind) {
-  return kind == kLogistic ? kde_kernel_deriv<kLogistic>(z) : kde_kernel_deriv<kGaussian>(z);
+__device__ __forceinline__ void kernel_and_deriv(T z, int kind, T* k, T* dk) {
+  if (kind == kLogistic)
+    kde_kernel_and_deriv<kLogistic>(z, k, dk);
+  else
+    kde_kernel_and_deriv<kGaussian>(z, k, dk);
 }
 
 template <typename T>
@@ -146,10 +150,34 @@ __device__ void stage_factors(const T* u, const T* m, int y0, int n, int x, cons
 // rows of a_i b_j, Q from pred and P from target, each chunk of 16 rows summed in T and the
 // chunks in double. Deterministic: a column computed again is bit-identical, so a window state
 // that adds it and later subtracts it returns to within rounding of double.
+//
+// The column ring (Geometry::column_ring_at, for windows of at most one chunk of rows): the sums
+// of the last win_w + 1 columns computed, each thread its own entries (no barrier), in T, which
+// holds a one-chunk sum exactly. A column leaving the window is then read back instead of
+// computed again: one column sum per window instead of two. win_w + 1 slots, because a window
+// adds the column entering before it subtracts the one leaving (the order every schedule keeps,
+// so that D is bit for bit the same in each).
 template <typename T, int CPT>
 struct ColumnSum {
   int x = -1;  // the column held (-1: none)
   double p[CPT], q[CPT];
+  // This thread's entries of the column ring: column col's cell k of Q at slot(col)[k * kThreads],
+  // of P at slot(col)[(CPT + k) * kThreads]. Taken from the launch's Geometry each time rather
+  // than kept in registers, which the kernels have few of to spare.
+  __device__ __forceinline__ static T* slot(const Geometry& g, int col) {
+    EK_DYNAMIC_SHARED(smem);
+    return reinterpret_cast<T*>(smem + g.column_ring_at) + (col % (g.cols.side + 1)) * 2 * CPT * kThreads + threadIdx.x;
+  }
+
+  __device__ __forceinline__ void load(int col, const Geometry& g) {
+    const T* s = slot(g, col);
+    x = col;
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      q[k] = (double)s[k * kThreads];
+      p[k] = (double)s[(CPT + k) * kThreads];
+    }
+  }
 
   __device__ __forceinline__ void compute(int col, int y0, int y1, const T* up, const T* mp, const T* ut, const T* mt,
                           const Geometry& g, T* sh) {
@@ -192,6 +220,14 @@ struct ColumnSum {
         }
       }
     }
+    if (g.column_ring_at >= 0) {  // one chunk: q[k] and p[k] are values of T, stored exactly
+      T* s = slot(g, col);
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) {
+        s[k * kThreads] = (T)q[k];
+        s[(CPT + k) * kThreads] = (T)p[k];
+      }
+    }
   }
 };
 
@@ -208,9 +244,10 @@ struct WindowState {
   }
 
   // Slides to columns [new_lo, new_hi): adds the column sums entering, subtracts those leaving.
-  // Each is taken from `cache` when it holds that column, else computed into it: the backward's
-  // two states cross the same column one after the other (the leading window leaves the column
-  // the lagging one enters), so they share it.
+  // Each is taken from `cache` when it holds that column, else (a leaving column, with the column
+  // ring) read from the ring, else computed into it: the backward's two states cross the same
+  // column one after the other (the leading window leaves the column the lagging one enters), so
+  // they share it.
   __device__ __forceinline__ void move_to(int new_lo, int new_hi, int y0, int y1, const T* up, const T* mp, const T* ut,
                           const T* mt, const Geometry& g, T* sh, ColumnSum<T, CPT>& cache) {
     for (int x = hi; x < new_hi; ++x) add(x, 1.0, y0, y1, up, mp, ut, mt, g, sh, cache);
@@ -221,7 +258,12 @@ struct WindowState {
 
   __device__ __forceinline__ void add(int x, double sign, int y0, int y1, const T* up, const T* mp, const T* ut, const T* mt,
                       const Geometry& g, T* sh, ColumnSum<T, CPT>& cache) {
-    if (cache.x != x) cache.compute(x, y0, y1, up, mp, ut, mt, g, sh);  // x is the same in every thread
+    if (cache.x != x) {  // x and sign are the same in every thread
+      if (sign < 0.0 && g.column_ring_at >= 0)
+        cache.load(x, g);
+      else
+        cache.compute(x, y0, y1, up, mp, ut, mt, g, sh);
+    }
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
       p[k] += sign * cache.p[k];
@@ -292,25 +334,35 @@ __device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T gr
   }
 }
 
-// Dynamic shared memory of the backward: T (L*L doubles), then the kernel values of a chunk of
-// rows (4 x 16 x L doubles for the gradient; the column sums stage theirs, 4 x 16 rows of
-// staged_stride values, in the same place), then with Geometry::ring the G ring (win_w slots of
-// the block's cells, in T).
-inline __host__ __device__ int backward_ring_offset(int bins, int cells_per_thread) {  // in doubles
-  return bins * bins + 4 * kChunk * staged_stride(bins, cells_per_thread);
+// Dynamic shared memory of the forward: the kernel values of a chunk of rows (4 x 16 rows of
+// staged_stride values, in T), then with a column ring that ring.
+template <typename T>
+size_t forward_shared_bytes(int bins, int cells_per_thread) {
+  return (size_t)4 * kChunk * staged_stride(bins, cells_per_thread) * sizeof(T);
 }
-inline size_t backward_shared_bytes(int bins, int cells_per_thread) {
-  return (size_t)backward_ring_offset(bins, cells_per_thread) * sizeof(double);
+// Dynamic shared memory of the backward, in bytes: T (L*L doubles), then the kernel values of a
+// chunk of rows (the column sums' as in the forward; the gradient's, 4 x 16 x L, in the same
+// place), then with Geometry::ring the G ring (win_w slots of the block's cells, in T), then with
+// a column ring that ring.
+template <typename T>
+__host__ __device__ size_t backward_ring_offset(int bins, int cells_per_thread) {
+  return (size_t)bins * bins * sizeof(double) + (size_t)4 * kChunk * staged_stride(bins, cells_per_thread) * sizeof(T);
 }
 template <typename T>
 size_t ring_bytes(int win_w, int cells_per_thread) {
   return (size_t)win_w * cells_per_thread * kThreads * sizeof(T);
 }
+template <typename T>
+size_t column_ring_bytes(int win_w, int cells_per_thread) {
+  return (size_t)(win_w + 1) * 2 * cells_per_thread * kThreads * sizeof(T);
+}
 
-// The G ring is used when the backward's shared memory then stays within this (two blocks of
-// 128 registers per thread fit an sm_90 SM: 2 x 113 KiB of its 228 KiB); see
-// set_cuda_max_shared_for_ring.
+// The G ring is used when the backward's shared memory then stays within max_shared_for_ring, and
+// the column ring when the kernel's shared memory with it stays within max_shared_for_column_ring
+// (the backward's only together with the G ring). Both default to 113 KiB: two blocks of 128
+// registers per thread fit an sm_90 SM (2 x 113 KiB of its 228 KiB). See set_cuda_max_shared_*.
 size_t max_shared_for_ring = 113 * 1024;
+size_t max_shared_for_column_ring = 113 * 1024;
 
 // The gradient with respect to pred. With FUSED (the forward pass of a loss whose grad_output
 // will be uniform) grad is 1 everywhere, and each window's D is computed from the leading
@@ -322,10 +374,10 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
                     const int32_t* bad_sat, const int32_t* poison_sat, T* gu, T* gm) {
   EK_DYNAMIC_SHARED(smem);
   double* s_t = reinterpret_cast<double*>(smem);
-  double* sf = s_t + g.bins * g.bins;  // kernel values of the gradient
-  T* sh = reinterpret_cast<T*>(sf);    // kernel values of the column sums
+  T* sf = reinterpret_cast<T*>(s_t + g.bins * g.bins);  // kernel values of the gradient
+  T* sh = sf;                                          // kernel values of the column sums
   // This thread's entries of the ring: window c's G of cell k at ring_slot(c)[k * kThreads].
-  T* ring = g.ring ? reinterpret_cast<T*>(s_t + backward_ring_offset(g.bins, CPT)) + threadIdx.x : nullptr;
+  T* ring = g.ring ? reinterpret_cast<T*>(smem + backward_ring_offset<T>(g.bins, CPT)) + threadIdx.x : nullptr;
   const auto ring_slot = [&](int c) { return ring + (c % g.cols.side) * CPT * kThreads; };
   __shared__ double scratch[kWarps];
   const int r = blockIdx.x, plane = blockIdx.y;
@@ -408,11 +460,13 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
         const int64_t at = (int64_t)(yc + tt) * g.width + x;
         const T uv = up[at], mv = mp[at];
         const bool ok = finite(uv) && finite(mv);
-        const T zu = over_h(uv - T(i), g), zm = over_h(mv - T(i), g);
-        sa[idx] = ok ? over_h(kernel_value(zu, g.kernel), g) : T(0);
-        sda[idx] = ok ? over_h(over_h(kernel_deriv(zu, g.kernel), g), g) : T(0);
-        sb[idx] = ok ? over_h(kernel_value(zm, g.kernel), g) : T(0);
-        sdb[idx] = ok ? over_h(over_h(kernel_deriv(zm, g.kernel), g), g) : T(0);
+        T ku, dku, km, dkm;
+        kernel_and_deriv(over_h(uv - T(i), g), g.kernel, &ku, &dku);
+        kernel_and_deriv(over_h(mv - T(i), g), g.kernel, &km, &dkm);
+        sa[idx] = ok ? over_h(ku, g) : T(0);
+        sda[idx] = ok ? over_h(over_h(dku, g), g) : T(0);
+        sb[idx] = ok ? over_h(km, g) : T(0);
+        sdb[idx] = ok ? over_h(over_h(dkm, g), g) : T(0);
       }
       __syncthreads();
       if (kTInRegisters && yc == y0) {
@@ -476,11 +530,15 @@ Geometry geometry(const CudaProblem& pb) {
   g.h_pow2 = std::frexp(pb.bandwidth, &exponent) == 0.5 && exponent > -100 && exponent < 100;
   g.inv_h = 1.0 / pb.bandwidth;
   g.ring = false;
+  g.column_ring_at = -1;
   g.eps = pb.eps;
   g.kernel = pb.kernel;
   g.divergence = pb.divergence;
   return g;
 }
+
+// A column sum of one chunk of rows: what the column ring holds exactly.
+bool one_chunk(const Geometry& g) { return g.rows.side <= kChunk; }
 
 // The kernel instantiation for the problem's cells per thread.
 #define EK_PICK(KERNEL, ...) (cells_per_thread(pb.bins) == 4 ? &KERNEL<T, 4, ##__VA_ARGS__> : &KERNEL<T, 16, ##__VA_ARGS__>)
@@ -501,10 +559,12 @@ cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_p
   if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
   if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
   const dim3 grid(g.rows.out, pb.planes);
-  const size_t base = backward_shared_bytes(pb.bins, cells_per_thread(pb.bins)),
-               with_ring = base + ring_bytes<T>(pb.win_w, cells_per_thread(pb.bins));
+  const int cpt = cells_per_thread(pb.bins);
+  const size_t base = backward_ring_offset<T>(pb.bins, cpt), with_ring = base + ring_bytes<T>(pb.win_w, cpt),
+               with_both = with_ring + column_ring_bytes<T>(pb.win_w, cpt);
   g.ring = with_ring <= max_shared_for_ring;
-  const size_t shared = g.ring ? with_ring : base;
+  if (g.ring && one_chunk(g) && with_both <= max_shared_for_column_ring) g.column_ring_at = (int)with_ring;
+  const size_t shared = g.column_ring_at >= 0 ? with_both : g.ring ? with_ring : base;
   const auto kernel = EK_PICK(backward_kernel, FUSED);
   const cudaError_t err = allow_shared(kernel, shared);
   if (err != cudaSuccess) return err;
@@ -518,12 +578,17 @@ cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_p
 template <typename T>
 cudaError_t launch_local_divergence_forward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt,
                                             const T* m_tgt, const int32_t* bad_sat, T* d, cudaStream_t stream) {
-  const Geometry g = geometry(pb);
+  Geometry g = geometry(pb);
   if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
   if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
   const dim3 grid(g.rows.out, pb.planes);
-  const size_t shared = 4 * kChunk * staged_stride(pb.bins, cells_per_thread(pb.bins)) * sizeof(T);
+  const int cpt = cells_per_thread(pb.bins);
+  const size_t base = forward_shared_bytes<T>(pb.bins, cpt), with_ring = base + column_ring_bytes<T>(pb.win_w, cpt);
+  if (one_chunk(g) && with_ring <= max_shared_for_column_ring) g.column_ring_at = (int)base;
+  const size_t shared = g.column_ring_at >= 0 ? with_ring : base;
   const auto kernel = EK_PICK(forward_kernel);
+  const cudaError_t err = allow_shared(kernel, shared);
+  if (err != cudaSuccess) return err;
   EK_LAUNCH_KERNEL(kernel, grid, kThreads, shared, stream)(g, u_pred, m_pred, u_tgt, m_tgt, bad_sat, d);
   return cudaGetLastError();
 }
@@ -548,6 +613,8 @@ cudaError_t launch_local_divergence_backward(const CudaProblem& pb, const T* u_p
 
 size_t cuda_max_shared_for_ring() { return max_shared_for_ring; }
 void set_cuda_max_shared_for_ring(size_t bytes) { max_shared_for_ring = bytes; }
+size_t cuda_max_shared_for_column_ring() { return max_shared_for_column_ring; }
+void set_cuda_max_shared_for_column_ring(size_t bytes) { max_shared_for_column_ring = bytes; }
 
 template cudaError_t launch_local_divergence_forward<float>(const CudaProblem&, const float*, const float*,
                                                             const float*, const float*, const int32_t*, float*,

@@ -26,6 +26,13 @@ constexpr int kCudaMaxBins = 64;
 size_t cuda_max_shared_for_ring();
 void set_cuda_max_shared_for_ring(size_t bytes);
 
+// Both kernels keep the column sums of the last win_w + 1 columns in shared memory (a column
+// ring: one column sum per window instead of two) when their shared memory then stays within
+// this many bytes (default 113 KiB; the backward only together with the G ring) and a window
+// has at most 16 rows; 0: never. For benchmarks and tests.
+size_t cuda_max_shared_for_column_ring();
+void set_cuda_max_shared_for_column_ring(size_t bytes);
+
 // d: (planes, Ho, Wo). bad_sat: int32 (planes, H + 1, W + 1) summed-area table of non-finite pixels.
 template <typename T>
 cudaError_t launch_local_divergence_forward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt,

@@ -164,19 +164,6 @@ EK_HD T kde_kernel(T z) {
   return k;
 }
 
-// K'(z) alone (the CUDA backend; its own rounding of the same formula).
-template <int Kind, typename T>
-EK_HD T kde_kernel_deriv(T z) {
-  if (Kind == kLogistic) {
-    // d/dz of e^-|z| / (1 + e^-|z|)^2 = -sign(z) e (1 - e) / (1 + e)^3; zero at z = 0.
-    T e = ek_exp(-(z < T(0) ? -z : z));
-    T d = T(1) + e;
-    T s = z > T(0) ? T(-1) : T(1);
-    return s * e * (T(1) - e) / (d * d * d);
-  }
-  return -z * ek_exp(T(-0.5) * z * z) * T(0.398942280401432677939946);
-}
-
 // ---------------------------------------------------------------------------------------
 // Per-cell divergence terms. P is the target density, Q the prediction's.
 // ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ host pointers; everything else is the code a GPU runs, except that expf and logf
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import shutil
 import subprocess
@@ -150,15 +151,36 @@ class _Emulated(torch.autograd.Function):
         return (None, gu, gm, None, None) + (None,) * len(ctx.args)
 
 
-@pytest.fixture(scope="module", params=["ring", "two-states"])
+SM_SHARED = 227 * 1024  # an sm_90 block's most dynamic shared memory
+
+# The kernels' schedules, as (max_shared_for_ring, max_shared_for_column_ring): the G of the
+# windows in T and the last column sums both kept in shared memory wherever they fit an SM (at
+# bins 32 / window 11 the defaults keep only the G ring there, the column ring in the forward);
+# the G ring alone (every column sum computed twice); neither (a second window state slides
+# behind the first to recompute G).
+SCHEDULES = {"rings": (SM_SHARED, SM_SHARED), "g-ring": (SM_SHARED, 0), "two-states": (0, 0)}
+
+
+@contextlib.contextmanager
+def shared_budgets(lib, ring, column_ring):
+    """The launchers' budgets for the G ring and the column ring, restored afterwards."""
+    knobs = ("max_shared_for_ring", "max_shared_for_column_ring")
+    for knob in knobs:
+        getattr(lib, f"ek_emulated_{knob}").restype = ctypes.c_size_t
+    defaults = [getattr(lib, f"ek_emulated_{knob}")() for knob in knobs]
+    try:
+        for knob, value in zip(knobs, (ring, column_ring)):
+            getattr(lib, f"ek_emulated_set_{knob}")(ctypes.c_size_t(value))
+        yield
+    finally:
+        for knob, value in zip(knobs, defaults):
+            getattr(lib, f"ek_emulated_set_{knob}")(ctypes.c_size_t(value))
+
+
+@pytest.fixture(scope="module", params=list(SCHEDULES))
 def schedule(lib, request):
-    """The backward's two schedules: the G of the windows in T kept in shared memory (where it fits,
-    as at bins 32 / window 11), or a second window state sliding behind to recompute it."""
-    lib.ek_emulated_max_shared_for_ring.restype = ctypes.c_size_t
-    default = lib.ek_emulated_max_shared_for_ring()
-    lib.ek_emulated_set_max_shared_for_ring(ctypes.c_size_t(default if request.param == "ring" else 0))
-    yield request.param
-    lib.ek_emulated_set_max_shared_for_ring(ctypes.c_size_t(default))
+    with shared_budgets(lib, *SCHEDULES[request.param]):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +290,27 @@ def test_fused_forward_is_the_forward_and_the_backward(cuda_emulated, dtype, div
     assert torch.equal(d.isnan(), d_fused.isnan()) and torch.equal(d.nan_to_num(), d_fused.nan_to_num())
     for ours, theirs in ((gu_fused, gu), (gm_fused, gm)):
         assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_column_ring_changes_no_bit(lib, dtype):
+    """The column ring holds each column sum exactly (one chunk of rows, in T), so with it the
+    forward, the fused pass and the backward give D and the gradients bit for bit as when every
+    column sum is computed twice (bins 32, window 11: 4 cells per thread, the training case)."""
+    bins = 32
+    maps = [t.to(dtype) for t in random_maps(2, 12, 14, bins)]
+    args = (11, 11, False, bins, 0.5, "logistic", "kl", 1e-10)
+    grad = torch.rand(2, 12, 14, dtype=dtype) - 0.25
+    impl = EmulatedCuda(lib)
+    outs = []
+    for column_ring in (SM_SHARED, 0):
+        with shared_budgets(lib, SM_SHARED, column_ring):
+            d, _ = impl.forward(maps, *args)
+            d_fused, grads1 = impl.forward(maps, *args, with_grad=True)
+            outs.append((d, d_fused, *grads1, *impl.backward(maps, d, grad, *args)))
+    for ours, theirs in zip(*outs):
+        assert torch.isfinite(ours).all() and torch.equal(ours, theirs)
+    assert torch.equal(outs[0][0], outs[0][1])  # and the fused pass's D is the forward's
 
 
 # ---- the emulator itself ----------------------------------------------------------------------

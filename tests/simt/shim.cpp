@@ -54,6 +54,11 @@ extern "C" {
 // The backward keeps its G ring only within this much shared memory (0: never).
 void ek_emulated_set_max_shared_for_ring(size_t bytes) { entropy_kernels::set_cuda_max_shared_for_ring(bytes); }
 size_t ek_emulated_max_shared_for_ring() { return entropy_kernels::cuda_max_shared_for_ring(); }
+// Both kernels keep their column ring only within this much shared memory (0: never).
+void ek_emulated_set_max_shared_for_column_ring(size_t bytes) {
+  entropy_kernels::set_cuda_max_shared_for_column_ring(bytes);
+}
+size_t ek_emulated_max_shared_for_column_ring() { return entropy_kernels::cuda_max_shared_for_column_ring(); }
 
 // maps: u_pred, m_pred, u_tgt, m_tgt.
 int ek_emulated_forward(int dtype, int planes, int height, int width, int bins, int win_h, int win_w, int valid,
