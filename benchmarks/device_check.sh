@@ -42,7 +42,7 @@ tail -5 "$OUT/build.log"
 rm -f "$OUT/build.log"  # its tail is above; at most 8 files come back
 
 echo "== cuda schedules (appended to variants.log)"
-timeout "${STAGE_CUDA_VARIANTS:-60}" $PY benchmarks/cuda_variants.py 2>&1 | grep -v Warning | tee -a "$OUT/variants.log"
+timeout "${STAGE_CUDA_VARIANTS:-45}" $PY benchmarks/cuda_variants.py 2>&1 | grep -v Warning | tee -a "$OUT/variants.log"
 
 echo "== parity grid of the compiled kernels (float32 too, bins 64 included, refusals bypassed)"
 for b in triton cuda; do
