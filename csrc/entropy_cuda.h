@@ -20,16 +20,17 @@ struct CudaProblem {
 // Largest bins the CUDA kernels serve (each thread keeps at most 16 of the L*L cells).
 constexpr int kCudaMaxBins = 64;
 
-// The backward keeps the G of the windows in T in shared memory (a ring) when its shared memory
-// then stays within this many bytes (default 113 KiB: two blocks per sm_90 SM), else it slides a
-// second window state to recompute them; 0: never the ring. For benchmarks and tests.
+// Shared-memory budgets, in bytes, for benchmarks and tests. The backward keeps the G of the
+// windows in T in shared memory (a ring) when its shared memory then stays within
+// cuda_max_shared_for_ring(), else it slides a second window state to recompute them. Both
+// kernels keep the column sums of the last win_w + 1 columns (a column ring: one column sum per
+// window instead of two) when their shared memory then stays within
+// cuda_max_shared_for_column_ring() and a window has at most 16 rows (the backward only together
+// with the G ring). 0: never; kTwoBlocksPerSm (the default): half an SM's shared memory less the
+// 1 KiB reserved per block (113 KiB on sm_90); never more than a block may opt in to.
+constexpr size_t kTwoBlocksPerSm = ~(size_t)0;
 size_t cuda_max_shared_for_ring();
 void set_cuda_max_shared_for_ring(size_t bytes);
-
-// Both kernels keep the column sums of the last win_w + 1 columns in shared memory (a column
-// ring: one column sum per window instead of two) when their shared memory then stays within
-// this many bytes (default 113 KiB; the backward only together with the G ring) and a window
-// has at most 16 rows; 0: never. For benchmarks and tests.
 size_t cuda_max_shared_for_column_ring();
 void set_cuda_max_shared_for_column_ring(size_t bytes);
 

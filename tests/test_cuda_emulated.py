@@ -313,6 +313,34 @@ def test_column_ring_changes_no_bit(lib, dtype):
     assert torch.equal(outs[0][0], outs[0][1])  # and the fused pass's D is the forward's
 
 
+@pytest.mark.parametrize("per_sm_kib, optin_kib", [(100, 99), (164, 163)], ids=["sm_86", "sm_80"])
+def test_rings_fit_the_device(lib, per_sm_kib, optin_kib):
+    """The default budgets follow the device (half an SM's shared memory, within what a block may opt
+    in to): on GPUs with less shared memory than an H100 (RTX 30/40: 100 KiB per SM, 99 per block;
+    A100: 164 and 163) every pass at bins 32 / window 11 still launches and matches the reference,
+    and budgets asked beyond the device are cut to it."""
+    bins = 32
+    maps = random_maps(1, 12, 13, bins)
+    args = (11, 11, False, bins, 0.5, "logistic", "kl", 1e-10)
+    lib.ek_emulated_set_device_shared(ctypes.c_size_t(per_sm_kib * 1024), ctypes.c_size_t(optin_kib * 1024))
+    try:
+        for budgets in (None, (SM_SHARED, SM_SHARED)):
+            with contextlib.ExitStack() as stack:
+                if budgets:
+                    stack.enter_context(shared_budgets(lib, *budgets))
+                # float64 (about twice the bytes) and float32, through the forward and backward
+                # kernels and through the fused pass
+                for impl in (EmulatedCuda(lib), EmulatedCuda(lib, fused=True)):
+                    d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args)
+                    d, gu, gm, _ = values_and_grads(impl, maps, args, g)
+                    assert_close_f64(d, d_ref)
+                    assert_close_f64(gu, gu_ref)
+                    assert_close_f64(gm, gm_ref)
+                    check_float32_arithmetic_rule(impl, "logistic", "kl", 12, 13)
+    finally:
+        lib.ek_emulated_set_device_shared(ctypes.c_size_t(228 * 1024), ctypes.c_size_t(SM_SHARED))
+
+
 # ---- the emulator itself ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("threads", [32, 96, 256])

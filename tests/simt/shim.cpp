@@ -60,6 +60,12 @@ void ek_emulated_set_max_shared_for_column_ring(size_t bytes) {
 }
 size_t ek_emulated_max_shared_for_column_ring() { return entropy_kernels::cuda_max_shared_for_column_ring(); }
 
+// The emulated device's shared memory per SM and per block (opt-in), in bytes.
+void ek_emulated_set_device_shared(size_t per_sm, size_t optin) {
+  simt::device().shared_per_sm = per_sm;
+  simt::device().shared_optin = optin;
+}
+
 // maps: u_pred, m_pred, u_tgt, m_tgt.
 int ek_emulated_forward(int dtype, int planes, int height, int width, int bins, int win_h, int win_w, int valid,
                         double bandwidth, double eps, int kernel, int divergence, const void* const* maps,

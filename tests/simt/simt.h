@@ -16,7 +16,9 @@
 // interleave inside one). Launch limits are checked as on an sm_90 device: at most 1024
 // threads per block, and at most 48 KiB of dynamic shared memory unless raised with
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) up to
-// 227 KiB.
+// 227 KiB. cudaDeviceGetAttribute reports one device's shared memory per SM and per block
+// (sm_90's 228 and 227 KiB unless a test sets others with simt::device(); the opt-in limit
+// above follows it).
 //
 // What it cannot show: speed, memory coalescing, bank conflicts, races between threads that do
 // not meet at a barrier (fibers run one at a time, so such a race always resolves the same way),
@@ -54,6 +56,10 @@ enum cudaError_t {
 };
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr {  // the CUDA runtime's values
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 
 inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
@@ -68,7 +74,16 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 namespace simt {
 
 constexpr int kWarpSize = 32;
-constexpr size_t kDefaultDynamicShared = 48 * 1024, kMaxDynamicShared = 227 * 1024;
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+
+// The emulated device's shared memory (bytes): per SM, and the most one block may opt in to.
+struct Device {
+  size_t shared_per_sm = 228 * 1024, shared_optin = 227 * 1024;
+};
+inline Device& device() {
+  static Device d;
+  return d;
+}
 constexpr size_t kStackBytes = 64 * 1024;
 
 enum class Wait { none, block, warp, done };
@@ -323,9 +338,20 @@ inline cudaError_t cudaGetLastError() {
 }
 template <typename... Params>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || (size_t)value > simt::kMaxDynamicShared)
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || (size_t)value > simt::device().shared_optin)
     return cudaErrorInvalidValue;
   simt::shared_limits()[reinterpret_cast<const void*>(kernel)] = (size_t)value;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  *value = (int)(attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? simt::device().shared_per_sm
+                                                                     : simt::device().shared_optin);
   return cudaSuccess;
 }
 
