@@ -273,6 +273,12 @@ def max_crop(backend: str, args, probe=watch_probe) -> tuple:
     for side, suffix in ((best, "at_max"), (128, "128")):
         if side == 0:
             continue
+        if suffix == "128" and best == 128:  # timed just above (--time-at 128)
+            for key in ("status", "step_s", "loss_s", "loss_share"):
+                if f"{key}_at_max" in row:
+                    row[f"{key}_128"] = row[f"{key}_at_max"]
+            row["peak_MiB_128"] = row["peak_MiB_at_max"]
+            continue
         # The timing run repeats the step and also runs the loss alone, which holds a little more
         # memory than the single step that decided the fit: it may go 50% over before it is stopped.
         timing = dict(base_case, side=side, time=True, budget=budget * (1.5 if suffix == "at_max" else 1))

@@ -79,6 +79,16 @@ def test_max_crop_row_and_probes(predict):
         assert fixed + per_pixel * p["side"] ** 2 > budget
 
 
+@pytest.mark.parametrize("side", [128, 96])
+def test_time_at_skips_the_search_and_times_128_once(side):
+    log = []
+    row, probes = max_crop.max_crop("cpp", fake_args(time_at=side), probe=fake_probe(0, 1.0, log))
+    assert not probes and row["max_side"] == side and row["searched"] is False
+    assert [c["side"] for c in log] == ([128] if side == 128 else [side, 128])  # timed runs only
+    assert row["step_s_128"] == pytest.approx(2e-6 * 128**2) and row["loss_share_128"] == pytest.approx(0.5)
+    assert row["status_128"] == "ok" and row["peak_MiB_128"] == pytest.approx(128**2 / 2**20)
+
+
 def test_a_side_extrapolated_far_over_budget_is_not_run():
     log = []
     per_pixel = 2**30 / 100**2  # fits up to side 100: 16, 32, 64 fit; 128 extrapolates to 1.64 x the budget
