@@ -134,17 +134,24 @@ __device__ double block_sum(double v, double* scratch) {
 }
 
 // Kernel values a(i) = K((v - i) / h) / h of the pixels (y0 + t, x), t < n, into sa[t * ls + i]
-// (zero for non-finite pixels); likewise b from m.
+// (zero for non-finite pixels); likewise b from m; of pred (up, mp into sap, sbp) and target (ut, mt
+// into sat, sbt) in one pass, which shares each (row, bin) pair's address arithmetic and loop.
 template <typename T>
-__device__ void stage_factors(const T* u, const T* m, int y0, int n, int x, const Geometry& g, int ls, T* sa,
-                              T* sb) {
+__device__ __forceinline__ T staged_value(T v, int i, bool ok, const Geometry& g) {
+  return ok ? over_h(kernel_value(over_h(v - T(i), g), g.kernel), g) : T(0);
+}
+template <typename T>
+__device__ void stage_factors(const T* up, const T* mp, const T* ut, const T* mt, int y0, int n, int x,
+                              const Geometry& g, int ls, T* sap, T* sbp, T* sat, T* sbt) {
   for (RowBinWalk w(g.bins); w.t < n; w.next()) {
-    const int t = w.t, i = w.i;
-    const int64_t at = (int64_t)(y0 + t) * g.width + x;
-    const T uv = u[at], mv = m[at];
-    const bool ok = finite(uv) && finite(mv);
-    sa[t * ls + i] = ok ? over_h(kernel_value(over_h(uv - T(i), g), g.kernel), g) : T(0);
-    sb[t * ls + i] = ok ? over_h(kernel_value(over_h(mv - T(i), g), g.kernel), g) : T(0);
+    const int t = w.t, i = w.i, at = t * ls + i;
+    const int64_t px = (int64_t)(y0 + t) * g.width + x;
+    const T upv = up[px], mpv = mp[px], utv = ut[px], mtv = mt[px];
+    const bool ok_p = finite(upv) && finite(mpv), ok_t = finite(utv) && finite(mtv);
+    sap[at] = staged_value(upv, i, ok_p, g);
+    sbp[at] = staged_value(mpv, i, ok_p, g);
+    sat[at] = staged_value(utv, i, ok_t, g);
+    sbt[at] = staged_value(mtv, i, ok_t, g);
   }
 }
 
@@ -193,8 +200,7 @@ struct ColumnSum {
     for (int yc = y0; yc < y1; yc += kChunk) {
       const int n = min(kChunk, y1 - yc);
       __syncthreads();  // the previous chunk has been read
-      stage_factors<T>(up, mp, yc, n, col, g, ls, sap, sbp);
-      stage_factors<T>(ut, mt, yc, n, col, g, ls, sat, sbt);
+      stage_factors<T>(up, mp, ut, mt, yc, n, col, g, ls, sap, sbp, sat, sbt);
       __syncthreads();
       if (cells.i0 < L && cells.j0 < L) {  // a block wholly past L reads nothing
         T sq[CPT], sp[CPT];
