@@ -3,7 +3,8 @@
 # ('slide' against 'strip') are timed, then the CUDA backend's schedules (benchmarks/cuda_variants.py:
 # parity and time of its fused, unfused and forward-only schedules with and without its rings), the
 # sweep for reference / triton / cuda (parity at each case, then time and memory), the largest
-# training crop of the fused backends, the GPU-side tests, the parity grid of the compiled kernels,
+# training crop of the fused backends and a Refusion-size step's loss share, Nsight Compute's view
+# of one training step's kernel (where ncu is installed), the GPU-side tests, the parity grid,
 # and a short GPU training run (train fit with mixed precision, the demo's network and loss on the
 # GPU backends). The stages run in the order of what the open issues need most.
 #
@@ -68,6 +69,21 @@ echo "== loss share of a Refusion-size training step at 128 x 128 (cuda, and l1 
 timeout "$(bounded "${STAGE_SHARE:-45}")" env -u OUT $PY benchmarks/max_crop.py --device cuda --model refusion \
   --backends cuda l1 --time-at 128 --repeats 3 --timeout 40 --out /tmp/max_crop_share >> "$OUT/max_crop.log" 2>&1
 cat "$OUT/max_crop.log"
+
+echo "== Nsight Compute on one training step's kernel at the target case, where the machine has ncu (appended to variants.log)"
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  for b in cuda:backward_kernel triton:_kde_divergence; do
+    echo "-- ncu, backend ${b%%:*}"
+    timeout "$(bounded "${STAGE_NCU:-40}")" "$NCU" --launch-skip 2 --launch-count 1 -k "regex:${b#*:}" \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section WarpStateStats --section InstructionStats $PY benchmarks/profile_step.py --backend "${b%%:*}" 2>&1 |
+      grep -v "^==PROF==" | tail -120
+  done >> "$OUT/variants.log"
+  grep -E -- "-- ncu|Duration|Issue Slots Busy|No Eligible|Achieved Occupancy|Stall" "$OUT/variants.log" | head -30
+else
+  echo "ncu not found" | tee -a "$OUT/variants.log"
+fi
 
 echo "== tests on the GPU"
 # test_bad_arguments_raise calls the raw extension with bad arguments; on the 2026-11-26 GPU image a

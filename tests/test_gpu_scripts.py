@@ -77,3 +77,12 @@ def test_cuda_variants_schedules_parity_and_budgets(fake_cuda, monkeypatch, caps
     # each schedule's budgets were set for it, and the defaults restored at the end
     assert ("column_ring", 0) in fake_cuda["history"] and ("ring", 0) in fake_cuda["history"]
     assert fake_cuda["ring"] == fake_cuda["column_ring"] == TWO_BLOCKS_PER_SM
+
+
+def test_profile_step_runs_the_training_steps(fake_cuda, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--backend", "cuda", "--batch", "1", "--size", "12",
+                                      "--bins", "8", "--window", "5", "--steps", "2"])
+    runpy.run_path(str(ROOT / "benchmarks" / "profile_step.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.startswith("cuda: 2 steps, loss ") and "grad norm" in out
+    assert float(out.split("grad norm")[1]) > 0
