@@ -60,8 +60,8 @@ def set_budgets(module, ring, column_ring):
 
 
 def parity(module, mode, dtype, budgets):
-    """Largest error (D for 'forward', else the gradient) against the float64 reference over its
-    largest value, 40 x 33, bins 32, window 11, the inputs in dtype. Each ring the schedule uses is
+    """Largest error (the map of D for 'forward', else the gradient) against the float64 reference
+    over its largest value, 40 x 33, bins 32, window 11, the inputs in dtype. Each ring the schedule uses is
     allowed an SM's 227 KiB here: in float64 the rings need about twice the bytes, and at bins 32 /
     window 11 float64 the backward's column ring does not fit even so (the forward's does)."""
     set_budgets(module, *(SM_SHARED if budget else 0 for budget in budgets))
@@ -73,7 +73,7 @@ def parity(module, mode, dtype, budgets):
     for backend, kind in (("reference", torch.float64), ("cuda", dtype)):
         p = pred.to(kind).requires_grad_(mode != "forward")
         loss = spatial_entropy_loss(p, target.to(kind), bins=32, window=11, backend=backend,
-                                    reduction="none" if mode == "unfused" else "mean",
+                                    reduction="mean" if mode == "fused" else "none",
                                     generator=torch.Generator().manual_seed(2))  # the same neighbour weights
         if mode == "forward":
             out[backend] = loss.detach().double()
