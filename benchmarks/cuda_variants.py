@@ -14,7 +14,7 @@ ring's, the column ring's):
                             instead of two) at the price of one block per SM (156 KiB at the default case)
   fused, two states         neither ring (a second window state recomputes G)
   unfused, defaults         a non-uniform grad_output (reduction 'none', random weights): the forward
-                            kernel (with its column ring where it fits 113 KiB), then the backward kernel
+                            kernel (with its column ring where it fits two blocks per SM), then the backward kernel
   forward, defaults / forward, no column ring: D alone (no gradient), the evaluation's pass
 Times are medians of triton.testing.do_bench. No GPU: exits with a message.
 """
