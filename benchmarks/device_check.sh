@@ -93,6 +93,12 @@ timeout "$(bounded "${STAGE_TESTS:-80}")" $PY -m pytest -q -p no:cacheprovider -
   -k "not bad_arguments_raise" ${TESTS:-tests/test_cpp.py tests/test_triton.py} > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"
 tail -8 "$OUT/pytest.log"
+echo "== does a failed C++ argument check still end the process (2026-11-26: a segmentation fault)? (appended to pytest.log)"
+timeout "$(bounded "${STAGE_CRASH:-30}")" $PY -m pytest -q -p no:cacheprovider tests/test_cpp.py -k bad_arguments_raise \
+  > /tmp/crash.log 2>&1
+echo "test_bad_arguments_raise exit $? (0: raised as it should; 139 or 134: the process died)" | tee -a "$OUT/pytest.log"
+tail -3 /tmp/crash.log >> "$OUT/pytest.log"
+
 echo "== python -m entropy_kernels.check --device cuda (appended to pytest.log)"
 timeout "$(bounded "${STAGE_CHECK:-40}")" $PY -m entropy_kernels.check --device cuda 2>&1 | grep -v Warning | tee -a "$OUT/pytest.log"
 
