@@ -107,15 +107,18 @@ struct RowBinWalk {
 // The kernel is chosen at run time (a uniform branch) to halve the instantiations, and so
 // the compile time, of the kernels below.
 template <typename T>
-__device__ __forceinline__ T kernel_value(T z, int kind) {
-  return kind == kLogistic ? kde_kernel<kLogistic>(z) : kde_kernel<kGaussian>(z);
-}
-template <typename T>
 __device__ __forceinline__ void kernel_and_deriv(T z, int kind, T* k, T* dk) {
   if (kind == kLogistic)
     kde_kernel_and_deriv<kLogistic>(z, k, dk);
   else
     kde_kernel_and_deriv<kGaussian>(z, k, dk);
+}
+// K alone (the derivative's few operations are dropped once inlined, as in kde_kernel).
+template <typename T>
+__device__ __forceinline__ T kernel_value(T z, int kind) {
+  T k, dk;
+  kernel_and_deriv(z, kind, &k, &dk);
+  return k;
 }
 
 template <typename T>
@@ -345,7 +348,7 @@ __device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T gr
 // Dynamic shared memory of the forward: the kernel values of a chunk of rows (4 x 16 rows of
 // staged_stride values, in T), then with a column ring that ring.
 template <typename T>
-size_t forward_shared_bytes(int bins, int cells_per_thread) {
+__host__ __device__ size_t forward_shared_bytes(int bins, int cells_per_thread) {
   return (size_t)4 * kChunk * staged_stride(bins, cells_per_thread) * sizeof(T);
 }
 // Dynamic shared memory of the backward, in bytes: T (L*L doubles), then the kernel values of a
@@ -354,7 +357,7 @@ size_t forward_shared_bytes(int bins, int cells_per_thread) {
 // a column ring that ring.
 template <typename T>
 __host__ __device__ size_t backward_ring_offset(int bins, int cells_per_thread) {
-  return (size_t)bins * bins * sizeof(double) + (size_t)4 * kChunk * staged_stride(bins, cells_per_thread) * sizeof(T);
+  return (size_t)bins * bins * sizeof(double) + forward_shared_bytes<T>(bins, cells_per_thread);
 }
 template <typename T>
 size_t ring_bytes(int win_w, int cells_per_thread) {
