@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from entropy_kernels import spatial_entropy_loss  # noqa: E402
 from entropy_kernels.ops import _extension  # noqa: E402
+from gpu_sweep import make_inputs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 
 
 SM_SHARED = 227 * 1024  # an sm_90 block's most dynamic shared memory
@@ -99,10 +100,7 @@ def main():
     from triton.testing import do_bench
 
     defaults = (module.cuda_max_shared_for_ring(), module.cuda_max_shared_for_column_ring())
-    gen = torch.Generator().manual_seed(1)
-    shape = (args.batch, args.channels, args.size, args.size)
-    pred = torch.rand(shape, generator=gen).cuda().requires_grad_()
-    target = torch.rand(shape, generator=gen).cuda()
+    pred, target = make_inputs(args.batch, args.channels, args.size, args.size, seed=1)
     print(f"{torch.cuda.get_device_name()}; B={args.batch} C={args.channels} {args.size}^2 bins {args.bins} "
           f"window {args.window}, float32; shared-memory budgets (G ring, column ring) by default "
           f"{tuple('two blocks per SM' if b == TWO_BLOCKS_PER_SM else b for b in defaults)}")

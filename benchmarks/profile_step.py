@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from entropy_kernels import spatial_entropy_loss  # noqa: E402
+from gpu_sweep import make_inputs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 
 
 def main():
@@ -31,10 +32,7 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_step.py needs a GPU")
-    gen = torch.Generator().manual_seed(0)
-    shape = (args.batch, args.channels, args.size, args.size)
-    pred = torch.rand(shape, generator=gen).cuda().requires_grad_()
-    target = torch.rand(shape, generator=gen).cuda()
+    pred, target = make_inputs(args.batch, args.channels, args.size, args.size)
     for _ in range(args.steps):
         loss = spatial_entropy_loss(pred, target, bins=args.bins, window=args.window, backend=args.backend,
                                     generator=torch.Generator().manual_seed(1))

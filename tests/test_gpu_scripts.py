@@ -42,6 +42,7 @@ def fake_cuda(monkeypatch):
         set_cuda_max_shared_for_ring=setter("ring"),
         set_cuda_max_shared_for_column_ring=setter("column_ring"),
     )
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when a script runs: its folder first
     load = _extension.load
     monkeypatch.setattr(_extension, "load", lambda cuda: (module, None) if cuda else load(cuda))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
