@@ -1,10 +1,12 @@
-"""The IR-SDE equations against closed forms and simulation, and the Conditional NAFNet's shapes and sizes."""
+"""The IR-SDE equations against closed forms and simulation, the Conditional NAFNet's shapes and sizes,
+and its tiled evaluation."""
 import math
 
 import pytest
 import torch
 
-from model import IRSDE, build_network, build_noise_network
+from model import IRSDE, TiledNetwork, build_network, build_noise_network
+from model.tiling import axis_weights, tile_starts
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +171,106 @@ def test_preconditioned_network_wraps_the_plain_one(sde):
 def test_sigma_data_must_be_positive(sde):
     with pytest.raises(ValueError, match="model.sigma_data must be a positive number or null, got -1"):
         build_noise_network({"preset": "tiny", "sigma_data": -1}, sde)
+
+
+# Tiled evaluation of the noise network (model/tiling.py).
+
+def pointwise_network(x_t, mu, t):
+    """A stand-in noise network that looks at one pixel at a time (and at t): tiling must not change it."""
+    return torch.tanh(1.7 * x_t - mu) * (1 + t.to(x_t.dtype)).reshape(-1, 1, 1, 1) + mu**2
+
+
+@pytest.mark.parametrize("size,tile,overlap", [(37, 16, 5), (53, 16, 15), (17, 16, 0), (200, 64, 32), (49, 16, 5)])
+def test_tile_starts_cover_the_axis_with_the_fewest_tiles(size, tile, overlap):
+    starts = tile_starts(size, tile, overlap)
+    assert starts[0] == 0 and starts[-1] == size - tile
+    shared = [a + tile - b for a, b in zip(starts, starts[1:])]
+    assert all(overlap <= n < tile for n in shared), shared
+    assert (len(starts) - 2) * (tile - overlap) + tile < size  # one tile fewer cannot cover the axis
+
+
+def test_blend_weights_cross_fade_where_tiles_overlap_evenly():
+    size, tile, overlap = 49, 16, 5  # starts 0, 11, 22, 33: every overlap is exactly 5 pixels
+    starts = tile_starts(size, tile, overlap)
+    assert starts == [0, 11, 22, 33]
+    total = torch.zeros(size, dtype=torch.float64)
+    for start, w in zip(starts, axis_weights(size, tile, starts, torch.float64, "cpu")):
+        assert w.shape == (tile,) and bool((w > 0).all()) and bool((w <= 1).all())
+        total[start:start + tile] += w
+    torch.testing.assert_close(total, torch.ones(size, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("height,width,tile,overlap", [(37, 53, 16, 5), (19, 64, 16, 0), (40, 23, 24, 23)])
+def test_tiled_pointwise_network_is_the_whole_image_one(height, width, tile, overlap):
+    generator = torch.Generator().manual_seed(height * width + tile)
+    x_t, mu = torch.rand(2, 2, 3, height, width, dtype=torch.float64, generator=generator).unbind(0)
+    t = torch.tensor([3, 71])
+    tiled = TiledNetwork(pointwise_network, tile, overlap)(x_t, mu, t)
+    assert tiled.dtype == torch.float64
+    torch.testing.assert_close(tiled, pointwise_network(x_t, mu, t), rtol=1e-14, atol=1e-14)
+
+
+def test_tiled_network_visits_tiles_of_the_given_size():
+    seen = []
+
+    def recording(x_t, mu, t):
+        seen.append(tuple(x_t.shape[-2:]))
+        return x_t.clone()
+
+    x = torch.rand(1, 3, 37, 53)
+    out = TiledNetwork(recording, 16, 5)(x, x, torch.tensor([1]))
+    assert len(seen) == len(tile_starts(37, 16, 5)) * len(tile_starts(53, 16, 5))
+    assert set(seen) == {(16, 16)}
+    torch.testing.assert_close(out, x, rtol=1e-6, atol=0)
+
+
+def test_an_image_within_one_tile_goes_through_the_network_unchanged():
+    network = build_network("tiny", width=8, enc_blocks=(1, 1), dec_blocks=(1, 1)).eval()
+    x_t, mu = torch.rand(2, 1, 3, 21, 32).unbind(0)
+    with torch.no_grad():
+        assert torch.equal(TiledNetwork(network, 32)(x_t, mu, torch.tensor([9])), network(x_t, mu, torch.tensor([9])))
+
+
+@pytest.mark.parametrize("tile,overlap,message", [
+    (0, 0, "tile must be a positive integer, got 0"),
+    (16.0, 4, "tile must be a positive integer, got 16.0"),
+    (16, 16, r"tile overlap must be an integer in \[0, tile\) = \[0, 16\), got 16"),
+    (16, -1, "got -1"),
+])
+def test_tiling_rejects_bad_sizes(tile, overlap, message):
+    with pytest.raises(ValueError, match=message):
+        TiledNetwork(pointwise_network, tile, overlap)
+
+
+def test_tiles_cross_fade_linearly_in_both_directions():
+    """Tile (i, j) predicts the constant 10 i + j; where tiles overlap the blend must ramp linearly
+    from one to the next, rows and columns each on their own: 10 fade(y over rows) + fade(x over columns)."""
+    tile, overlap = 16, 5
+    height, width = 38, 49  # rows: starts 0, 11, 22 (overlaps 5, 5); columns: 0, 11, 22, 33
+    row_starts, col_starts = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    assert (row_starts, col_starts) == ([0, 11, 22], [0, 11, 22, 33])
+
+    def constant_per_tile(x_t, mu, t):
+        call = constant_per_tile.calls
+        constant_per_tile.calls += 1
+        i, j = divmod(call, len(col_starts))
+        return torch.full_like(x_t, 10.0 * i + j)
+    constant_per_tile.calls = 0
+
+    def fade(size, starts):
+        """The tile index, blended linearly across each `overlap`-pixel overlap."""
+        out = torch.zeros(size, dtype=torch.float64)
+        for x in range(size):
+            inside = [k for k, s in enumerate(starts) if s <= x < s + tile]
+            if len(inside) == 1:
+                out[x] = inside[0]
+            else:  # x is the (d + 1)-th of the overlap's pixels: weight (d + 1) / (overlap + 1) on the later tile
+                k = inside[1]
+                out[x] = k - 1 + (x - starts[k] + 1) / (overlap + 1)
+        return out
+
+    x = torch.zeros(1, 3, height, width, dtype=torch.float64)
+    out = TiledNetwork(constant_per_tile, tile, overlap)(x, x, torch.tensor([1]))
+    expected = 10 * fade(height, row_starts)[:, None] + fade(width, col_starts)[None, :]
+    torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-13)
+    torch.testing.assert_close(out[0, 2], expected, rtol=0, atol=1e-13)

@@ -1,7 +1,9 @@
 """The training layer end to end on a tiny model: loss goes down, resume is exact, the CLI
 enhances and evaluates, data errors name the file, and two Gloo processes train together."""
+import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,6 +150,40 @@ def test_enhance_file_and_folder(checkpoint, data_root, tmp_path):
     assert main(["enhance", "--checkpoint", str(checkpoint), str(data_root / "test" / "low"), str(tmp_path / "all")]) == 0
     assert read_image(tmp_path / "one.png").shape == (3, 19, 23)
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["000.png", "001.png"]
+
+
+def test_enhance_on_tiles(checkpoint, data_root, tmp_path, capsys):
+    src = data_root / "test" / "low" / "000.png"  # 19 x 23
+    run = lambda name, *extra: main(["enhance", "--checkpoint", str(checkpoint), str(src), str(tmp_path / name),  # noqa: E731
+                                     "--steps", "3", *extra])
+    assert run("whole.png") == 0 and run("one_tile.png", "--tile", "32") == 0
+    assert run("tiles.png", "--tile", "16", "--tile-overlap", "4") == 0
+    whole, one_tile, tiles = (read_image(tmp_path / f"{n}.png") for n in ("whole", "one_tile", "tiles"))
+    assert torch.equal(one_tile, whole)  # an image within one tile is not tiled
+    assert tiles.shape == whole.shape and not torch.equal(tiles, whole)  # the network saw 16 x 16 tiles
+    for bad, message in ((["--tile", "0"], "tile must be a positive integer, got 0"),
+                         (["--tile", "16", "--tile-overlap", "16"], r"got 16")):
+        with pytest.raises(SystemExit) as exit_info:
+            run("bad.png", *bad)
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(ValueError, match="sample.tile"):
+        load_config(None, ["sample.tile=64", "sample.tile_overlap=64"])
+
+
+def test_tiled_enhance_benchmark_runs(checkpoint, tmp_path, capsys):
+    """benchmarks/tiled_enhance.py end to end at a tiny size: whole and tiled runs, its table and CSV."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import tiled_enhance
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert tiled_enhance.main(["--checkpoint", str(checkpoint), "--side", "40", "--tiles", "0", "16",
+                               "--steps", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "tiled_enhance.csv")))
+    assert [int(r["tile"]) for r in rows] == [0, 16]
+    assert float(rows[1]["psnr_vs_whole"]) < 100  # 16-pixel tiles changed the output
+    assert "PSNR vs whole" in capsys.readouterr().out
 
 
 def test_evaluate_writes_table_json_and_grid(checkpoint, data_root, tmp_path, capsys):

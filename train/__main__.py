@@ -27,8 +27,19 @@ def _device(name):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _sample_cfg(args, config):
-    return {"steps": args.steps or config["sample"]["steps"], "method": args.method or config["sample"]["method"]}
+def _sample_cfg(parser, args, config):
+    """The checkpoint's `sample` settings with the command line's on top (older checkpoints have no tile keys)."""
+    from .config import check_sample
+
+    sample = {"tile": None, "tile_overlap": None, **config["sample"]}
+    for key in ("steps", "method", "tile", "tile_overlap"):
+        if getattr(args, key) is not None:
+            sample[key] = getattr(args, key)
+    try:
+        check_sample(sample)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return sample
 
 
 def main(argv=None) -> int:
@@ -45,6 +56,9 @@ def main(argv=None) -> int:
     sampling.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
     sampling.add_argument("--method", choices=("posterior", "sde"))
     sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--tile", type=int, help="run the network on overlapping tiles of this side, to bound the "
+                          "memory of large images (default: the checkpoint's sample.tile, whole images)")
+    sampling.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (default: a quarter of the tile)")
     sampling.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
 
     enh = commands.add_parser("enhance", parents=[sampling], help="enhance a low-light image or folder into PNGs")
@@ -71,7 +85,7 @@ def main(argv=None) -> int:
 
             device = _device(args.device)
             network, sde, config = load_for_sampling(args.checkpoint, device)
-            written = enhance_paths(network, sde, args.input, args.output, device, _sample_cfg(args, config), args.seed)
+            written = enhance_paths(network, sde, args.input, args.output, device, _sample_cfg(parser, args, config), args.seed)
             print(f"wrote {len(written)} image(s) to {args.output}")
         elif args.command == "evaluate":
             from .inference import load_for_sampling, run_evaluation
@@ -79,7 +93,7 @@ def main(argv=None) -> int:
             device = _device(args.device)
             network, sde, config = load_for_sampling(args.checkpoint, device)
             out = Path(args.out or Path(args.checkpoint).parent.parent / "eval")
-            run_evaluation(network, sde, evaluation_pairs(args.data), out, device, _sample_cfg(args, config), args.seed)
+            run_evaluation(network, sde, evaluation_pairs(args.data), out, device, _sample_cfg(parser, args, config), args.seed)
             print(f"results in {out}")
         else:
             from .metrics import fetch_metric_weights

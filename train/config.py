@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from model.tiling import check_tiling
+
 DEFAULTS = {
     "seed": 0,
     "out_dir": "runs/default",
@@ -42,7 +44,10 @@ DEFAULTS = {
         "checkpoint_every": 500,
         "threads": None,  # CPU threads (torch.set_num_threads); None leaves torch's choice
     },
-    "sample": {"steps": 100, "method": "posterior"},
+    # tile: evaluate the network on overlapping tiles of this side (None: whole images), to bound
+    # the memory of enhancing large images; tile_overlap: pixels shared by neighbouring tiles
+    # (None: a quarter of the tile).
+    "sample": {"steps": 100, "method": "posterior", "tile": None, "tile_overlap": None},
     "evaluate_at_end": True,  # enhance the test split after training and print PSNR/SSIM
 }
 OPEN_SECTIONS = ("model", "loss.entropy", "loss.weights")
@@ -81,7 +86,18 @@ def load_config(path=None, overrides=()) -> dict:
             config = _merge(config, yaml.safe_load(f) or {})
     for text in overrides:
         config = _merge(config, parse_override(text))
-    return normalise_loss(config)
+    config = normalise_loss(config)
+    check_sample(config["sample"])
+    return config
+
+
+def check_sample(sample: dict) -> None:
+    """ValueError naming the key when `sample.tile` / `sample.tile_overlap` cannot tile an image."""
+    if sample.get("tile") is not None:
+        try:
+            check_tiling(sample["tile"], sample.get("tile_overlap"))
+        except ValueError as exc:
+            raise ValueError(f"sample.tile / sample.tile_overlap: {exc}") from None
 
 
 def normalise_loss(config: dict) -> dict:

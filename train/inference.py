@@ -1,7 +1,7 @@
 """`enhance` and `evaluate`: posterior sampling with the EMA weights of a checkpoint.
 
 Whole images of any size go through the network (it pads to a multiple of 2^levels and crops
-back). Evaluation scores the low-light input and the enhanced output against the target, so
+back), or overlapping tiles of them when `sample.tile` is set (model/tiling.py). Evaluation scores the low-light input and the enhanced output against the target, so
 every table shows what the model added.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import IRSDE, build_noise_network
+from model import IRSDE, TiledNetwork, build_noise_network
 
 from .checkpoint import load_checkpoint
 from .data import IMAGE_SUFFIXES, DataError, list_images, read_image, write_image
@@ -31,9 +31,12 @@ def load_for_sampling(checkpoint, device="cpu"):
 
 
 def enhance_image(network, sde, low: torch.Tensor, device, sample_cfg: dict, seed: int = 0) -> torch.Tensor:
-    """The enhanced (3, H, W) image of one low-light (3, H, W) image."""
+    """The enhanced (3, H, W) image of one low-light (3, H, W) image (network on tiles when
+    ``sample_cfg['tile']`` is set)."""
     generator = torch.Generator(device).manual_seed(seed)
     mu = low.to(device).unsqueeze(0)
+    if sample_cfg.get("tile"):
+        network = TiledNetwork(network, sample_cfg["tile"], sample_cfg.get("tile_overlap"))
     out = sde.sample(network, mu, steps=int(sample_cfg["steps"]), method=sample_cfg["method"], generator=generator)
     return out[0].cpu()
 
