@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm import tqdm
 
 
 def cosine_theta_schedule(steps: int, s: float = 0.008) -> torch.Tensor:
@@ -152,11 +153,12 @@ class IRSDE:
         return list(zip(points[:-1], points[1:]))
 
     @torch.no_grad()
-    def sample(self, network, mu: torch.Tensor, steps: int = None, method: str = "posterior", generator=None):
+    def sample(self, network, mu: torch.Tensor, steps: int = None, method: str = "posterior", generator=None,
+               progress: bool = False):
         """Enhanced image from low-light mu: x_T -> x_0 by posterior sampling (default) or the reverse SDE.
 
         ``steps`` < T jumps between steps with the exact OU posterior (posterior sampling only).
-        The result is clamped to [0, 1]."""
+        The result is clamped to [0, 1]. ``progress`` shows a bar over the steps."""
         steps = steps or self.T
         if method not in ("posterior", "sde"):
             raise ValueError(f"sampling method must be 'posterior' or 'sde', got {method!r}")
@@ -164,7 +166,7 @@ class IRSDE:
             raise ValueError(f"the reverse SDE runs all {self.T} steps, got steps={steps}")
         x = self.noisy_start(mu, generator)
         batch = mu.shape[0]
-        for t, s in self.timesteps(steps):
+        for t, s in tqdm(self.timesteps(steps), desc="steps", leave=False, disable=not progress):
             t_vec = torch.full((batch,), t, device=mu.device, dtype=torch.long)
             noise_pred = network(x, mu, t_vec).float()
             if method == "posterior":

@@ -30,14 +30,16 @@ def load_for_sampling(checkpoint, device="cpu"):
     return network.to(device).eval(), sde, config
 
 
-def enhance_image(network, sde, low: torch.Tensor, device, sample_cfg: dict, seed: int = 0) -> torch.Tensor:
+def enhance_image(network, sde, low: torch.Tensor, device, sample_cfg: dict, seed: int = 0,
+                  progress: bool = False) -> torch.Tensor:
     """The enhanced (3, H, W) image of one low-light (3, H, W) image (network on tiles when
     ``sample_cfg['tile']`` is set)."""
     generator = torch.Generator(device).manual_seed(seed)
     mu = low.to(device).unsqueeze(0)
     if sample_cfg.get("tile"):
         network = TiledNetwork(network, sample_cfg["tile"], sample_cfg.get("tile_overlap"))
-    out = sde.sample(network, mu, steps=int(sample_cfg["steps"]), method=sample_cfg["method"], generator=generator)
+    out = sde.sample(network, mu, steps=int(sample_cfg["steps"]), method=sample_cfg["method"], generator=generator,
+                     progress=progress)
     return out[0].cpu()
 
 
@@ -50,7 +52,7 @@ def evaluate_pairs(network, sde, pairs, device, sample_cfg, seed=0, outputs_dir=
         low, high = read_image(low_path), read_image(high_path)
         if low.shape != high.shape:
             raise DataError(f"{low_path} is {tuple(low.shape[1:])} but its pair {high_path} is {tuple(high.shape[1:])}")
-        out = enhance_image(network, sde, low, device, sample_cfg, seed)
+        out = enhance_image(network, sde, low, device, sample_cfg, seed, progress=progress)
         if outputs_dir is not None:
             write_image(Path(outputs_dir) / f"{Path(low_path).stem}.png", out)
         rows.append({
@@ -107,5 +109,5 @@ def enhance_paths(network, sde, source, destination, device, sample_cfg, seed=0)
     else:
         raise DataError(f"input {source} is neither an image file nor a folder")
     for src, dst in tqdm(list(zip(inputs, targets)), desc="enhance"):
-        write_image(dst, enhance_image(network, sde, read_image(src), device, sample_cfg, seed))
+        write_image(dst, enhance_image(network, sde, read_image(src), device, sample_cfg, seed, progress=True))
     return targets
