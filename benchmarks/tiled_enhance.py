@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from model.tiling import POOLINGS  # noqa: E402
 from train.data import _photo, _resize, synthesise_low_light  # noqa: E402
 from train.inference import enhance_image, load_for_sampling  # noqa: E402
 from train.metrics import psnr, ssim  # noqa: E402
@@ -52,7 +53,8 @@ def run_one(args) -> None:
     device = torch.device(args.device)
     network, sde, config = load_for_sampling(args.checkpoint, device)
     low, _ = pair(args.photo, args.side)
-    sample = {**config["sample"], "steps": args.steps, "tile": args.tile or None, "tile_overlap": args.overlap}
+    sample = {**config["sample"], "steps": args.steps, "tile": args.tile or None, "tile_overlap": args.overlap,
+              "tile_pooling": args.pooling}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--side", type=int, default=1024, help="longest side of the image (default 1024)")
     parser.add_argument("--tiles", type=int, nargs="+", default=[0, 512, 256], help="tile sides; 0: the whole image")
     parser.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the library's)")
+    parser.add_argument("--pooling", choices=POOLINGS, default="image",
+                        help="what the network's global pools see on tiles: the image's means (default, two passes) or the tile's")
     parser.add_argument("--steps", type=int, default=10, help="posterior sampling steps (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
         save = out_dir / f"tiled_enhance_{tile}.pt"
         command = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--photo", args.photo,
                    "--side", str(args.side), "--steps", str(args.steps), "--seed", str(args.seed),
-                   "--device", args.device, "--tile", str(tile), "--save", str(save)]
+                   "--device", args.device, "--pooling", args.pooling, "--tile", str(tile), "--save", str(save)]
         if args.overlap is not None:
             command += ["--overlap", str(args.overlap)]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
         row.update(psnr=psnr(outputs[tile], high), ssim=ssim(outputs[tile], high))
         rows.append(row)
     whole = outputs.get(0)
-    print(f"{args.photo} at {tuple(high.shape[1:])}, {args.steps} steps, {args.device}")
+    print(f"{args.photo} at {tuple(high.shape[1:])}, {args.steps} steps, {args.device}, pooling on tiles: {args.pooling}")
     print(f"{'tile':>6} {'seconds':>8} {'peak MiB':>9} {'PSNR':>7} {'SSIM':>7} {'PSNR vs whole':>14}")
     for row in rows:
         against = psnr(outputs[row["tile"]], whole) if whole is not None and row["tile"] else float("nan")

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import IRSDE, TiledNetwork, build_network, build_noise_network
-from model.tiling import axis_weights, tile_starts
+from model.tiling import _stride, axis_weights, tile_starts
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +275,78 @@ def test_tiles_cross_fade_linearly_in_both_directions():
     expected = 10 * fade(height, row_starts)[:, None] + fade(width, col_starts)[None, :]
     torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-13)
     torch.testing.assert_close(out[0, 2], expected, rtol=0, atol=1e-13)
+
+
+class GlobalAttention(torch.nn.Module):
+    """Pointwise but for a channel attention that pools over the whole input, as NAFNet's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.mix = torch.nn.Conv2d(3, 3, 1).double()
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.randn(3, 3, 1, 1, generator=generator, dtype=torch.float64))
+            self.mix.bias.copy_(torch.randn(3, generator=generator, dtype=torch.float64))
+
+    def forward(self, x_t, mu, t):
+        return x_t * torch.sigmoid(4 * self.mix(self.pool(x_t))) + mu
+
+
+@torch.no_grad()
+def test_image_pooling_gives_the_tiles_the_image_means():
+    network = GlobalAttention()
+    calls = []
+    network.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[-2:]))
+    generator = torch.Generator().manual_seed(11)
+    x_t, mu = torch.rand(2, 2, 3, 37, 53, dtype=torch.float64, generator=generator).unbind(0)
+    t = torch.tensor([5, 6])
+    whole = network(x_t, mu, t)
+    tiles = len(tile_starts(37, 16, 12)) * len(tile_starts(53, 16, 12))
+    # Overlaps of 12-13 pixels in 16-pixel tiles: a tile's two ramps meet, so the tiles' weights
+    # sum to 1-1.58 per pixel, and only divided by that sum do they count every pixel once.
+    calls.clear()
+    by_tile = TiledNetwork(network, 16, 12, pooling="tile")(x_t, mu, t)
+    assert len(calls) == tiles and float((by_tile - whole).abs().max()) > 1e-2  # the tiles' own means
+    calls.clear()
+    tiled = TiledNetwork(network, 16, 12)
+    torch.testing.assert_close(tiled(x_t, mu, t), whole, rtol=1e-12, atol=1e-12)  # the pooled input is x_t itself
+    assert len(calls) == 2 * tiles  # one pass gathers the means, one uses them
+    assert not network.pool._forward_hooks  # the hooks live for one pass only
+    first = next(iter(tiled.image_means.values()))
+    torch.testing.assert_close(first, x_t.mean((-2, -1), keepdim=True), rtol=1e-13, atol=0)
+    # Another image (here a batch of one) starts afresh.
+    torch.testing.assert_close(tiled(x_t[1:], mu[1:], t[1:]), whole[1:], rtol=1e-12, atol=1e-12)
+
+
+class PaddedGlobalAttention(GlobalAttention):
+    """GlobalAttention whose pool sees features at half resolution of an input padded to a
+    multiple of 4, as NAFNet's deeper blocks do."""
+
+    def forward(self, x_t, mu, t):
+        height, width = x_t.shape[-2:]
+        padded = F.pad(x_t, (0, -width % 4, 0, -height % 4), mode="replicate")
+        features = F.avg_pool2d(padded, 2)
+        return x_t * torch.sigmoid(4 * self.mix(self.pool(features))) + mu
+
+
+def test_image_pooling_follows_the_network_s_padding_and_strides():
+    network = PaddedGlobalAttention()
+    x_t, mu = torch.rand(2, 2, 3, 45, 38, dtype=torch.float64, generator=torch.Generator().manual_seed(12)).unbind(0)
+    x_t = x_t + torch.linspace(0, 1, 38, dtype=torch.float64)  # a gradient across the image: tiles' means differ
+    t = torch.tensor([1, 2])
+    errors = {}
+    with torch.no_grad():
+        # The attention of the image's own mean (the whole-image call would also count its padding).
+        expected = x_t * torch.sigmoid(4 * network.mix(x_t.mean((-2, -1), keepdim=True))) + mu
+        for pooling in ("tile", "image"):
+            tiled = TiledNetwork(network, 18, 5, pooling=pooling)  # tiles padded to 20, pooled at 10
+            tiled(x_t, mu, t)
+            errors[pooling] = float((tiled(x_t, mu, t) - expected).abs().max())
+    # Half-resolution features of tiles that start at odd pixels are not the image's: close, not equal.
+    assert errors["image"] < 0.01 * errors["tile"], errors
+
+
+@pytest.mark.parametrize("size,features,stride", [(16, 16, 1), (37, 48, 1), (37, 24, 2), (37, 3, 16), (17, 2, 16), (24, 6, 4)])
+def test_stride_of_a_padded_tile(size, features, stride):
+    assert _stride(size, features) == stride

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model import IRSDE, build_network, build_noise_network
+from model import IRSDE, TiledNetwork, build_network, build_noise_network
+from train import inference
 from train import fit as fit_module
 from train.__main__ import main
 from train.config import load_config
@@ -152,7 +153,7 @@ def test_enhance_file_and_folder(checkpoint, data_root, tmp_path):
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["000.png", "001.png"]
 
 
-def test_enhance_on_tiles(checkpoint, data_root, tmp_path, capsys):
+def test_enhance_on_tiles(checkpoint, data_root, tmp_path, capsys, monkeypatch):
     src = data_root / "test" / "low" / "000.png"  # 19 x 23
     run = lambda name, *extra: main(["enhance", "--checkpoint", str(checkpoint), str(src), str(tmp_path / name),  # noqa: E731
                                      "--steps", "3", *extra])
@@ -161,6 +162,10 @@ def test_enhance_on_tiles(checkpoint, data_root, tmp_path, capsys):
     whole, one_tile, tiles = (read_image(tmp_path / f"{n}.png") for n in ("whole", "one_tile", "tiles"))
     assert torch.equal(one_tile, whole)  # an image within one tile is not tiled
     assert tiles.shape == whole.shape and not torch.equal(tiles, whole)  # the network saw 16 x 16 tiles
+    made = []
+    monkeypatch.setattr(inference, "TiledNetwork", lambda *args: made.append(args[1:]) or TiledNetwork(*args))
+    assert run("pooled.png", "--tile", "16", "--tile-pooling", "tile") == 0 and run("default.png", "--tile", "20") == 0
+    assert made == [(16, None, "tile"), (20, None, "image")]
     for bad, message in ((["--tile", "0"], "tile must be a positive integer, got 0"),
                          (["--tile", "16", "--tile-overlap", "16"], r"got 16")):
         with pytest.raises(SystemExit) as exit_info:
@@ -169,6 +174,8 @@ def test_enhance_on_tiles(checkpoint, data_root, tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err)
     with pytest.raises(ValueError, match="sample.tile"):
         load_config(None, ["sample.tile=64", "sample.tile_overlap=64"])
+    with pytest.raises(ValueError, match="sample.tile_pooling must be one of"):
+        load_config(None, ["sample.tile_pooling=global"])
 
 
 def test_tiled_enhance_benchmark_runs(checkpoint, tmp_path, capsys):

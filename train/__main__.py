@@ -31,8 +31,8 @@ def _sample_cfg(parser, args, config):
     """The checkpoint's `sample` settings with the command line's on top (older checkpoints have no tile keys)."""
     from .config import check_sample
 
-    sample = {"tile": None, "tile_overlap": None, **config["sample"]}
-    for key in ("steps", "method", "tile", "tile_overlap"):
+    sample = {"tile": None, "tile_overlap": None, "tile_pooling": "image", **config["sample"]}
+    for key in ("steps", "method", "tile", "tile_overlap", "tile_pooling"):
         if getattr(args, key) is not None:
             sample[key] = getattr(args, key)
     try:
@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     sampling.add_argument("--tile", type=int, help="run the network on overlapping tiles of this side, to bound the "
                           "memory of large images (default: the checkpoint's sample.tile, whole images)")
     sampling.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (default: a quarter of the tile)")
+    sampling.add_argument("--tile-pooling", choices=("image", "tile"),
+                          help="what the network's global pools see on a tile: the image's means (default; two "
+                          "passes over the tiles per step) or the tile's (one pass)")
     sampling.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
 
     enh = commands.add_parser("enhance", parents=[sampling], help="enhance a low-light image or folder into PNGs")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from model.tiling import check_tiling
+from model.tiling import POOLINGS, check_tiling
 
 DEFAULTS = {
     "seed": 0,
@@ -46,8 +46,9 @@ DEFAULTS = {
     },
     # tile: evaluate the network on overlapping tiles of this side (None: whole images), to bound
     # the memory of enhancing large images; tile_overlap: pixels shared by neighbouring tiles
-    # (None: a quarter of the tile).
-    "sample": {"steps": 100, "method": "posterior", "tile": None, "tile_overlap": None},
+    # (None: a quarter of the tile); tile_pooling: what the network's global pools see on a tile,
+    # the image's means ('image', two passes over the tiles) or the tile's ('tile'), model/tiling.py.
+    "sample": {"steps": 100, "method": "posterior", "tile": None, "tile_overlap": None, "tile_pooling": "image"},
     "evaluate_at_end": True,  # enhance the test split after training and print PSNR/SSIM
 }
 OPEN_SECTIONS = ("model", "loss.entropy", "loss.weights")
@@ -92,7 +93,10 @@ def load_config(path=None, overrides=()) -> dict:
 
 
 def check_sample(sample: dict) -> None:
-    """ValueError naming the key when `sample.tile` / `sample.tile_overlap` cannot tile an image."""
+    """ValueError naming the key when `sample.tile` / `sample.tile_overlap` / `sample.tile_pooling`
+    cannot tile an image."""
+    if sample.get("tile_pooling", "image") not in POOLINGS:
+        raise ValueError(f"sample.tile_pooling must be one of {POOLINGS}, got {sample['tile_pooling']!r}")
     if sample.get("tile") is not None:
         try:
             check_tiling(sample["tile"], sample.get("tile_overlap"))

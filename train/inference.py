@@ -37,7 +37,8 @@ def enhance_image(network, sde, low: torch.Tensor, device, sample_cfg: dict, see
     generator = torch.Generator(device).manual_seed(seed)
     mu = low.to(device).unsqueeze(0)
     if sample_cfg.get("tile"):
-        network = TiledNetwork(network, sample_cfg["tile"], sample_cfg.get("tile_overlap"))
+        network = TiledNetwork(network, sample_cfg["tile"], sample_cfg.get("tile_overlap"),
+                               sample_cfg.get("tile_pooling", "image"))
     out = sde.sample(network, mu, steps=int(sample_cfg["steps"]), method=sample_cfg["method"], generator=generator,
                      progress=progress)
     return out[0].cpu()
