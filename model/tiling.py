@@ -83,9 +83,9 @@ class TiledNetwork:
 
     ``pooling``: 'image' (default) gives the network's global average pools the whole image's
     means, for two passes over the tiles per call (see the module's docstring; one instance per
-    image being sampled), 'tile' lets them pool over each tile in one pass. Images no larger than one tile go through
-    ``network`` whole, unchanged. ``tile`` works best as a multiple of the network's size multiple
-    (16 for the 4-level presets): other sizes are padded by the network itself.
+    image being sampled), 'tile' lets them pool over each tile in one pass. Images no larger than
+    one tile go through ``network`` whole, unchanged. ``tile`` works best as a multiple of the
+    network's size multiple (16 for the 4-level presets): other sizes are padded by the network.
     """
 
     def __init__(self, network, tile: int, overlap: int = None, pooling: str = "image"):
@@ -94,6 +94,7 @@ class TiledNetwork:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.network, self.tile, self.pooling = network, tile, pooling
         self.overlap = default_overlap(tile) if overlap is None else overlap
+        self._pools = _global_pools(network) if pooling == "image" else []
         self.image_means, self._key = {}, None
 
     def __call__(self, x_t: torch.Tensor, mu: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -110,14 +111,14 @@ class TiledNetwork:
         coverage = torch.zeros(height, width, dtype=torch.float64, device=x_t.device)
         for box, weight in boxes:
             coverage[box[1:]] += weight
-        if self.pooling == "image" and _global_pools(self.network):  # a first pass gathers the means
+        if self._pools:  # a first pass gathers the image's means
             self._run(boxes, coverage, x_t, mu, t, blend=False)
         return self._run(boxes, coverage, x_t, mu, t, blend=True)
 
     def _run(self, boxes, coverage, x_t, mu, t, blend: bool):
         """The network on every tile; with ``blend``, their blended prediction. With 'image'
         pooling, the pools get ``image_means`` and the means of this pass replace them."""
-        pools = _ImagePools(self.network, self.image_means) if self.pooling == "image" and _global_pools(self.network) else None
+        pools = _ImagePools(self._pools, self.image_means) if self._pools else None
         out = None
         try:
             for box, weight in boxes:
@@ -137,14 +138,14 @@ class TiledNetwork:
 
 
 class _ImagePools:
-    """Forward hooks on a network's global average pools for one tiled call: each pool returns
-    ``means[pool]`` (the image's mean from the previous call) when there is one, and its input,
+    """Forward hooks on a network's global average pools for one pass over the tiles: each returns
+    ``means[pool]`` (the image's mean from the previous pass) when there is one, and its input,
     weighted by ``share`` (the current tile's part of each pixel, brought to the pool's resolution
-    by area averaging), is summed towards the next call's means."""
+    by area averaging), is summed towards the next pass's means."""
 
-    def __init__(self, network, means: dict):
+    def __init__(self, pools: list, means: dict):
         self.means, self.share, self.sums = means, None, {}
-        self.handles = [pool.register_forward_hook(self.hook) for pool in _global_pools(network)]
+        self.handles = [pool.register_forward_hook(self.hook) for pool in pools]
 
     def hook(self, pool, inputs, output):
         x = inputs[0]
