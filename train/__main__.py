@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from model.tiling import POOLINGS
+
 from .data import DataError, pair_folders
 
 # Folder pairs that `evaluate --data DIR` recognises, tried in order (DIR itself, then LOL test splits).
@@ -28,10 +30,11 @@ def _device(name):
 
 
 def _sample_cfg(parser, args, config):
-    """The checkpoint's `sample` settings with the command line's on top (older checkpoints have no tile keys)."""
-    from .config import check_sample
+    """The checkpoint's `sample` settings over the defaults (older checkpoints have no tile keys),
+    with the command line's on top."""
+    from .config import DEFAULTS, check_sample
 
-    sample = {"tile": None, "tile_overlap": None, "tile_pooling": "image", **config["sample"]}
+    sample = {**DEFAULTS["sample"], **config["sample"]}
     for key in ("steps", "method", "tile", "tile_overlap", "tile_pooling"):
         if getattr(args, key) is not None:
             sample[key] = getattr(args, key)
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
     sampling.add_argument("--tile", type=int, help="run the network on overlapping tiles of this side, to bound the "
                           "memory of large images (default: the checkpoint's sample.tile, whole images)")
     sampling.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (default: a quarter of the tile)")
-    sampling.add_argument("--tile-pooling", choices=("image", "tile"),
+    sampling.add_argument("--tile-pooling", choices=POOLINGS,
                           help="what the network's global pools see on a tile: the image's means (default; two "
                           "passes over the tiles per step) or the tile's (one pass)")
     sampling.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")

@@ -1,8 +1,9 @@
 """`enhance` and `evaluate`: posterior sampling with the EMA weights of a checkpoint.
 
 Whole images of any size go through the network (it pads to a multiple of 2^levels and crops
-back), or overlapping tiles of them when `sample.tile` is set (model/tiling.py). Evaluation scores the low-light input and the enhanced output against the target, so
-every table shows what the model added.
+back), or overlapping tiles of them when `sample.tile` is set (model/tiling.py). Evaluation
+scores the low-light input and the enhanced output against the target, so every table shows what
+the model added.
 """
 from __future__ import annotations
 
