@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from entropy_kernels import spatial_entropy_loss  # noqa: E402
 from entropy_kernels.ops import _extension  # noqa: E402
-from gpu_sweep import make_inputs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
+from gpu_sweep import add_case_arguments, make_inputs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 
 
 SM_SHARED = 227 * 1024  # an sm_90 block's most dynamic shared memory
@@ -86,11 +86,7 @@ def parity(module, mode, dtype, budgets):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--bins", type=int, default=32)
-    parser.add_argument("--window", type=int, default=11)
+    add_case_arguments(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cuda_variants.py needs a GPU")

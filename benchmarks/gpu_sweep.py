@@ -85,6 +85,17 @@ def window_arg(text):
     return sides[0] if len(sides) == 1 else sides
 
 
+def add_case_arguments(parser):
+    """--batch, --channels, --size, --bins, --window of one case, by default the issue's first target
+    (B=8, C=3, 128^2, bins 32, window 11)."""
+    batch, size, bins, window = TARGETS[0]
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--size", type=int, default=size)
+    parser.add_argument("--bins", type=int, default=bins)
+    parser.add_argument("--window", type=int, default=int(window))
+
+
 def make_inputs(batch, channels, height, width, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     pred = torch.rand(batch, channels, height, width, generator=gen, dtype=dtype).cuda().requires_grad_()

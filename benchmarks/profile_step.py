@@ -17,17 +17,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from entropy_kernels import spatial_entropy_loss  # noqa: E402
-from gpu_sweep import make_inputs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
+from gpu_sweep import add_case_arguments, make_inputs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="cuda")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--bins", type=int, default=32)
-    parser.add_argument("--window", type=int, default=11)
+    add_case_arguments(parser)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     if not torch.cuda.is_available():
