@@ -23,10 +23,12 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import MALLOC_ENV, PeakMemory, median_seconds, run_child, synchronize  # noqa: E402
+
 FIELDS = ["backend", "device", "B", "C", "H", "W", "bins", "window", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
           "peak_extra_MiB", "status"]
 
@@ -34,27 +36,6 @@ FIELDS = ["backend", "device", "B", "C", "H", "W", "bins", "window", "fwd_ms", "
 def _window_arg(text: str):
     parts = [int(p) for p in text.split(",")]
     return parts[0] if len(parts) == 1 else tuple(parts)
-
-
-def rss_kib(field: str) -> int:
-    """A memory field of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in KiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> int:
-    """Reset the process's peak RSS to its current RSS (Linux clear_refs) and return that, in KiB."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return rss_kib("VmRSS")
-
-
-# Every allocation above 64 KiB goes back to the system when freed; otherwise glibc keeps freed
-# scratch in its arenas and a measured call that reuses it would not show in the RSS.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def run_case(case: dict) -> dict:
@@ -71,47 +52,24 @@ def run_case(case: dict) -> dict:
     kwargs = dict(bins=case["bins"], window=_window_arg(case["window"]), backend=case["backend"])
     cuda = device.type == "cuda"
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    def peak_now():
-        if cuda:
-            return torch.cuda.max_memory_allocated()
-        return rss_kib("VmHWM") * 1024
-
     # Load the backend (extension, kernels, op registration) on a tiny input first, so that
     # the code and its one-off allocations are not counted as the loss's memory. The input has
     # enough planes to give every CPU thread work: a worker's first task also makes one-off
     # allocations (its malloc arena, thread-local state).
     small = torch.rand(1, 2 * torch.get_num_threads(), 8, 8).to(device)
     ek.spatial_entropy_loss(small.requires_grad_(True), small.detach(), **kwargs).backward()
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = reset_peak_rss() * 1024
+    synchronize(cuda)
+    peak = PeakMemory(device)
+    peak.start()
     value = ek.spatial_entropy_loss(pred, target, **kwargs)
     value.backward()
-    sync()
-    peak_extra = peak_now() - base
+    peak_extra = peak.extra()
 
     def timed(fn, setup=None):
         """Median ms of fn(setup()) over the repeats; setup (untimed) runs before each call."""
-        samples = []
-        deadline = time.perf_counter() + case["seconds"]
-        while len(samples) < case["repeats"] and (len(samples) < 3 or time.perf_counter() < deadline):
-            arg = setup() if setup is not None else None
-            sync()
-            t0 = time.perf_counter()
-            fn(arg)
-            sync()
-            samples.append(time.perf_counter() - t0)
-        samples.sort()
-        return 1e3 * samples[len(samples) // 2]
+        return 1e3 * median_seconds(fn, case["repeats"], cuda, setup=setup, seconds=case["seconds"])
 
-    def forward(_=None):
+    def forward():
         return ek.spatial_entropy_loss(pred, target, **kwargs)
 
     def fresh_loss():
@@ -121,7 +79,7 @@ def run_case(case: dict) -> dict:
     def backward(value):
         value.backward()
 
-    def both(_):
+    def both():
         backward(fresh_loss())
 
     forward()  # warm-up (JIT compilation, autotuning)
@@ -159,17 +117,9 @@ def sweep(args) -> list:
     for backend, batch, size, bins, window in cases:
         case = dict(backend=backend, device=args.device, B=batch, C=args.channels, H=size, W=size, bins=bins,
                     window=window, repeats=args.repeats, seconds=args.seconds)
-        try:
-            child = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True,
-                                   text=True, timeout=args.timeout, cwd=ROOT, env={**os.environ, **MALLOC_ENV})
-            lines = [ln for ln in child.stdout.splitlines() if ln.startswith("{")]
-            if child.returncode == 0 and lines:
-                result = json.loads(lines[-1])
-            else:
-                tail = (child.stderr.strip().splitlines() or ["exit %d" % child.returncode])[-1]
-                result = dict(status=("OOM: " if "out of memory" in child.stderr.lower() else "failed: ") + tail[:120])
-        except subprocess.TimeoutExpired:
-            result = dict(status=f"timeout > {args.timeout}s")
+        result = run_child([sys.executable, __file__, "--child", json.dumps(case)], timeout=args.timeout, cwd=ROOT,
+                           env={**os.environ, **MALLOC_ENV})
+        result.pop("stderr", None)
         row = {k: case.get(k, "") for k in FIELDS}
         row.update(result)
         rows.append(row)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import ROOT, environment  # noqa: E402 - the shared environment record of the benchmarks
+from measure import PeakMemory, median_seconds, status_kib  # noqa: E402
 
 sys.path.insert(1, str(ROOT))  # entropy_kernels and model, when run as a script from anywhere
 
@@ -52,14 +53,6 @@ SUMMARY_FIELDS = [
 
 
 # ---- inside the child: one training step ----
-
-def _rss_kib(field: str, pid="self") -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/{pid}/status")
-
 
 def make_step(case: dict):
     """(step, loss_only) closures for one backend and shape; `step` is one training step of `fit`."""
@@ -127,41 +120,21 @@ def run_probe(case: dict) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         if case["budget"] < total:
             torch.cuda.set_per_process_memory_fraction(case["budget"] / total)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_kib("VmRSS") * 1024
-    print(f"BASE {base}", flush=True)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    def peak_extra():
-        return (torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024) - base
-
-    def timed(fn, repeats):
-        samples = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            samples.append(time.perf_counter() - t0)
-        return sorted(samples)[len(samples) // 2]
+    peak = PeakMemory(case["device"])
+    print(f"BASE {peak.start()}", flush=True)
 
     try:
         step, loss_only = make_step(case)
-        result = dict(status="ok", step_s=timed(step, 1), peak_MiB=peak_extra() / 2**20)
-        if peak_extra() > case["budget"]:
+        result = dict(status="ok", step_s=median_seconds(step, 1, cuda), peak_MiB=peak.extra() / 2**20)
+        if peak.extra() > case["budget"]:
             result["status"] = "over budget"
         elif case["time"]:
-            result["step_s"] = timed(step, case["repeats"])
+            result["step_s"] = median_seconds(step, case["repeats"], cuda)
             loss_only()  # warm-up of the loss alone
-            result["loss_s"] = timed(loss_only, case["repeats"])
+            result["loss_s"] = median_seconds(loss_only, case["repeats"], cuda)
             result["loss_share"] = result["loss_s"] / result["step_s"]
     except torch.OutOfMemoryError:
-        return dict(status="over budget", peak_MiB=peak_extra() / 2**20)
+        return dict(status="over budget", peak_MiB=peak.extra() / 2**20)
     return result
 
 
@@ -184,7 +157,7 @@ def watch_probe(case: dict, timeout: float, poll: float = 0.005) -> dict:
         elif case["device"] == "cpu":
             base = next((int(ln.split()[1]) for ln in list(lines) if ln.startswith("BASE ")), None)
             try:
-                hwm = _rss_kib("VmHWM", child.pid) * 1024
+                hwm = status_kib("VmHWM", child.pid) * 1024
             except (OSError, RuntimeError):  # the child is exiting
                 hwm = 0
             if base is not None and hwm - base > case["budget"]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,13 +31,8 @@ from train.data import _photo, _resize, synthesise_low_light  # noqa: E402
 from train.inference import enhance_image, load_for_sampling  # noqa: E402
 from train.metrics import psnr, ssim  # noqa: E402
 
-
-def status_mib(field: str) -> float:
-    """VmRSS (resident set) or VmHWM (its peak) of this process, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import PeakMemory, run_child  # noqa: E402
 
 
 def pair(photo: str, side: int):
@@ -55,23 +49,15 @@ def run_one(args) -> None:
     low, _ = pair(args.photo, args.side)
     sample = {**config["sample"], "steps": args.steps, "tile": args.tile or None, "tile_overlap": args.overlap,
               "tile_pooling": args.pooling}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        before = status_mib("VmRSS")
+    peak = PeakMemory(device)
+    peak.start()
     start = time.perf_counter()
     with torch.no_grad():
         out = enhance_image(network, sde, low, device, sample, seed=args.seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        peak = status_mib("VmHWM") - before
+    peak_mib = peak.extra() / 2**20
     seconds = time.perf_counter() - start
     torch.save(out, args.save)
-    print(json.dumps({"tile": args.tile, "seconds": seconds, "peak_mib": peak}))
+    print(json.dumps({"tile": args.tile, "seconds": seconds, "peak_mib": peak_mib}))
 
 
 def main(argv=None) -> int:
@@ -105,11 +91,10 @@ def main(argv=None) -> int:
                    "--device", args.device, "--pooling", args.pooling, "--tile", str(tile), "--save", str(save)]
         if args.overlap is not None:
             command += ["--overlap", str(args.overlap)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            print(result.stderr[-2000:], file=sys.stderr)
+        row = run_child(command)
+        if "status" in row:
+            print(row["status"], row["stderr"], sep="\n", file=sys.stderr)
             return 1
-        row = json.loads(result.stdout.strip().splitlines()[-1])
         outputs[tile] = torch.load(save)
         row.update(psnr=psnr(outputs[tile], high), ssim=ssim(outputs[tile], high))
         rows.append(row)

@@ -252,11 +252,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(grad_u_pred, grad_m_pred) from grad_output and the saved D");
 #ifdef EK_WITH_CUDA
   m.def("cuda_max_shared_for_ring", &entropy_kernels::cuda_max_shared_for_ring,
-        "bytes of shared memory within which the CUDA backward keeps its G ring (benchmarks/cuda_variants.py)");
+        "bytes of shared memory within which the CUDA backward keeps its G ring (tools/cuda_variants.py)");
   m.def("set_cuda_max_shared_for_ring", &entropy_kernels::set_cuda_max_shared_for_ring,
         "set it; 0: the two-state schedule everywhere");
   m.def("cuda_max_shared_for_column_ring", &entropy_kernels::cuda_max_shared_for_column_ring,
-        "bytes of shared memory within which the CUDA kernels keep their column ring (benchmarks/cuda_variants.py)");
+        "bytes of shared memory within which the CUDA kernels keep their column ring (tools/cuda_variants.py)");
   m.def("set_cuda_max_shared_for_column_ring", &entropy_kernels::set_cuda_max_shared_for_column_ring,
         "set it; 0: every column sum computed twice");
   m.attr("with_cuda") = true;

@@ -1,5 +1,5 @@
 """The GPU-only benchmark scripts, run on the CPU with CUDA faked, so that a mistake in their own
-logic is found here rather than in the few minutes a lent GPU gives (benchmarks/device_check.sh).
+logic is found here rather than in the few minutes a lent GPU gives (tools/device_check.sh).
 
 `backend='cuda'` is served by the C++ CPU backend (the same contract), tensors stay on the CPU,
 and torch.cuda's timers and memory counters are stubs: what is checked is the script (its
@@ -42,7 +42,7 @@ def fake_cuda(monkeypatch):
         set_cuda_max_shared_for_ring=setter("ring"),
         set_cuda_max_shared_for_column_ring=setter("column_ring"),
     )
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when a script runs: its folder first
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))  # as when a script runs: its folder first
     load = _extension.load
     monkeypatch.setattr(_extension, "load", lambda cuda: (module, None) if cuda else load(cuda))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -65,7 +65,7 @@ def fake_cuda(monkeypatch):
 
 def test_cuda_variants_schedules_parity_and_budgets(fake_cuda, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["cuda_variants.py", "--batch", "1", "--size", "20"])
-    runpy.run_path(str(ROOT / "benchmarks" / "cuda_variants.py"), run_name="__main__")
+    runpy.run_path(str(ROOT / "tools" / "cuda_variants.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "budgets (G ring, column ring) by default ('two blocks per SM', 'two blocks per SM')" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.count(" | ") == 4 and "parity" not in line]
@@ -83,7 +83,7 @@ def test_cuda_variants_schedules_parity_and_budgets(fake_cuda, monkeypatch, caps
 def test_profile_step_runs_the_training_steps(fake_cuda, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["profile_step.py", "--backend", "cuda", "--batch", "1", "--size", "12",
                                       "--bins", "8", "--window", "5", "--steps", "2"])
-    runpy.run_path(str(ROOT / "benchmarks" / "profile_step.py"), run_name="__main__")
+    runpy.run_path(str(ROOT / "tools" / "profile_step.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert out.startswith("cuda: 2 steps, loss ") and "grad norm" in out
     assert float(out.split("grad norm")[1]) > 0

@@ -3,7 +3,7 @@
 The other Triton tests run the kernels in Triton's interpreter, which executes the Python of a
 kernel and never lowers it: a construct the GPU compiler rejects, or a launch configuration that
 spills registers, passes there. Triton compiles for a named target with the ptxas its wheel
-carries, so this runs `benchmarks/triton_static.py` (in a subprocess: this pytest process may have
+carries, so this runs `tools/triton_static.py` (in a subprocess: this pytest process may have
 bound the kernels to the interpreter) on a machine without a GPU.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "triton_static.py"
+SCRIPT = ROOT / "tools" / "triton_static.py"
 
 
 def _python(code_or_args, timeout=600):
@@ -30,7 +30,7 @@ def _python(code_or_args, timeout=600):
 
 @pytest.fixture(scope="module")
 def tools():
-    result = _python(["-c", f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+    result = _python(["-c", f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); "
                             "import triton_static; print(triton_static.tools_missing() or '')"])
     assert result.returncode == 0, result.stderr
     if result.stdout.strip():
@@ -46,7 +46,7 @@ def test_every_launched_configuration_compiles_for_sm90_without_spills(tools):
 
 
 def _compile(algorithm, direction, dtype, bins, warps, maxnreg=None):
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import triton_static; "
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'tools')!r}); import triton_static; "
             f"triton_static.MAXNREG = {maxnreg!r}; "
             f"print(json.dumps(triton_static.compile_kernel({algorithm!r}, {direction!r}, {dtype!r}, {bins}, "
             f"warps={warps})))")

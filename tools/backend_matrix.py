@@ -1,7 +1,7 @@
 """Parity of one backend against the float64 reference on the CPU, over a grid of options.
 
-    python benchmarks/backend_matrix.py --backend cuda      # on a GPU
-    python benchmarks/backend_matrix.py --backend cpp       # anywhere
+    python tools/backend_matrix.py --backend cuda      # on a GPU
+    python tools/backend_matrix.py --backend cpp       # anywhere
 
 Each cell of the grid (kernel x divergence x bins x window x planes) runs the backend contract
 (entropy_kernels.reference.local_divergence) on random maps in bin units, float64, with a random

@@ -1,6 +1,6 @@
 """CPU timing and peak-memory of backend='cpp' against the reference (docs/cpp.md).
 
-    PYTHONPATH=. python benchmarks/cpp_cpu.py [--sizes 64 128 256 512] [--bins 32] [--window 11]
+    PYTHONPATH=. python tools/cpp_cpu.py [--sizes 64 128 256 512] [--bins 32] [--window 11]
 
 Times forward + backward of the backend contract call (local_divergence on (B*C, H, W) maps)
 after a warm-up. Where both backends run, their calls are interleaved (one reference call, then
@@ -26,12 +26,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench import MALLOC_ENV, reset_peak_rss, rss_kib
-from entropy_kernels import reference
-from entropy_kernels.ops import cpp
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from measure import MALLOC_ENV, reset_peak_rss, status_kib  # noqa: E402 - the benchmarks' measuring helper
+from entropy_kernels import reference  # noqa: E402
+from entropy_kernels.ops import cpp  # noqa: E402
 
 GRAD_OUTPUT = "uniform"
 IMPLS = {"cpp": cpp, "reference": reference}
@@ -77,7 +79,7 @@ def measure_peak_mib(name, maps, call):
     step(IMPLS[name], maps, call)  # warm-up at full size
     before = reset_peak_rss()
     step(IMPLS[name], maps, call)
-    return (rss_kib("VmHWM") - before) / 1024
+    return (status_kib("VmHWM") - before) / 1024
 
 
 def peak_in_child(args, size, name):

@@ -4,11 +4,11 @@ nvcc compiles csrc/entropy_cuda.cu for a named target without a device, and the 
 Triton's wheel reads the cubin, so each kernel's resources (registers per thread, which set how
 many blocks share an SM; stack and local stores/loads, i.e. spills), its static SASS mix and its
 loop nest (per-thread instruction counts of each loop body, inner loops in brackets; read by
-benchmarks/sass.py, as for the Triton kernels) can be read on a CPU machine.
+tools/sass.py, as for the Triton kernels) can be read on a CPU machine.
 
-    python benchmarks/cuda_static.py                      # csrc/entropy_cuda.cu for sm_90
-    python benchmarks/cuda_static.py --source old.cu      # another version, to compare
-    python benchmarks/cuda_static.py --kernel backward_kernelIfLi4ELb1 --sass   # one kernel's SASS
+    python tools/cuda_static.py                      # csrc/entropy_cuda.cu for sm_90
+    python tools/cuda_static.py --source old.cu      # another version, to compare
+    python tools/cuda_static.py --kernel backward_kernelIfLi4ELb1 --sass   # one kernel's SASS
 
 Kernel names are the mangled template instances: forward_kernel<T, CPT> and backward_kernel<T,
 CPT, FUSED> (If = float, Id = double; Li4 = 4 cells per thread, bins <= 32; Lb1 = fused). Static
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import sass  # noqa: E402
 

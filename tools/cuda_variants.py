@@ -2,8 +2,8 @@
 forward+backward time and peak memory at one case (default the issue's target: B=8, C=3, 128^2,
 bins 32, window 11).
 
-    python benchmarks/cuda_variants.py                 # after `python setup.py build_ext --inplace`
-    python benchmarks/cuda_variants.py --size 256 --batch 4
+    python tools/cuda_variants.py                 # after `python setup.py build_ext --inplace`
+    python tools/cuda_variants.py --size 256 --batch 4
 
 Schedules (docs/cpp.md, CUDA algorithm), each a pass and the two shared-memory budgets (the G
 ring's, the column ring's):
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from entropy_kernels import spatial_entropy_loss  # noqa: E402
 from entropy_kernels.ops import _extension  # noqa: E402
-from gpu_sweep import add_case_arguments, make_inputs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
+from gpu_sweep import add_case_arguments, make_inputs  # noqa: E402  (tools/ is on the path: this script's folder)
 
 
 SM_SHARED = 227 * 1024  # an sm_90 block's most dynamic shared memory

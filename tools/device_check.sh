@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (about 9 minutes): build the extensions in place while the Triton variants
-# ('slide' against 'strip') are timed, then the CUDA backend's schedules (benchmarks/cuda_variants.py:
+# ('slide' against 'strip') are timed, then the CUDA backend's schedules (tools/cuda_variants.py:
 # parity and time of its fused, unfused and forward-only schedules with and without its rings), the
 # sweep for reference / triton / cuda (parity at each case, then time and memory), the largest
 # training crop of the fused backends and a Refusion-size step's loss share, Nsight Compute's view
@@ -8,7 +8,7 @@
 # and a short GPU training run (train fit with mixed precision, the demo's network and loss on the
 # GPU backends). The stages run in the order of what the open issues need most.
 #
-#   bash benchmarks/device_check.sh [gpu_sweep args...]     # results under $OUT (default bench_out/)
+#   bash tools/device_check.sh [gpu_sweep args...]     # results under $OUT (default bench_out/)
 #
 # Each stage is bounded by STAGE_* seconds (environment) so that one slow stage cannot eat the
 # others' time, and by what is left of TOTAL_S (default 570 s, under the device tool's 600 s per
@@ -46,7 +46,7 @@ cat "$OUT/info.txt"
 BUILD_PID=$!
 
 echo "== triton variants"
-timeout "$(bounded "${STAGE_VARIANTS:-115}")" $PY benchmarks/triton_variants.py --budget-s "${VARIANTS_BUDGET:-85}" \
+timeout "$(bounded "${STAGE_VARIANTS:-115}")" $PY tools/triton_variants.py --budget-s "${VARIANTS_BUDGET:-85}" \
   --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/variants.log"
 
 wait $BUILD_PID
@@ -54,10 +54,10 @@ tail -5 "$OUT/build.log"
 rm -f "$OUT/build.log"  # its tail is above; at most 8 files come back
 
 echo "== cuda schedules (appended to variants.log)"
-timeout "$(bounded "${STAGE_CUDA_VARIANTS:-45}")" $PY benchmarks/cuda_variants.py 2>&1 | grep -v Warning | tee -a "$OUT/variants.log"
+timeout "$(bounded "${STAGE_CUDA_VARIANTS:-45}")" $PY tools/cuda_variants.py 2>&1 | grep -v Warning | tee -a "$OUT/variants.log"
 
 echo "== sweep"
-timeout "$(bounded "${STAGE_SWEEP:-150}")" $PY benchmarks/gpu_sweep.py --commit "$COMMIT" --budget-s "${SWEEP_BUDGET:-110}" \
+timeout "$(bounded "${STAGE_SWEEP:-150}")" $PY tools/gpu_sweep.py --commit "$COMMIT" --budget-s "${SWEEP_BUDGET:-110}" \
   --out "$OUT" "$@" > /dev/null 2>&1
 rm -f "$OUT/gpu_sweep.md"  # the log holds the same table
 grep -v "skipped" "$OUT/gpu_sweep.log" | tail -30
@@ -77,7 +77,7 @@ if [ -n "$NCU" ]; then
     echo "-- ncu, backend ${b%%:*}"
     timeout "$(bounded "${STAGE_NCU:-40}")" "$NCU" --launch-skip 2 --launch-count 1 -k "regex:${b#*:}" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
-      --section WarpStateStats --section InstructionStats $PY benchmarks/profile_step.py --backend "${b%%:*}" 2>&1 |
+      --section WarpStateStats --section InstructionStats $PY tools/profile_step.py --backend "${b%%:*}" 2>&1 |
       grep -v "^==PROF==" | tail -120
   done >> "$OUT/variants.log"
   grep -E -- "-- ncu|Duration|Issue Slots Busy|No Eligible|Achieved Occupancy|Stall" "$OUT/variants.log" | head -30
@@ -104,7 +104,7 @@ timeout "$(bounded "${STAGE_CHECK:-40}")" $PY -m entropy_kernels.check --device 
 
 echo "== parity grid of the compiled kernels (float32 too, bins 64 included, refusals bypassed)"
 for b in triton cuda; do
-  timeout "$(bounded "${STAGE_MATRIX:-45}")" $PY benchmarks/backend_matrix.py --backend "$b" --dtype float32 --bins 17 32 64 \
+  timeout "$(bounded "${STAGE_MATRIX:-45}")" $PY tools/backend_matrix.py --backend "$b" --dtype float32 --bins 17 32 64 \
     --windows 3 11 --planes 6 --bandwidth 0.5 --size 23 29 2>&1
 done > "$OUT/matrix.log"
 grep -E "FAIL|worst" "$OUT/matrix.log"

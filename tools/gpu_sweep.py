@@ -2,9 +2,9 @@
 forward, backward and both, and peak memory, for the reference and the Triton backend over the
 sweep of the Triton issue (crops 64..1024, bins 16/32/64, B 1 and 8, C 3, window 11 and (1, 3, 5)).
 
-    python benchmarks/gpu_sweep.py                     # full sweep, stops at --budget-s
-    python benchmarks/gpu_sweep.py --quick             # the two target cases only
-    python benchmarks/gpu_sweep.py --commit <sha>      # when the copy has no .git
+    python tools/gpu_sweep.py                     # full sweep, stops at --budget-s
+    python tools/gpu_sweep.py --quick             # the two target cases only
+    python tools/gpu_sweep.py --commit <sha>      # when the copy has no .git
 
 Times are medians from triton.testing.do_bench (cases slower than --single-shot-s are timed once,
 after one warm-up run). "bwd" times autograd.grad on a retained graph, "fwd+bwd" the whole step.
@@ -49,7 +49,7 @@ PARITY_CASES = [
     ((1, 3, 30, 26), dict(bins=20, window="global", reduction="none")),
 ]
 ATOMICS_SHAPE = (8, 3, 64, 64)
-NAIVE_PEAK_TENSORS = 28  # peak of the materialising reference in units of B*C*H*W*L^2 floats (DESIGN.md)
+NAIVE_PEAK_TENSORS = 28  # peak of the materialising reference in units of B*C*H*W*L^2 floats (docs/results.md)
 
 
 def chip_rates():

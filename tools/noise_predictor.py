@@ -1,6 +1,6 @@
 """How good is a checkpoint's noise predictor at each step t? (the diagnosis behind model.sigma_data)
 
-    python benchmarks/noise_predictor.py runs/demo/checkpoints/last.pt [--split test] [--steps 1 5 20 50 80 100]
+    python tools/noise_predictor.py runs/demo/checkpoints/last.pt [--split test] [--steps 1 5 20 50 80 100]
 
 For each t it draws x_t from the true marginal p(x_t | x_0, mu) of the demo images (seeded), and
 prints the mean squared error of the EMA network's eps_hat against the drawn noise, the same error

@@ -4,7 +4,7 @@ Nsight Compute (ncu) where the device machine has it, to read what bounds the ke
 slots, stall reasons, occupancy) that timings alone cannot say.
 
     ncu --launch-skip 2 --launch-count 1 -k regex:backward_kernel --section WarpStateStats \\
-        python benchmarks/profile_step.py --backend cuda
+        python tools/profile_step.py --backend cuda
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from entropy_kernels import spatial_entropy_loss  # noqa: E402
-from gpu_sweep import add_case_arguments, make_inputs  # noqa: E402  (benchmarks/ is on the path: this script's folder)
+from gpu_sweep import add_case_arguments, make_inputs  # noqa: E402  (tools/ is on the path: this script's folder)
 
 
 def main():

@@ -1,6 +1,6 @@
 """Reading compiled NVIDIA kernels without a GPU: the cuobjdump that Triton's wheel carries, the SASS
-instruction list of a cubin's text, and its loop nest. Shared by benchmarks/triton_static.py and
-benchmarks/cuda_static.py; imports nothing heavy and changes no state (Triton is located, not
+instruction list of a cubin's text, and its loop nest. Shared by tools/triton_static.py and
+tools/cuda_static.py; imports nothing heavy and changes no state (Triton is located, not
 imported).
 """
 from __future__ import annotations

@@ -6,11 +6,11 @@ many programs share an SM), the stack frame and local stores/loads (register spi
 and the static SASS instruction mix. Each configuration is the one the backend launches
 (`triton_kde._slide_config` / `_launch_config` for an 11 x 11 window on 128-pixel rows).
 
-    python benchmarks/triton_static.py                   # table for sm_90 (H100 / H200)
-    python benchmarks/triton_static.py --warps 4 8 16    # the same with num_warps overridden
-    python benchmarks/triton_static.py --precision tf32x3   # tensor-core dots instead of IEEE FMA ones
-    python benchmarks/triton_static.py --maxnreg 128     # registers capped (two 8-warp programs per SM)
-    python benchmarks/triton_static.py --check           # CI: every launched configuration compiles
+    python tools/triton_static.py                   # table for sm_90 (H100 / H200)
+    python tools/triton_static.py --warps 4 8 16    # the same with num_warps overridden
+    python tools/triton_static.py --precision tf32x3   # tensor-core dots instead of IEEE FMA ones
+    python tools/triton_static.py --maxnreg 128     # registers capped (two 8-warp programs per SM)
+    python tools/triton_static.py --check           # CI: every launched configuration compiles
                                                          # for sm_90, and the default algorithm's
                                                          # float32 ones with bins <= 32 do not spill
 
@@ -33,7 +33,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current defau
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

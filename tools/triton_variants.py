@@ -1,7 +1,7 @@
 """Where the Triton kernels' time goes: the target case timed under variants of their knobs.
 
-    python benchmarks/triton_variants.py                 # on a GPU
-    TRITON_INTERPRET=1 python benchmarks/triton_variants.py --smoke   # the script itself, on CPU
+    python tools/triton_variants.py                 # on a GPU
+    TRITON_INTERPRET=1 python tools/triton_variants.py --smoke   # the script itself, on CPU
 
 Each variant changes one thing against the default launch (docs/triton.md): the algorithm
 ('slide', the default, or 'strip', the first design), the dot precision ('ieee' default; 'tf32x3'
@@ -35,7 +35,7 @@ from entropy_kernels.ops import triton_kde  # noqa: E402
 VARIANTS = [  # most telling first: the stage's time budget may stop the list early
     ("slide", {}),
     # 16 warps: 97 / 128 registers (forward / fused forward) instead of 164 / 220 at bins 32, no spills, so
-    # an SM holds 16 warps of one program instead of 8 (benchmarks/triton_static.py).
+    # an SM holds 16 warps of one program instead of 8 (tools/triton_static.py).
     ("slide-warps16", {"launch": {"num_warps": 16}}),
     # 8 warps with registers capped at 128: two programs per SM (16 warps) with 4% more instructions
     # per window than uncapped (16 warps: 34% more); the plain forward needs 126 (no spill), the fused

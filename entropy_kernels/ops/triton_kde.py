@@ -607,7 +607,7 @@ def _launch_config(win_h: int, win_w: int, wo: int, bins: int):
             if best is None or cost < best[0]:
                 best = (cost, per_strip, block_p)
     _, per_strip, block_p = best
-    # 8 warps from LP 32: at 4 warps the 32 x 32 tiles spilled registers (benchmarks/triton_static.py: 73
+    # 8 warps from LP 32: at 4 warps the 32 x 32 tiles spilled registers (tools/triton_static.py: 73
     # local stores forward, 133 backward; 8 warps: 0 and 2), and 8 warps ran the target case in 99.8 ms
     # against 144 ms on an H100 (docs/results.md).
     config = dict(per_strip=per_strip, BLOCK_P=block_p, LP=lp, num_warps=8 if lp >= 32 else 4)
@@ -749,7 +749,7 @@ def _backward(ctx, grad_d, _grad_u1, _grad_m1):
     u_pred, m_pred, u_tgt, m_tgt, d, grad_u1, grad_m1 = ctx.saved_tensors
     grad_u, grad_m = triton_local_divergence_backward(grad_d, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1,
                                                       *ctx.options)
-    # The target maps are constants of the loss (SPEC.md): no gradient flows to them.
+    # The target maps are constants of the loss (docs/spec.md): no gradient flows to them.
     return (grad_u, grad_m, None, None) + (None,) * (len(ctx.options) + 1)
 
 
