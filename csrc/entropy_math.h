@@ -1,4 +1,4 @@
-// Per-pixel and per-window mathematics of the spatial entropy loss (SPEC.md steps 3-5),
+// Per-pixel and per-window mathematics of the spatial entropy loss (docs/spec.md steps 3-5),
 // shared by the C++ CPU code and the CUDA kernels so that the formulas exist once.
 //
 // Everything here is inline and usable on host and device. The CPU code calls these

@@ -1,7 +1,7 @@
 """Parameters of the spatial entropy loss: validation, neighbour weights and the
 per-pixel inputs that every backend shares.
 
-This module is the single home of SPEC.md's parameter rules. Every backend
+This module is the single home of docs/spec.md's parameter rules. Every backend
 receives the same already-validated :class:`LossOptions` and the same
 ``(u, m)`` maps (bin units and neighbour value per pixel), so the backends
 differ only in how they compute the windowed histograms and the divergence.
@@ -33,7 +33,7 @@ WindowSpec = Union[int, Tuple[int, ...], str]
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Validated loss parameters (see SPEC.md for their meaning)."""
+    """Validated loss parameters (see docs/spec.md for their meaning)."""
 
     bins: int = 32
     bandwidth: float = 0.5
@@ -127,7 +127,7 @@ def make_options(
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
 ) -> LossOptions:
-    """Check every parameter against SPEC.md and return them as :class:`LossOptions`."""
+    """Check every parameter against docs/spec.md and return them as :class:`LossOptions`."""
     if not _is_int(bins):
         raise TypeError(f"bins must be an int, got {bins!r} of type {type(bins).__name__}")
     if bins < 2:
@@ -203,7 +203,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def draw_neighbor_weights(opts: LossOptions, device, dtype) -> torch.Tensor:
-    """The 8 ring weights for one loss call, summing to 1 (SPEC.md step 2)."""
+    """The 8 ring weights for one loss call, summing to 1 (docs/spec.md step 2)."""
     mode = opts.neighbor_weights
     if isinstance(mode, torch.Tensor):
         ring = mode
@@ -228,7 +228,7 @@ def draw_neighbor_weights(opts: LossOptions, device, dtype) -> torch.Tensor:
 
 
 def bin_units(x: torch.Tensor, opts: LossOptions) -> torch.Tensor:
-    """u = (L - 1) * clamp(x, 0, 1) (SPEC.md step 1).
+    """u = (L - 1) * clamp(x, 0, 1) (docs/spec.md step 1).
 
     Non-finite inputs become NaN even when clamping would turn +-inf into 0 or 1, so that
     a NaN or Inf anywhere always yields a NaN loss instead of a plausible number.
@@ -239,7 +239,7 @@ def bin_units(x: torch.Tensor, opts: LossOptions) -> torch.Tensor:
 
 
 def neighbor_value(u: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
-    """m(p): ring-weighted mean of the in-image 8-neighbours of p (SPEC.md step 2).
+    """m(p): ring-weighted mean of the in-image 8-neighbours of p (docs/spec.md step 2).
 
     u is (N, H, W). Out-of-image neighbours are skipped and the remaining weights
     renormalised. A pixel with no neighbour at all (a 1x1 image) takes its own value.

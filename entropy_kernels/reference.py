@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference: the executable form of SPEC.md steps 3-5.
+"""Pure-PyTorch reference: the executable form of docs/spec.md steps 3-5.
 
 It materialises the per-pixel joint kernels as an (N, L*L, H, W) tensor and
 box-filters them, exactly as the naive loss does, so it is slow and memory
@@ -38,7 +38,7 @@ def kernel_values(v: torch.Tensor, bins: int, bandwidth: float, kernel: str) -> 
 
 
 def local_density(u, m, win_h, win_w, valid, bins, bandwidth, kernel) -> torch.Tensor:
-    """P_c(i, j) for every window c: (N, L, L, Ho, Wo) (SPEC.md steps 3-4)."""
+    """P_c(i, j) for every window c: (N, L, L, Ho, Wo) (docs/spec.md steps 3-4)."""
     n, height, width = u.shape
     a = kernel_values(u, bins, bandwidth, kernel)  # (N, H, W, L): intensity axis i
     b = kernel_values(m, bins, bandwidth, kernel)  # (N, H, W, L): neighbour axis j
@@ -57,7 +57,7 @@ def local_density(u, m, win_h, win_w, valid, bins, bandwidth, kernel) -> torch.T
 
 
 def divergence_of(p: torch.Tensor, q: torch.Tensor, divergence: str, eps: float) -> torch.Tensor:
-    """D_c from densities (N, L, L, Ho, Wo), P from the target (SPEC.md step 5)."""
+    """D_c from densities (N, L, L, Ho, Wo), P from the target (docs/spec.md step 5)."""
     if divergence == "kl":
         # Generalised KL of the eps-floored densities. The "+ q - p" term makes D and its
         # gradient exactly zero at q == p even though KDE densities are not normalised

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# width, encoder blocks per level, middle blocks, decoder blocks per level (MODEL.md).
+# width, encoder blocks per level, middle blocks, decoder blocks per level (docs/model.md).
 PRESETS = {
     "paper": dict(width=64, enc_blocks=(1, 1, 1, 1, 28), middle_blocks=1, dec_blocks=(1, 1, 1, 1, 1)),
     "refusion": dict(width=64, enc_blocks=(1, 1, 1, 28), middle_blocks=1, dec_blocks=(1, 1, 1, 1)),

@@ -1,7 +1,7 @@
 """IR-SDE: the mean-reverting SDE dx = theta_t (mu - x) dt + sigma_t dw with sigma_t^2 = 2 lambda^2 theta_t.
 
 mu is the low-light image, x_0 the normal-light image, lambda = max_sigma. The schedule is
-held as tensors indexed by the integer step t = 0..T; every equation of MODEL.md is one
+held as tensors indexed by the integer step t = 0..T; every equation of docs/model.md is one
 method. Step tensors ``t`` are (N,) integer tensors; per-image coefficients are shaped
 (N, 1, 1, 1) so they broadcast over images. Coefficients are computed in float64 and cast to
 the images' dtype only when applied: near t = 1 they involve 1 - exp(-2 theta dt) ~ 1e-3,
@@ -85,7 +85,7 @@ class IRSDE:
     def optimal_previous_coefficients(self, t, s=None):
         """(c_t, c_0) with x*_s = mu + c_t (x_t - mu) + c_0 (x_0 - mu); s = t - 1 unless given.
 
-        For s = t - 1, A = exp(-theta_t dt) and these are MODEL.md's A (1 - C^2)/(1 - B^2) and
+        For s = t - 1, A = exp(-theta_t dt) and these are docs/model.md's A (1 - C^2)/(1 - B^2) and
         C (1 - A^2)/(1 - B^2); a larger jump t -> s < t - 1 is the same posterior of the OU process.
         """
         t = torch.as_tensor(t).reshape(-1)

@@ -1,4 +1,4 @@
-"""Every bad input named in SPEC.md raises the error it names, with the argument and value."""
+"""Every bad input named in docs/spec.md raises the error it names, with the argument and value."""
 import pytest
 import torch
 

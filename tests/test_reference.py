@@ -1,4 +1,4 @@
-"""The reference against SPEC.md: analytic cases, a brute-force transcription, gradcheck."""
+"""The reference against docs/spec.md: analytic cases, a brute-force transcription, gradcheck."""
 import math
 
 import pytest
@@ -19,7 +19,7 @@ def _k(v, kernel):
 
 
 def brute_force_divergence(x_pred, x_tgt, ring, bins, h, kernel, window, padding, divergence, eps):
-    """SPEC.md transcribed with Python loops over pixels, windows and cells, for one (H, W) plane."""
+    """docs/spec.md transcribed with Python loops over pixels, windows and cells, for one (H, W) plane."""
     height, width = x_pred.shape
     offsets = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 

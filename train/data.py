@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-# The split folders of each layout (MODEL.md); 'folders' names its own.
+# The split folders of each layout (docs/data.md); 'folders' names its own.
 LAYOUTS = {
     "lol_v1": {"train": ("our485/low", "our485/high"), "test": ("eval15/low", "eval15/high")},
     "lol_v2_real": {"train": ("Train/Low", "Train/Normal"), "test": ("Test/Low", "Test/Normal")},
@@ -147,7 +147,7 @@ class RandomCrops(Dataset):
         return both[0].contiguous(), both[1].contiguous()
 
 
-# ---- the built-in demo set: low-light pairs synthesised from scikit-image's photographs (DATA.md) ----
+# ---- the built-in demo set: low-light pairs synthesised from scikit-image's photographs (docs/data.md) ----
 
 DEMO_VERSION = "1"
 DEMO_TRAIN = ("astronaut", "rocket", "motorcycle_left", "motorcycle_right", "hubble_deep_field",

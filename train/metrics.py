@@ -3,7 +3,7 @@
 Fetching converts LPIPS's weights and checks them against the official LPIPS values of the
 calibration images that ship in the pyiqa wheel before caching them.
 
-PSNR and SSIM follow DATA.md: RGB on [0, 1]; SSIM per channel with an 11x11 Gaussian window
+PSNR and SSIM follow docs/data.md: RGB on [0, 1]; SSIM per channel with an 11x11 Gaussian window
 (sigma 1.5) and population covariance, averaged over channels. FID needs Inception weights that
 cannot be obtained here, so it is reported as unavailable rather than faked.
 """
@@ -38,7 +38,7 @@ def psnr(output: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def ssim(output: torch.Tensor, target: torch.Tensor) -> float:
-    """SSIM of (3, H, W) images on [0, 1], the convention of the restoration papers (DATA.md)."""
+    """SSIM of (3, H, W) images on [0, 1], the convention of the restoration papers (docs/data.md)."""
     a = output.detach().double().permute(1, 2, 0).cpu().numpy()
     b = target.detach().double().permute(1, 2, 0).cpu().numpy()
     return float(structural_similarity(

@@ -198,7 +198,7 @@ def register(name: str, device_type: str, cuda: bool):
     def backward_rule(ctx, grad, _grad_u1, _grad_m1):
         u_pred, m_pred, u_tgt, m_tgt, d, gu1, gm1 = ctx.saved_tensors
         gu, gm = backward(grad.contiguous(), d, u_pred, m_pred, u_tgt, m_tgt, gu1, gm1, *ctx.params)
-        # The target maps are constants of the loss (SPEC.md): no gradient flows to them.
+        # The target maps are constants of the loss (docs/spec.md): no gradient flows to them.
         return (gu, gm, None, None) + (None,) * (len(ctx.params) + 1)
 
     forward.register_autograd(backward_rule, setup_context=setup_context)
