@@ -1,4 +1,4 @@
-// C++ CPU implementation of the fused local divergence, forward and backward (docs/cpp.md).
+// C++ CPU implementation of the fused local divergence, forward and backward (docs/cpu.md).
 //
 // Work is split into fixed (plane, block of window rows) items run with at::parallel_for. The
 // split does not depend on the thread count and every item is computed sequentially, so the

@@ -28,7 +28,7 @@ from . import backends
 from .loss import spatial_entropy_loss
 from .options import make_options
 
-PARITY_RTOL = 1e-6  # float64; the C++ backend's sliding sums reach ~1e-7 in cells far below eps (docs/cpp.md)
+PARITY_RTOL = 1e-6  # float64; the C++ backend's sliding sums reach ~1e-7 in cells far below eps (docs/cpu.md)
 
 
 def _case(args, device, dtype, size, generator):

@@ -34,7 +34,7 @@ def assert_close_f64(actual, expected):
     Sliding window sums (add the entering pixels, subtract the leaving ones) carry an absolute
     error of ~1e-16 x the band's largest cell, where the reference's direct sums keep full
     relative precision even for cells far below eps; log(Q + eps) and P / (Q + eps) then differ
-    by up to ~1e-16 / eps = 1e-6 relative in cells with Q << eps (docs/cpp.md). A wrong index
+    by up to ~1e-16 / eps = 1e-6 relative in cells with Q << eps (docs/cpu.md). A wrong index
     or formula gives errors of order one.
     """
     actual = actual.detach().cpu()
@@ -394,7 +394,7 @@ def test_bad_arguments_raise(cpp):
     ],
 )
 def test_op_checks_arguments_before_the_extension(cpp, change, error, match):
-    """The ops raise Python errors without reaching the C++ checks (docs/cpp.md: an exception
+    """The ops raise Python errors without reaching the C++ checks (docs/cuda.md: an exception
     thrown inside the extension crashed one GPU image)."""
     shape = change.get("shape", (1, 4, 4))
     u = torch.rand(*shape, dtype=change.get("dtype", torch.float32))

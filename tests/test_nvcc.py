@@ -45,7 +45,7 @@ def test_cuda_kernels_keep_their_occupancy_for_sm_90():
     launch bounds plan: the forward <= 64 per thread with no stack (four 256-thread blocks per SM),
     the backward and the fused forward <= 128 with at most a small stack outside the hot loops (two
     blocks per SM). Without the bounds this ptxas capped the forward at 32 registers and spilled
-    (docs/cpp.md). Read by running tools/cuda_static.py (the cuobjdump of Triton's wheel)."""
+    (docs/cuda.md). Read by running tools/cuda_static.py (the cuobjdump of Triton's wheel)."""
     script = CSRC.parent / "tools" / "cuda_static.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     if result.returncode and "cuobjdump not found" in result.stderr:

@@ -195,7 +195,7 @@ def test_power_of_two_bandwidth_times_its_reciprocal_is_bit_for_bit(gen, kernel,
 # error grows with its magnitude, so unscaled a few large values dominate the RMS of a small map and
 # the ratio of two equally accurate float32 computations is noisy (over maps of 84 single-pixel
 # windows it exceeds 2 for about 1% of random maps, and one case run in 89 failed that way; scaled,
-# its 99th percentile is 1.4: benchmarks/error_rule_noise.py, docs/triton.md). There is no separate
+# its 99th percentile is 1.4: docs/notebook/2026-11-triton-design.md). There is no separate
 # max-error guard: a maximum over a few dozen elements is noisier still (the scaled ratio of maxima
 # reached 3.7 in 34 seeds), and on maps this small one element 64 ulps off already breaks the RMS
 # rule (`test_error_bound_rule_has_teeth`). FLOOR only matters when both errors are exactly zero.

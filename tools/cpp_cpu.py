@@ -1,4 +1,4 @@
-"""CPU timing and peak-memory of backend='cpp' against the reference (docs/cpp.md).
+"""CPU timing and peak-memory of backend='cpp' against the reference (docs/cpu.md).
 
     PYTHONPATH=. python tools/cpp_cpu.py [--sizes 64 128 256 512] [--bins 32] [--window 11]
 

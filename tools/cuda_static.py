@@ -12,7 +12,7 @@ tools/sass.py, as for the Triton kernels) can be read on a CPU machine.
 
 Kernel names are the mangled template instances: forward_kernel<T, CPT> and backward_kernel<T,
 CPT, FUSED> (If = float, Id = double; Li4 = 4 cells per thread, bins <= 32; Lb1 = fused). Static
-counts are no timings: docs/cpp.md says how they were read.
+counts are no timings: docs/cuda.md says how they were read.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ bins 32, window 11).
     python tools/cuda_variants.py                 # after `python setup.py build_ext --inplace`
     python tools/cuda_variants.py --size 256 --batch 4
 
-Schedules (docs/cpp.md, CUDA algorithm), each a pass and the two shared-memory budgets (the G
+Schedules (docs/cuda.md, Algorithm), each a pass and the two shared-memory budgets (the G
 ring's, the column ring's):
   fused, defaults           the training step: a 'mean' loss, so the forward is the backward kernel
                             with grad_output = 1 and the backward a rescale; each window's G kept in

@@ -87,7 +87,7 @@ fi
 
 echo "== tests on the GPU"
 # test_bad_arguments_raise calls the raw extension with bad arguments; on the 2026-11-26 GPU image a
-# C++ exception crashed the interpreter (docs/cpp.md), which would end the whole run, so it is left out.
+# C++ exception crashed the interpreter (docs/cuda.md), which would end the whole run, so it is left out.
 # shellcheck disable=SC2086 - TESTS is a list of paths
 timeout "$(bounded "${STAGE_TESTS:-80}")" $PY -m pytest -q -p no:cacheprovider -rfE --durations=5 \
   -k "not bad_arguments_raise" ${TESTS:-tests/test_cpp.py tests/test_triton.py} > "$OUT/pytest.log" 2>&1

@@ -8,6 +8,12 @@ for the trivial predictor eps_hat = (x_t - mu) / sigmabar_t (exact when x_0 = mu
 where exp(-thetabar_t dt) is small), and the PSNR of x0_hat = mu + (x_t - mu - sigmabar_t eps_hat)
 exp(thetabar_t dt) (clamped to [0, 1]). A network worse than the trivial predictor at large t has not
 learnt the 1/sigmabar_t scale of the noise; its samples drift (docs/training.md).
+
+Question: does the network predict the noise better than the trivial predictor at every t?
+Answer for the demo: the paper's plain noise network did not (at t = 100, 270x worse), the
+preconditioned one (model.sigma_data) does; recorded in docs/training.md (why model.sigma_data)
+with the table in docs/notebook/2026-11-training-history.md. Kept: the same check applies to any
+checkpoint.
 """
 from __future__ import annotations
 

@@ -112,7 +112,7 @@ def check_call(maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, c
 
     The C++ checks stay (they guard direct calls of the module), but an exception thrown inside
     the extension killed the process with a segmentation fault on one GPU image (torch 2.11 +
-    CUDA 13.0, extension built there; docs/cpp.md), so the ops never rely on them.
+    CUDA 13.0, extension built there; docs/cuda.md), so the ops never rely on them.
     """
     first = maps[0]
     if first.dtype not in (torch.float32, torch.float64):

@@ -321,7 +321,7 @@ def _kde_divergence_bwd(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, grad_d, 
 # float64 window state when the window reaches the column and leave it, recomputed bit for bit, when
 # the window passes it, so a window costs two column sums per histogram instead of its ~win^2 pixels.
 # float64 keeps the add-then-subtract error near 1e-16 of the window's largest cell, far below eps
-# (docs/cpp.md has the argument; the CUDA and C++ backends use the same scheme). Non-finite pixels add
+# (docs/cpu.md has the argument; the CUDA and C++ backends use the same scheme). Non-finite pixels add
 # nothing to the sums; sliding counts of them (forward) and of poisoned windows (backward) give the
 # NaN results instead, so one NaN cannot spread along the row through the sliding state.
 
