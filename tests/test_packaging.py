@@ -6,6 +6,7 @@ import configparser
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -70,6 +71,13 @@ def venv(wheel, tmp_path_factory):
     root = tmp_path_factory.mktemp("venv") / "env"
     run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root], cwd=root.parent)
     python = root / "bin" / "python"
+    if sys.prefix != sys.base_prefix:
+        # Run from a venv, whose packages (the train extra, an editable install of this checkout)
+        # the new venv would not see: add them after its own, as the system's are.
+        site_packages = run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                            cwd=root).stdout.strip()
+        lines = [f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages()]
+        Path(site_packages, "outer_venv.pth").write_text("".join(lines))
     run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--ignore-installed", wheel],
         cwd=root.parent, env=clean_env())
     return root
