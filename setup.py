@@ -1,4 +1,4 @@
-"""Build script.
+"""The compiled extension; the package's metadata is in pyproject.toml.
 
 With torch importable at build time (``pip install --no-build-isolation -e .``) this compiles
 the C++ extension ``entropy_kernels._C_cpu`` from csrc/, and ``entropy_kernels._C_cuda`` too
@@ -7,16 +7,19 @@ installed pure-Python and the extension is JIT-built with ninja at first use
 (entropy_kernels/ops/_extension.py). torch is never pinned.
 
 Environment switches: ENTROPY_KERNELS_NO_BUILD=1 skips the extensions (JIT at first use);
-ENTROPY_KERNELS_NO_CUDA=1 skips the CUDA one; ENTROPY_KERNELS_PORTABLE=1 drops -march=native.
+ENTROPY_KERNELS_NO_CUDA=1 skips the CUDA one; ENTROPY_KERNELS_PORTABLE=1 drops -march=native
+(for a wheel that runs on other machines: docs/install.md).
 """
 import importlib.util
 import os
 import shutil
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
+CSRC_SUFFIXES = (".cpp", ".cu", ".h")
 
 
 def _flags_module():
@@ -26,6 +29,22 @@ def _flags_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the built package as entropy_kernels/csrc/: the sources the JIT build of
+    an installed wheel compiles where its prebuilt extension does not load (another torch, or a
+    wheel built without one). csrc/ stays the one copy in the repository."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install compiles csrc/ in place
+            return
+        target = Path(self.build_lib) / "entropy_kernels" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted((HERE / "csrc").iterdir()):
+            if source.suffix in CSRC_SUFFIXES:
+                shutil.copy2(source, target / source.name)
 
 
 def extensions():
@@ -64,14 +83,4 @@ def extensions():
 
 
 ext_modules, cmdclass = extensions()
-
-setup(
-    name="entropy-kernels",
-    version="0.1.0",
-    description="Fused differentiable spatial entropy loss and an IR-SDE low-light enhancement stack",
-    packages=find_packages(include=["entropy_kernels", "entropy_kernels.*", "model", "model.*", "train", "train.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch", "numpy", "pyyaml", "tqdm", "pillow", "scipy", "scikit-image"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": BuildPyWithSources})

@@ -55,7 +55,7 @@ HELDOUT_VERSION = "1"
 MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")
 # Sizes: CPU fits 30 minutes on 2 shared cores; --long is the paper's crop and batch for a GPU.
 # sigma_data: the noise network's preconditioning (the train config's model.sigma_data; 0 gives the
-# paper's plain noise network), as in configs/demo.yaml.
+# paper's plain noise network), as in the demo preset (train/presets/demo.yaml).
 PROFILES = {
     "cpu": dict(steps=1000, crop=32, batch=4, bins=32, window=11, lr=1e-3, sample_steps=100, heldout_side=160,
                 extra_photos=5, niqe=False, sigma_data=0.3),

@@ -8,4 +8,4 @@ from .counting import entropy, spatial_entropy
 from .loss import SpatialEntropyLoss, spatial_entropy_loss
 
 __all__ = ["spatial_entropy_loss", "SpatialEntropyLoss", "entropy", "spatial_entropy", "available_backends"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

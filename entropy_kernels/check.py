@@ -143,8 +143,8 @@ def run(backend_names: Sequence[str], device: torch.device, args, opts: dict, ou
     return passed if ran else None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m entropy_kernels.check", description=__doc__,
+def _parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--backends", nargs="+", choices=[n for n in backends.MODULES if n != "reference"],
@@ -163,8 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = _parser()
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    """`prog`: the name in usage lines; None is the console script's (`entropy-kernels-check`)."""
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -184,4 +185,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m entropy_kernels.check"))

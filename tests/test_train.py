@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from model import IRSDE, TiledNetwork, build_network, build_noise_network
-from train import inference
+from train import inference, presets
 from train import fit as fit_module
 from train.__main__ import main
 from train.config import load_config
@@ -251,9 +251,9 @@ def test_unknown_config_key_is_an_error():
     assert load_config(None, ["loss=l1"])["loss"]["weights"] == {"l1": 1.0}
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_load_and_build(path):
-    config = load_config(path)
+@pytest.mark.parametrize("name", presets.names())
+def test_shipped_presets_load_and_build(name):
+    config = load_config(name)
     sde = IRSDE(**config["sde"])
     with torch.device("meta"):
         network = build_noise_network(config["model"], sde)

@@ -111,7 +111,7 @@ grep -E "FAIL|worst" "$OUT/matrix.log"
 
 echo "== training on the GPU: 200 steps of the demo (bfloat16 autocast, backend auto), then its evaluation"
 { echo "== train fit on the GPU"
-  timeout "$(bounded "${STAGE_FIT:-50}")" env -u OUT $PY -m train fit --config configs/demo.yaml out_dir=/tmp/fit_gpu \
+  timeout "$(bounded "${STAGE_FIT:-50}")" env -u OUT $PY -m train fit --config demo out_dir=/tmp/fit_gpu \
     train.steps=200 train.threads=null train.log_every=50 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -12
   echo "fit exit ${PIPESTATUS[0]}"; } >> "$OUT/max_crop.log"
 tail -14 "$OUT/max_crop.log"

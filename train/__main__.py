@@ -1,4 +1,4 @@
-"""Command line: python -m train fit | enhance | evaluate | fetch-metric-weights."""
+"""Command line: entropy-sde (or python -m train) fit | enhance | evaluate | fetch-metric-weights."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,14 @@ from pathlib import Path
 
 import torch
 
-from model.tiling import POOLINGS
+from . import presets
+from .extra import exit_without_train_extra
 
-from .data import DataError, pair_folders
+exit_without_train_extra()  # before the imports below need the extra
+
+from model.tiling import POOLINGS  # noqa: E402
+
+from .data import DataError, pair_folders  # noqa: E402
 
 # Folder pairs that `evaluate --data DIR` recognises, tried in order (DIR itself, then LOL test splits).
 EVALUATION_LAYOUTS = (("low", "high"), ("Low", "Normal"), ("low", "normal"), ("eval15/low", "eval15/high"),
@@ -45,12 +50,14 @@ def _sample_cfg(parser, args, config):
     return sample
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+def main(argv=None, prog=None) -> int:
+    """`prog`: the name in usage lines; None is the console script's (`entropy-sde`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     fit_p = commands.add_parser("fit", help="train an IR-SDE from a YAML config")
-    fit_p.add_argument("--config", help="YAML preset, e.g. configs/demo.yaml")
+    fit_p.add_argument("--config", type=presets.config_argument, help=f"a preset by name ({', '.join(presets.names())}) "
+                       "or a YAML file; its out_dir and data paths are relative to the working directory")
     fit_p.add_argument("--resume", help="checkpoint to continue from exactly")
     fit_p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=200")
 
@@ -113,4 +120,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m train"))

@@ -13,6 +13,8 @@ import yaml
 
 from model.tiling import POOLINGS, check_tiling
 
+from .presets import resolve
+
 DEFAULTS = {
     "seed": 0,
     "out_dir": "runs/default",
@@ -81,9 +83,10 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path=None, overrides=()) -> dict:
+    """`path`: a preset name (train/presets) or a YAML file; None: the defaults alone."""
     config = DEFAULTS
     if path is not None:
-        with open(path) as f:
+        with open(resolve(path)) as f:
             config = _merge(config, yaml.safe_load(f) or {})
     for text in overrides:
         config = _merge(config, parse_override(text))

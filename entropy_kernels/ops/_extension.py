@@ -2,9 +2,10 @@
 
 The extension is built by ``setup.py`` when torch is importable at install time
 (``entropy_kernels._C_cpu`` always, ``entropy_kernels._C_cuda`` where torch has CUDA and
-nvcc exists). Otherwise it is JIT-built from ``csrc/`` with ninja at first use into torch's
-extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). A failed
-build is reported as a reason the backend cannot serve, never raised at import.
+nvcc exists). Otherwise it is JIT-built from ``csrc/`` (``entropy_kernels/csrc/`` in a wheel)
+with ninja at first use into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``). A failed build is reported as a reason the backend cannot
+serve, never raised at import.
 
 Each backend registers two ops in the ``entropy_kernels`` namespace, ``<name>_local_divergence``
 and its backward, with fake (meta) implementations and autograd, so that ``torch.compile``
@@ -20,7 +21,10 @@ from typing import Optional, Tuple
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# An installed wheel carries the sources in the package (setup.py copies them there); a source
+# checkout compiles the top-level csrc/ itself.
+_PACKAGE = Path(__file__).resolve().parents[1]
+CSRC = _PACKAGE / "csrc" if (_PACKAGE / "csrc").is_dir() else _PACKAGE.parent / "csrc"
 KERNEL_IDS = {"logistic": 0, "gaussian": 1}
 DIVERGENCE_IDS = {"kl": 0, "hellinger": 1}
 CUDA_MAX_BINS = 64  # kCudaMaxBins in csrc/entropy_cuda.h
