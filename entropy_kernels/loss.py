@@ -112,9 +112,11 @@ def spatial_entropy_loss(pred: torch.Tensor, target: torch.Tensor, **options) ->
         (torch.Size([]), torch.Size([2, 3, 32, 32]))
         >>> spatial_entropy_loss(pred, target, bins=16, reduction="none").shape
         torch.Size([2, 3, 32, 32])
-        >>> images = 255 * target  # a 0-255 image: say so, or it is clamped to [0, 1]
-        >>> spatial_entropy_loss(images, images, data_range=255, neighbor_weights="mean").item()
-        0.0
+        >>> unit = spatial_entropy_loss(pred, target, bins=16, neighbor_weights="mean")
+        >>> # 0-255 images: say so, or they are clamped to [0, 1]
+        >>> scaled = spatial_entropy_loss(255 * pred, 255 * target, bins=16, neighbor_weights="mean", data_range=255)
+        >>> torch.allclose(unit, scaled)
+        True
     """
     check_keywords("spatial_entropy_loss", options)
     return _loss(pred, target, make_options(**options))
@@ -144,6 +146,9 @@ class SpatialEntropyLoss(nn.Module):
     The owned generator is copied by ``copy.deepcopy`` (the copy continues the same sequence
     independently) and is not part of ``state_dict()``; to resume a run exactly, save
     ``loss.generator.get_state()`` beside the checkpoint and restore it with ``set_state``.
+    ``torch.compile(fullgraph=True)`` cannot trace a ``torch.Generator``: there, draw the random
+    weights from torch's global generator (``generator=None``, seeded by ``torch.manual_seed``) or
+    use fixed ones; without ``fullgraph`` the draw from an owned generator runs outside the graph.
 
     Examples:
         >>> import torch
