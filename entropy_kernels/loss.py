@@ -148,7 +148,7 @@ class SpatialEntropyLoss(nn.Module):
     ``loss.generator.get_state()`` beside the checkpoint and restore it with ``set_state``.
     ``torch.compile(fullgraph=True)`` cannot trace a ``torch.Generator``: there, draw the random
     weights from torch's global generator (``generator=None``, seeded by ``torch.manual_seed``) or
-    use fixed ones; without ``fullgraph`` the draw from an owned generator runs outside the graph.
+    use fixed ones.
 
     Examples:
         >>> import torch

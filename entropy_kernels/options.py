@@ -34,11 +34,10 @@ SHUFFLED_SIGMA = 1.5
 # and the reference materialises B*C*H*W*bins^2 values, so bins=10000 grew to gigabytes before any
 # backend refused it. cuda and triton serve bins <= 64 (their tiles live in registers).
 MAX_BINS = 1024
-# In bin units. A pixel half-way between two bin centres contributes K(0.5/h)/h to its nearest bins
-# (logistic: about e^-500 at h = 1e-3): below this bandwidth the kernels put next to no mass between
-# the centres, so the loss and its gradient vanish for almost every image (measured on random 9x9 images, bins 8: loss 7e-14, gradients 1e-9
-# in float32 at h = 1e-3, exactly 0 at 1e-4), and from ~1e-20 (float32) or ~1e-160 (float64) on,
-# the kernels' 1/h^2 overflows into NaN.
+# In bin units (docs/spec.md, Decisions 13). A value half-way between two bin centres contributes
+# K(0.5/h)/h to its nearest bins (logistic: about e^-500 at h = 1e-3), so narrower kernels make the
+# loss and its gradient vanish for almost every image, and from ~1e-20 (float32) or ~1e-160 (float64)
+# on, the kernels' 1/h^2 overflows into NaN.
 MIN_BANDWIDTH = 1e-3
 # Share of pred's pixels outside data_range above which clamp=True warns (once per process): their
 # gradient is zero, which is what an image in the wrong range looks like.
