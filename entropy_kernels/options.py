@@ -323,7 +323,7 @@ def warn_if_mostly_clamped(pred: torch.Tensor, opts: LossOptions) -> None:
         f"entropy_kernels: {outside:.0%} of pred's values lie outside data_range={opts.data_range} (pred spans "
         f"[{lowest:.3g}, {highest:.3g}]); clamp=True gives them no gradient. Pass the range of your images, "
         f"here {suggestion}, or clamp=False. (Warned once per process.)",
-        stacklevel=3,
+        stacklevel=4,  # the caller of spatial_entropy_loss
     )
 
 
