@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -66,42 +67,73 @@ _warned = set()
 
 def select(name: str, device: torch.device, dtype: torch.dtype, bins: int, eps: Optional[float] = None):
     """The backend module for a call; raises when an explicitly named backend cannot serve it."""
+    return _load(_resolve(name, device.type, dtype, bins, eps))[0]
+
+
+# torch.compile runs this at trace time and keeps its result (a name) as a constant: the imports and
+# extension loads it may do on a first call cannot be traced, and its answer is fixed per process.
+@torch.compiler.assume_constant_result
+def _resolve(name: str, device_type: str, dtype: torch.dtype, bins: int, eps: Optional[float]) -> str:
+    device = torch.device(device_type)
     if name != "auto":
         reasons = not_supported_reasons(name, device, dtype, bins, eps)
         if reasons:
-            raise ValueError(f"backend={name!r} cannot serve {device.type} {dtype} input: " + "; ".join(reasons))
-        return _load(name)[0]
+            raise ValueError(f"backend={name!r} cannot serve {device_type} {dtype} input: " + "; ".join(reasons))
+        return name
     skipped = []
-    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+    for candidate in AUTO_ORDER.get(device_type, ("reference",)):
         reasons = not_supported_reasons(candidate, device, dtype, bins, eps)
         if not reasons:
-            key = (device.type, candidate, tuple(n for n, _ in skipped))
+            key = (device_type, candidate, tuple(n for n, _ in skipped))
             if skipped and key not in _warned:
                 _warned.add(key)
                 warnings.warn(
-                    f"entropy_kernels: backend='auto' uses {candidate!r} for {device.type} tensors; "
+                    f"entropy_kernels: backend='auto' uses {candidate!r} for {device_type} tensors; "
                     + "; ".join(f"{n} unavailable ({', '.join(r)})" for n, r in skipped),
-                    stacklevel=3,
+                    stacklevel=5,  # the caller of spatial_entropy_loss
                 )
-            return _load(candidate)[0]
+            return candidate
         skipped.append((candidate, reasons))
-    raise ValueError(f"no backend serves {device.type} tensors: {skipped}")
+    raise ValueError(f"no backend serves {device_type} tensors: {skipped}")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can serve a device type here and, when it cannot, why.
+
+    Printed as ``available`` or ``unavailable: <reason>``; true in a boolean context when available.
+    """
+
+    available: bool
+    reason: Optional[str] = None
+
+    def __bool__(self) -> bool:
+        return self.available
+
+    def __str__(self) -> str:
+        return "available" if self.available else f"unavailable: {self.reason}"
+
+    __repr__ = __str__
 
 
 def available_backends(bins: int = 32, dtype: torch.dtype = torch.float32):
-    """For 'cpu' and 'cuda': each backend mapped to None when usable on this machine, else the reason.
+    """For 'cpu' and 'cuda': each backend's :class:`BackendStatus` on this machine (for ``bins`` and ``dtype``).
 
-    >>> available_backends()["cpu"]["reference"] is None
-    True
+    >>> from entropy_kernels import available_backends
+    >>> status = available_backends()
+    >>> status["cpu"]["reference"]
+    available
+    >>> bool(status["cpu"]["reference"]), status["cpu"]["reference"].reason
+    (True, None)
     """
     table = {}
     for device_type in ("cpu", "cuda"):
         row = {}
         for name in MODULES:
             if device_type == "cuda" and not torch.cuda.is_available():
-                row[name] = "no CUDA device on this machine"
+                row[name] = BackendStatus(False, "no CUDA device on this machine")
                 continue
             reasons = not_supported_reasons(name, torch.device(device_type), dtype, bins)
-            row[name] = "; ".join(reasons) if reasons else None
+            row[name] = BackendStatus(not reasons, "; ".join(reasons) or None)
         table[device_type] = row
     return table

@@ -8,8 +8,11 @@ differ only in how they compute the windowed histograms and the divergence.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -27,26 +30,39 @@ BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
 # offsets (row, col) = (-1,-1) (-1,0) (-1,1) (0,-1) (0,1) (1,-1) (1,0) (1,1).
 RING_INDEX = (0, 1, 2, 3, 5, 6, 7, 8)
 SHUFFLED_SIGMA = 1.5
+# The joint histogram has bins^2 cells per window: the C++ backend keeps a few of them per thread
+# and the reference materialises B*C*H*W*bins^2 values, so bins=10000 grew to gigabytes before any
+# backend refused it. cuda and triton serve bins <= 64 (their tiles live in registers).
+MAX_BINS = 1024
+# In bin units (docs/spec.md, Decisions 13). A value half-way between two bin centres contributes
+# K(0.5/h)/h to its nearest bins (logistic: about e^-500 at h = 1e-3), so narrower kernels make the
+# loss and its gradient vanish for almost every image, and from ~1e-20 (float32) or ~1e-160 (float64)
+# on, the kernels' 1/h^2 overflows into NaN.
+MIN_BANDWIDTH = 1e-3
+# Share of pred's pixels outside data_range above which clamp=True warns (once per process): their
+# gradient is zero, which is what an image in the wrong range looks like.
+CLAMPED_SHARE_WARNING = 0.25
 
 WindowSpec = Union[int, Tuple[int, ...], str]
 
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Validated loss parameters (see docs/spec.md for their meaning)."""
+    """Validated loss parameters, made by :func:`make_options` (docs/spec.md for their meaning)."""
 
-    bins: int = 32
-    bandwidth: float = 0.5
-    kernel: str = "logistic"
-    window: Union[Tuple[int, ...], str] = (11,)
-    neighbor_weights: Union[str, torch.Tensor] = "shuffled"
-    divergence: str = "kl"
-    padding: str = "same"
-    clamp: bool = True
-    eps: float = 1e-10
-    reduction: str = "mean"
-    generator: Optional[torch.Generator] = None
-    backend: str = "auto"
+    bins: int
+    bandwidth: float
+    kernel: str
+    window: Union[Tuple[int, ...], str]
+    neighbor_weights: Union[str, torch.Tensor]
+    divergence: str
+    padding: str
+    clamp: bool
+    eps: float
+    reduction: str
+    generator: Optional[torch.Generator]
+    backend: str
+    data_range: Tuple[float, float]
 
     @property
     def is_global(self) -> bool:
@@ -100,6 +116,10 @@ def _neighbor_weights(value):
             f"neighbor_weights must be one of {WEIGHT_MODES} or a tensor of 8 (or 3x3) values, "
             f"got {type(value).__name__}"
         )
+    if value.is_complex():
+        raise TypeError(f"neighbor_weights must be real, got a {value.dtype} tensor")
+    if value.is_meta:
+        raise ValueError("neighbor_weights must hold values (a CPU or CUDA tensor), got a tensor on the meta device")
     if value.numel() not in (8, 9) or (value.numel() == 9 and tuple(value.shape) != (3, 3)):
         raise ValueError(f"neighbor_weights tensor must have 8 values or shape (3, 3), got shape {tuple(value.shape)}")
     ring = value.detach().to("cpu", torch.float64).reshape(-1)
@@ -107,9 +127,24 @@ def _neighbor_weights(value):
         ring = ring[list(RING_INDEX)]
     if not torch.isfinite(ring).all():
         raise ValueError(f"neighbor_weights must be finite, got {ring.tolist()}")
-    if ring.sum() == 0:
+    total = ring.sum()
+    if total == 0:
         raise ValueError(f"neighbor_weights must not sum to zero (they are renormalised), got {ring.tolist()}")
-    return ring / ring.sum()
+    normalised = ring / total
+    if not (torch.isfinite(total) and torch.isfinite(normalised).all()):
+        raise ValueError(f"neighbor_weights are renormalised by their sum, which is {total.item():g} in float64; "
+                         f"scale them into a smaller range, got {ring.tolist()}")
+    return normalised
+
+
+def _data_range(value) -> Tuple[float, float]:
+    pair = (0.0, value) if _is_real(value) else value
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_real(v) for v in pair)):
+        raise TypeError(f"data_range must be a real number high or a pair (low, high), got {value!r}")
+    low, high = float(pair[0]), float(pair[1])
+    if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low) and high > low):
+        raise ValueError(f"data_range must be finite with low < high, got {value!r}")
+    return low, high
 
 
 def make_options(
@@ -121,21 +156,28 @@ def make_options(
     neighbor_weights: Union[str, torch.Tensor] = "shuffled",
     divergence: str = "kl",
     padding: str = "same",
+    data_range: Union[float, Tuple[float, float]] = (0.0, 1.0),
     clamp: bool = True,
     eps: float = 1e-10,
     reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
 ) -> LossOptions:
-    """Check every parameter against docs/spec.md and return them as :class:`LossOptions`."""
+    """Check every parameter against docs/spec.md and return them as :class:`LossOptions`.
+
+    This signature is the one definition of the loss's keywords and defaults: the public
+    function and module take theirs from it (:data:`LOSS_PARAMETERS`).
+    """
     if not _is_int(bins):
         raise TypeError(f"bins must be an int, got {bins!r} of type {type(bins).__name__}")
-    if bins < 2:
-        raise ValueError(f"bins must be >= 2, got {bins}")
+    if not 2 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be in [2, {MAX_BINS}], got {bins} (the joint histogram has bins^2 cells per "
+                         f"window; the cuda and triton backends serve bins <= 64)")
     if not _is_real(bandwidth):
         raise TypeError(f"bandwidth must be a real number, got {bandwidth!r}")
-    if not (math.isfinite(bandwidth) and bandwidth > 0):
-        raise ValueError(f"bandwidth must be finite and > 0, got {bandwidth}")
+    if not (math.isfinite(bandwidth) and bandwidth >= MIN_BANDWIDTH):
+        raise ValueError(f"bandwidth must be finite and >= {MIN_BANDWIDTH:g} (in bin units; narrower kernels put no "
+                         f"mass between the bin centres), got {bandwidth}")
     if not _is_real(eps):
         raise TypeError(f"eps must be a real number, got {eps!r}")
     if not (math.isfinite(eps) and eps >= 0):
@@ -165,7 +207,22 @@ def make_options(
         reduction=reduction,
         generator=generator,
         backend=_choice("backend", backend, BACKENDS),
+        data_range=_data_range(data_range),
     )
+
+
+LOSS_PARAMETERS = tuple(inspect.signature(make_options).parameters.values())
+
+
+def check_keywords(caller: str, kwargs) -> None:
+    """A TypeError naming the public ``caller`` for keywords that are not loss parameters."""
+    valid = [p.name for p in LOSS_PARAMETERS]
+    for name in kwargs:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}{hint}; "
+                            f"valid keywords: {', '.join(valid)}")
 
 
 def check_inputs(pred, target, opts: LossOptions):
@@ -228,14 +285,46 @@ def draw_neighbor_weights(opts: LossOptions, device, dtype) -> torch.Tensor:
 
 
 def bin_units(x: torch.Tensor, opts: LossOptions) -> torch.Tensor:
-    """u = (L - 1) * clamp(x, 0, 1) (docs/spec.md step 1).
+    """u = (L - 1) * (clamp(x, low, high) - low) / (high - low) (docs/spec.md step 1).
 
-    Non-finite inputs become NaN even when clamping would turn +-inf into 0 or 1, so that
+    Non-finite inputs become NaN even when clamping would turn +-inf into low or high, so that
     a NaN or Inf anywhere always yields a NaN loss instead of a plausible number.
     """
-    v = x.clamp(0.0, 1.0) if opts.clamp else x
+    low, high = opts.data_range
+    v = x.clamp(low, high) if opts.clamp else x
     v = torch.where(torch.isfinite(x), v, torch.full_like(v, float("nan")))
-    return v * (opts.bins - 1)
+    # For the default (0, 1) both steps are exact, so the result is bit for bit (L - 1) * clamp(x, 0, 1).
+    return (v - low) * ((opts.bins - 1) / (high - low))
+
+
+_clamp_warned = False
+
+
+def warn_if_mostly_clamped(pred: torch.Tensor, opts: LossOptions) -> None:
+    """Warn (once per process) when clamping takes the gradient of a large share of pred's pixels.
+
+    One reduction and a host sync per call until it has warned; skipped inside torch.compile, where
+    a data-dependent branch would break the graph.
+    """
+    global _clamp_warned
+    if _clamp_warned or not opts.clamp or not pred.requires_grad or torch.compiler.is_compiling():
+        return
+    low, high = opts.data_range
+    with torch.no_grad():
+        lowest, highest = pred.detach().aminmax()
+        outside = ((pred < low) | (pred > high)).float().mean().item()
+    if outside <= CLAMPED_SHARE_WARNING:
+        return
+    _clamp_warned = True
+    lowest, highest = lowest.item(), highest.item()
+    fits = [r for r in ((0, 1), (-1, 1), (0, 255)) if r[0] <= lowest and highest <= r[1]]
+    suggestion = f"data_range={fits[0]}" if fits else f"data_range=({lowest:.3g}, {highest:.3g})"
+    warnings.warn(
+        f"entropy_kernels: {outside:.0%} of pred's values lie outside data_range={opts.data_range} (pred spans "
+        f"[{lowest:.3g}, {highest:.3g}]); clamp=True gives them no gradient. Pass the range of your images, "
+        f"here {suggestion}, or clamp=False. (Warned once per process.)",
+        stacklevel=4,  # the caller of spatial_entropy_loss
+    )
 
 
 def neighbor_value(u: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:

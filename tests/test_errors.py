@@ -38,6 +38,18 @@ X = torch.rand(1, 3, 8, 8)
         (dict(backend="opencl"), ValueError, "backend.*opencl"),
         (dict(padding="valid", window=(3, 5), reduction="none"), ValueError, "none.*valid"),
         (dict(padding="valid", window=9), ValueError, "window=9.*8x8"),
+        (dict(bins=10000), ValueError, "bins.*1024.*10000"),
+        (dict(bandwidth=1e-320), ValueError, "bandwidth.*0.001.*1e-320"),
+        (dict(bandwidth=5e-4), ValueError, "bandwidth"),
+        (dict(neighbor_weights=torch.full((8,), 1e308, dtype=torch.float64)), ValueError, "neighbor_weights.*sum.*inf"),
+        (dict(neighbor_weights=torch.ones(8, dtype=torch.complex64)), TypeError, "neighbor_weights.*complex"),
+        (dict(neighbor_weights=torch.ones(8, device="meta")), ValueError, "neighbor_weights.*meta"),
+        (dict(data_range=0), ValueError, "data_range"),
+        (dict(data_range=(1, -1)), ValueError, r"data_range.*\(1, -1\)"),
+        (dict(data_range=(0, float("inf"))), ValueError, "data_range"),
+        (dict(data_range=(-1e308, 1e308)), ValueError, "data_range"),
+        (dict(data_range=(0, 1, 2)), TypeError, "data_range"),
+        (dict(data_range="0-255"), TypeError, "data_range.*0-255"),
     ],
 )
 def test_bad_parameters(kwargs, error, match):
@@ -61,6 +73,24 @@ def test_bad_parameters(kwargs, error, match):
 def test_bad_inputs(pred, target, error, match):
     with pytest.raises(error, match=match):
         loss(pred, target)
+
+
+def test_large_bins_refused_before_allocating():
+    """The cap holds at construction, before any input exists (bins=10000 used to grow to 6 GiB)."""
+    with pytest.raises(ValueError, match="bins must be in \\[2, 1024\\]"):
+        ek.SpatialEntropyLoss(bins=10000)
+    assert torch.isfinite(loss(X, X.flip(-1), bins=1024, window=1, backend="cpp", neighbor_weights="mean"))
+
+
+@pytest.mark.parametrize("call", [lambda: loss(X, X, binz=8), lambda: ek.SpatialEntropyLoss(binz=8)])
+def test_unknown_keyword_names_the_public_api_and_lists_valid_ones(call):
+    with pytest.raises(TypeError) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(("spatial_entropy_loss() got an unexpected keyword argument 'binz'",
+                               "SpatialEntropyLoss() got an unexpected keyword argument 'binz'"))
+    assert "did you mean 'bins'?" in message and "valid keywords: bins, bandwidth," in message
+    assert "make_options" not in message
 
 
 def test_unavailable_backend_says_why():

@@ -279,9 +279,12 @@ def test_module_matches_function_and_validates_early():
 def test_available_backends_reports_reference_and_reasons():
     table = ek.available_backends()
     assert set(table) == {"cpu", "cuda"}
-    assert table["cpu"]["reference"] is None
+    assert table["cpu"]["reference"].available and table["cpu"]["reference"].reason is None
+    assert str(table["cpu"]["reference"]) == "available"
     for row in table.values():
-        assert all(reason is None or (isinstance(reason, str) and reason) for reason in row.values())
+        for status in row.values():
+            assert status.available == (status.reason is None) == bool(status)
+            assert status.available or (status.reason and str(status) == f"unavailable: {status.reason}")
 
 
 def test_options_renormalise_weight_tensors():
