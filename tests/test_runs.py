@@ -3,8 +3,12 @@ mistake; run folders that refuse a fresh run; resume with and without --config (
 the uninterrupted run); snapshots, best.pt and export; what the run prints."""
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import types
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -15,18 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from model import IRSDE, build_noise_network
-from test_train import make_pairs
+from test_train import REPO, data_root  # noqa: F401 - data_root is a fixture
 from train.__main__ import main
 from train.checkpoint import WEIGHTS_FORMAT, load_checkpoint
 from train.inference import load_for_sampling
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    make_pairs(root / "train", 4, 24, 28, seed=0)
-    make_pairs(root / "test", 2, 19, 23, seed=1)
-    return root
 
 
 def tiny(data_root, out_dir, *extra):
@@ -200,6 +196,10 @@ def test_resume_with_changes_prints_them_and_refuses_unsafe_ones(run, data_root,
     before = (copy / "checkpoints" / "last.pt").read_bytes()
     expect_error(capsys, "train.steps: 3 is before the checkpoint's step 4", "fit", "--resume", last, "train.steps=3")
     assert (copy / "checkpoints" / "last.pt").read_bytes() == before
+    # nothing left to train: no checkpoint write would replace a stale temporary file, the clean-up must
+    (copy / "checkpoints" / "last.pt.tmp").write_bytes(b"half a checkpoint")
+    assert run_cli(capsys, "fit", "--resume", last)[0] == 0
+    assert not (copy / "checkpoints" / "last.pt.tmp").exists() and (copy / "checkpoints" / "last.pt").read_bytes() == before
     # --config as well: the run's own config.yaml (out_dir pointing at the copy), six steps instead of four
     code, _, err = run_cli(capsys, "fit", "--resume", last, "--config", str(copy / "config.yaml"), f"out_dir={copy}",
                            "train.steps=6", "train.val_every=0")
@@ -274,3 +274,27 @@ def test_export_writes_the_ema_weights_and_config(run, capsys, tmp_path):
     x = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([5])
     assert torch.equal(network.eval()(x, x * 0.3, t), sampled(x, x * 0.3, t))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(data_root, capsys, tmp_path, sig):
+    overrides = lambda out: tiny(data_root, out, "train.steps=8", "train.checkpoint_every=1", "train.val_every=0",  # noqa: E731
+                                 "train.snapshot_every=0", "train.threads=1")
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "train", "fit", *overrides(killed)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = killed / "log.jsonl", time.time() + 240
+    while not (log.is_file() and log.read_text().count("\n") >= 3) and child.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    child.send_signal(sig)  # mid-run: between steps, inside a step or inside a checkpoint write
+    child.wait(timeout=60)
+    assert child.returncode == -sig
+    step = load_checkpoint(killed / "checkpoints" / "last.pt")["step"]  # loads: never half written
+    assert 1 <= step < 8
+    assert run_cli(capsys, "fit", "--resume", "auto", *overrides(killed))[0] == 0
+    assert run_cli(capsys, "fit", *overrides(tmp_path / "whole"))[0] == 0
+    assert_same_state(load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt"),
+                      load_checkpoint(killed / "checkpoints" / "last.pt"))
+    assert [r["step"] for r in log_records(killed) if "loss" in r] == list(range(1, 9))
+    assert not list((killed / "checkpoints").glob("*.tmp"))
