@@ -137,6 +137,10 @@ def test_fresh_fit_into_a_run_folder_refuses_and_overwrite_replaces(run, data_ro
     err = expect_error(capsys, f"{copy}: already holds a run", "fit", *tiny(data_root, copy))
     assert "--resume" in err and "out_dir" in err and "--overwrite" in err
     assert ((copy / "log.jsonl").read_text(), (copy / "checkpoints" / "last.pt").read_bytes()) == before
+    # a data error stops --overwrite before it deletes anything
+    missing = f"data.train={{low: {tmp_path}/none, high: {data_root}/train/high}}"
+    expect_error(capsys, f"image folder {tmp_path}/none does not exist", "fit", *tiny(data_root, copy, missing), "--overwrite")
+    assert ((copy / "log.jsonl").read_text(), (copy / "checkpoints" / "last.pt").read_bytes()) == before
     code, _, _ = run_cli(capsys, "fit", *tiny(data_root, copy, "train.steps=1", "train.val_every=0"), "--overwrite")
     assert code == 0
     assert [r["step"] for r in log_records(copy) if "loss" in r] == [1]

@@ -239,7 +239,7 @@ def entropy_backend(entropy_cfg: dict, device: torch.device) -> str:
 def start_up_summary(config, device, world, network, train_pairs, val_pairs, resume_note) -> list:
     train_cfg, data_cfg, model_cfg = config["train"], config["data"], config["model"]
     weights = config["loss"]["weights"]
-    terms = ", ".join(f"{name} x{w:g}" + (f" (backend {entropy_backend(config['loss']['entropy'], device)})"
+    terms = "; ".join(f"{name} x{w:g}" + (f", backend {entropy_backend(config['loss']['entropy'], device)}"
                                             if name == "entropy" else "") for name, w in weights.items())
     preconditioning = (f", preconditioned (sigma_data {model_cfg['sigma_data']:g})"
                        if model_cfg.get("sigma_data") is not None else "")
@@ -287,18 +287,15 @@ def fit(config: dict, resume=None, overwrite: bool = False) -> dict:
         changes = check_resume_changes(state["config"], config)
         if total_steps < step:
             raise ConfigError("train.steps", f"{total_steps} is before the checkpoint's step {step}")
-    plan = run_folder_plan(out_dir, resume, step, overwrite)  # every process checks before any writes
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        apply_run_folder_plan(out_dir, plan, step)
+    plan = run_folder_plan(out_dir, resume, step, overwrite)  # every process checks before rank 0 writes
 
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
     random.seed(seed + rank)
     generators = {"noise": torch.Generator(device).manual_seed(seed + rank), "loss": torch.Generator().manual_seed(seed)}
 
-    # data: rank 0 makes the demo set before the others look for it
+    # data: rank 0 makes the demo set before the others look for it; all of it is read before the
+    # run folder changes, so a data error does not cost the run --overwrite would replace
     if rank == 0:
         train_pairs = split_pairs(data_cfg, "train")
     if world > 1:
@@ -307,6 +304,10 @@ def fit(config: dict, resume=None, overwrite: bool = False) -> dict:
         train_pairs = split_pairs(data_cfg, "train")
     batch_size = int(data_cfg["batch_size"])
     dataset = RandomCrops(train_pairs, int(data_cfg["crop"]), max(len(train_pairs), 8 * batch_size * world), seed)
+    test_pairs = split_pairs(data_cfg, "test") if train_cfg["val_every"] or config["evaluate_at_end"] else []
+    val_pairs = test_pairs[: int(data_cfg["val_images"])] if train_cfg["val_every"] else []
+    if rank == 0:
+        apply_run_folder_plan(out_dir, plan, step)
 
     # SDE and network
     sde = IRSDE(**config["sde"], device=device)
@@ -354,7 +355,6 @@ def fit(config: dict, resume=None, overwrite: bool = False) -> dict:
         if rank == 0:
             save_checkpoint(checkpoints / name, state)
 
-    val_pairs = split_pairs(data_cfg, "test")[: int(data_cfg["val_images"])] if train_cfg["val_every"] else []
     if rank == 0:
         note = (f"resuming {resume} at step {step} in {out_dir}" if resume is not None
                 else f"fresh run in {out_dir}" + (" (replacing the run it held)" if plan == "clear" else ""))
@@ -415,7 +415,7 @@ def fit(config: dict, resume=None, overwrite: bool = False) -> dict:
     if rank == 0:
         log.write(step, {"train_seconds": seconds})
     if config["evaluate_at_end"] and rank == 0:
-        summary["evaluation"] = run_evaluation(ema, sde, split_pairs(data_cfg, "test"), out_dir / "eval", device,
+        summary["evaluation"] = run_evaluation(ema, sde, test_pairs, out_dir / "eval", device,
                                                config["sample"], seed)
     log.close()
     if world > 1:
