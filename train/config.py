@@ -219,6 +219,8 @@ def check_model(model: dict, sde: dict) -> None:
             raise ConfigError(f"model.{key}", "not a parameter of the network" + _closest(key, known))
     if model.get("preset") not in PRESETS:
         raise ConfigError("model.preset", f"must be one of {sorted(PRESETS)}, got {model.get('preset')!r}")
+    if model.get("sigma_data") is not None:
+        _typed("model.sigma_data", model["sigma_data"], float)
     for key, default in parameters.items():
         if key in model:
             value = _typed(f"model.{key}", model[key], list if isinstance(default, tuple) else type(default))
