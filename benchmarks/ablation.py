@@ -184,8 +184,8 @@ def finished_training(run_dir: Path, overrides: list):
 
 
 def run_one(arm: str, seed: int, heldout: Path, out: Path, p: dict) -> dict:
-    """Trains (unless an identical finished run is there) and evaluates one (arm, seed); returns its
-    record (metrics per image and mean)."""
+    """Trains (unless an identical finished run is there; an unfinished or different one is replaced)
+    and evaluates one (arm, seed); returns its record (metrics per image and mean)."""
     run_dir = out / "runs" / f"{arm}_seed{seed}"
     env = child_env(p["threads"], p.get("cache"))
     overrides = fit_overrides(arm, seed, run_dir, p)
@@ -193,7 +193,7 @@ def run_one(arm: str, seed: int, heldout: Path, out: Path, p: dict) -> dict:
     with open(out / "runs" / f"{arm}_seed{seed}.log", "a") as log:
         if train_seconds is None:
             started = time.time()
-            subprocess.run([sys.executable, "-m", "train", "fit", *overrides], cwd=ROOT, env=env,
+            subprocess.run([sys.executable, "-m", "train", "fit", "--overwrite", *overrides], cwd=ROOT, env=env,
                            stdout=log, stderr=subprocess.STDOUT, check=True)
             train_seconds = time.time() - started
         started = time.time()

@@ -144,7 +144,7 @@ def test_console_script_is_not_shadowed_by_the_working_directory(venv, tmp_path)
     # ... the console script runs the installed train (which imports model) and its presets.
     ours = run([venv / "bin" / "entropy-sde", "fit", "--config", "dem"], cwd=tmp_path, env=env, check=False)
     assert ours.returncode == 2, ours.stderr
-    assert "entropy-sde fit: error: argument --config: unknown preset 'dem'" in ours.stderr
+    assert "error: --config: unknown preset 'dem'" in ours.stderr
     assert ", ".join(presets.names()) in ours.stderr
 
 
@@ -161,13 +161,11 @@ def test_config_takes_a_preset_name_or_a_path(tmp_path, monkeypatch, capsys):
 
     assert load_config("configs/mine.yaml")["train"]["steps"] == 3
     assert load_config("demo")["out_dir"] == "runs/demo"
-    for config, message in (("dem", "unknown preset 'dem': the presets are demo, lol_v1, lol_v1_large_crop, lol_v2_real"),
-                            ("demo.yaml", f"no file {str(tmp_path / 'demo.yaml')!r}; the presets by name are demo")):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--config", config], prog="entropy-sde")
-        assert exit_info.value.code == 2
+    for config, message in (("dem", "--config: unknown preset 'dem': the presets are demo, lol_v1, lol_v1_large_crop, lol_v2_real"),
+                            ("demo.yaml", "demo.yaml: no such config file (the presets by name are demo, ")):
+        assert main(["fit", "--config", config], prog="entropy-sde") == 2
         err = capsys.readouterr().err
-        assert f"entropy-sde fit: error: argument --config: {message}" in err
+        assert f"error: {message}" in err
 
 
 def test_loss_needs_torch_alone():

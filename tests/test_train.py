@@ -18,9 +18,10 @@ from model import IRSDE, TiledNetwork, build_network, build_noise_network
 from train import inference, presets
 from train import fit as fit_module
 from train.__main__ import main
-from train.config import load_config
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.config import ConfigError, load_config
 from train.data import DataError, RandomCrops, make_demo_dataset, pair_folders, read_image, split_pairs
-from train.fit import TrainingLoss, fit, load_checkpoint, save_checkpoint, step_loss
+from train.fit import TrainingLoss, fit, step_loss
 from train.inference import load_for_sampling
 from train.metrics import psnr, ssim
 
@@ -119,7 +120,9 @@ def test_resume_continues_exactly(data_root, tmp_path, monkeypatch):
     assert all(torch.equal(x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()))
     losses = lambda run: [json.loads(l)["loss"] for l in open(tmp_path / run / "log.jsonl") if '"loss"' in l]  # noqa: E731
     assert losses("whole")[3:] == losses("resumed")
-    fit(tiny_config(data_root, tmp_path / "whole", "train.steps=2"))  # a fresh run in the same folder
+    with pytest.raises(ConfigError, match="already holds a run"):  # a fresh run in the same folder
+        fit(tiny_config(data_root, tmp_path / "whole", "train.steps=2"))
+    fit(tiny_config(data_root, tmp_path / "whole", "train.steps=2"), overwrite=True)
     assert len(losses("whole")) == 2
 
 
@@ -174,7 +177,7 @@ def test_enhance_on_tiles(checkpoint, data_root, tmp_path, capsys, monkeypatch):
         assert re.search(message, capsys.readouterr().err)
     with pytest.raises(ValueError, match="sample.tile"):
         load_config(None, ["sample.tile=64", "sample.tile_overlap=64"])
-    with pytest.raises(ValueError, match="sample.tile_pooling must be one of"):
+    with pytest.raises(ValueError, match="sample.tile_pooling: must be one of"):
         load_config(None, ["sample.tile_pooling=global"])
 
 

@@ -1,4 +1,4 @@
-"""Command line: entropy-sde (or python -m train) fit | enhance | evaluate | fetch-metric-weights."""
+"""Command line: entropy-sde (or python -m train) fit | export | enhance | evaluate | fetch-metric-weights."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ exit_without_train_extra()  # before the imports below need the extra
 
 from model.tiling import POOLINGS  # noqa: E402
 
+from .config import ConfigError  # noqa: E402
 from .data import DataError, pair_folders  # noqa: E402
 
 # Folder pairs that `evaluate --data DIR` recognises, tried in order (DIR itself, then LOL test splits).
@@ -56,10 +57,17 @@ def main(argv=None, prog=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     fit_p = commands.add_parser("fit", help="train an IR-SDE from a YAML config")
-    fit_p.add_argument("--config", type=presets.config_argument, help=f"a preset by name ({', '.join(presets.names())}) "
-                       "or a YAML file; its out_dir and data paths are relative to the working directory")
-    fit_p.add_argument("--resume", help="checkpoint to continue from exactly")
+    fit_p.add_argument("--config", help=f"a preset by name ({', '.join(presets.names())}) or a YAML file; its "
+                       "out_dir and data paths are relative to the working directory (with --resume: only the keys "
+                       "that may change on resume may differ from the checkpoint's)")
+    fit_p.add_argument("--resume", metavar="CKPT|auto", help="continue the run of a checkpoint exactly, with its own "
+                       "config and out_dir; 'auto': continue the run in out_dir if it holds one, else start it")
+    fit_p.add_argument("--overwrite", action="store_true", help="replace the run that out_dir holds")
     fit_p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=200")
+
+    export = commands.add_parser("export", help="write a checkpoint's EMA weights and config as a safetensors file")
+    export.add_argument("--checkpoint", required=True, help="a training checkpoint, e.g. runs/demo/checkpoints/best.pt")
+    export.add_argument("output", help="the weights file to write, e.g. demo.safetensors")
 
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--checkpoint", required=True)
@@ -88,11 +96,16 @@ def main(argv=None, prog=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "fit":
-            from .config import load_config
             from .fit import fit
 
-            summary = fit(load_config(args.config, args.overrides), resume=args.resume)
+            config, resume, overwrite = fit_request(args)
+            summary = fit(config, resume=resume, overwrite=overwrite)
             print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "train_seconds", "checkpoint")}))
+        elif args.command == "export":
+            from .checkpoint import export_weights
+
+            metadata = export_weights(args.checkpoint, args.output)
+            print(f"wrote the EMA weights of step {metadata['step']} to {args.output}")
         elif args.command == "enhance":
             from .inference import enhance_paths, load_for_sampling
 
@@ -113,11 +126,39 @@ def main(argv=None, prog=None) -> int:
 
             for name, path in fetch_metric_weights(args.cache).items():
                 print(f"{name}: {path}")
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (DataError, ConfigError) as exc:
+        return fail(exc)
     return 0
 
+
+def fail(exc: Exception) -> int:
+    """A problem the user can fix (its message names the key or path): one `error:` line, exit status 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def fit_request(args):
+    """(config, checkpoint or None, overwrite) of a `fit` command line. A resumed run starts from
+    the checkpoint's own config (its run folder as out_dir), with --config and overrides on top;
+    fit() refuses the changes a resumed run cannot make."""
+    from .checkpoint import load_training_state
+    from .config import load_config
+
+    resume, overwrite = args.resume, args.overwrite
+    if resume == "auto":
+        checkpoints = Path(load_config(args.config, args.overrides)["out_dir"]) / "checkpoints"
+        if not (checkpoints / "last.pt").is_file():
+            # Without a checkpoint the folder's log and config describe steps nothing kept: start again.
+            return load_config(args.config, args.overrides), None, overwrite or not any(checkpoints.glob("*.pt"))
+        resume = checkpoints / "last.pt"
+    if resume is None:
+        return load_config(args.config, args.overrides), None, overwrite
+    stored = load_training_state(resume, mmap=True)["config"]
+    if Path(resume).parent.name == "checkpoints":
+        stored = {**stored, "out_dir": str(Path(resume).parent.parent)}  # the run folder it sits in
+    if args.config is not None:
+        return load_config(args.config, args.overrides), resume, overwrite
+    return load_config(None, args.overrides, base=stored), resume, overwrite
 
 if __name__ == "__main__":
     sys.exit(main(prog="python -m train"))

@@ -5,6 +5,9 @@ x_hat_{t-1} with the optimal x*_{t-1} under the configured loss. Every random dr
 seeded generators whose states go into the checkpoint with everything else, so `--resume`
 continues exactly where the run stopped. Under torchrun every process trains on its own shard
 (DistributedSampler) and rank 0 alone logs, validates and writes checkpoints.
+
+A run folder (`out_dir`) belongs to one run: a fresh run refuses a folder that holds one unless
+told to overwrite it, and a resumed run cuts its log back to the resumed step (docs/runs.md).
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import copy
 import json
 import os
 import random
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,13 +29,16 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from entropy_kernels import SpatialEntropyLoss
+from entropy_kernels import SpatialEntropyLoss, available_backends
 from model import IRSDE, build_noise_network
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import save_config
-from .data import RandomCrops, split_pairs
-from .inference import evaluate_pairs, run_evaluation
+from .checkpoint import (
+    checkpoint_step, load_training_state, remove_temporaries, rng_state, save_checkpoint, save_snapshot, set_rng_state,
+    snapshots,
+)
+from .config import ConfigError, check_resume_changes, save_config
+from .data import RandomCrops, split_pairs, write_image
+from .inference import comparison_grid, evaluate_pairs, run_evaluation
 
 
 # ---- processes and devices ----
@@ -97,26 +105,88 @@ def step_loss(network, sde, criterion, low, high, generator, use_amp=False):
     return criterion(predicted, sde.optimal_previous(x_t, high, low, t))
 
 
+# ---- run folders ----
+
+# What a run writes into its out_dir; --overwrite removes these and nothing else.
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoints", "validation", "tensorboard", "eval")
+
+
+def run_folder_plan(out_dir: Path, resume, step: int, overwrite: bool) -> str:
+    """'new' (the folder holds no run), 'clear' (it does; overwrite), 'continue' (`resume` is the
+    folder's own checkpoint and nothing in the folder is further on); ConfigError naming the folder
+    and the ways out otherwise. Reads only, so every process can check before any writes."""
+    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not present:
+        return "new"
+    if overwrite:
+        return "clear"
+    last = out_dir / "checkpoints" / "last.pt"
+    if resume is not None and Path(resume).resolve().parent == (out_dir / "checkpoints").resolve():
+        ahead = checkpoint_step(last) if last.is_file() and last.resolve() != Path(resume).resolve() else step
+        if ahead > step:
+            raise ConfigError(out_dir, f"holds this run at step {ahead}, past the checkpoint's step {step}: resuming "
+                              f"there would discard steps {step + 1}-{ahead}; resume {last} instead, choose another "
+                              "out_dir=..., or pass --overwrite to discard them")
+        return "continue"
+    held = sorted((out_dir / "checkpoints").glob("*.pt"))
+    return_to = f"--resume {last if last.is_file() else held[-1]} (or --resume auto)" if held else "--resume auto"
+    raise ConfigError(out_dir, f"already holds a run ({', '.join(present)}); continue it with {return_to}, "
+                      "choose another out_dir=..., or pass --overwrite to replace it")
+
+
+def apply_run_folder_plan(out_dir: Path, plan: str, step: int) -> None:
+    if plan == "clear":
+        for name in RUN_FILES:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    elif plan == "continue":
+        checkpoints = out_dir / "checkpoints"
+        remove_temporaries(checkpoints)
+        for snapshot_step, path in snapshots(checkpoints):
+            if snapshot_step > step:  # left behind by a later resume from an older snapshot
+                path.unlink()
+
+
 # ---- logging ----
 
 class RunLog:
-    """JSON lines in out_dir/log.jsonl, and TensorBoard scalars when tensorboard is installed.
-    A fresh run starts a new log; a resumed one appends to it."""
+    """JSON lines in out_dir/log.jsonl, and TensorBoard scalars and images when tensorboard is
+    installed. A fresh run starts a new log; a resumed one keeps the lines up to its step (a killed
+    run logged steps that no checkpoint kept) and appends."""
 
-    def __init__(self, out_dir: Path, enabled: bool, fresh: bool):
+    def __init__(self, out_dir: Path, enabled: bool, resume_step=None):
         self.enabled = enabled
         self.path = out_dir / "log.jsonl"
         self.writer = None
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
-            if fresh:
-                self.path.write_text("")
+            kept = [] if resume_step is None else self._lines_up_to(resume_step)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
-                pass
+                note_once("tensorboard is not installed: scalars go to log.jsonl and validation grids to "
+                          "validation/ only (pip install tensorboard for its charts)")
+
+    def _lines_up_to(self, step: int) -> list:
+        if not self.path.is_file():
+            return []
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed write
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        return kept
 
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:
@@ -128,28 +198,104 @@ class RunLog:
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, step)
 
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
+_notes = set()
+
+
+def note_once(text: str) -> None:
+    if text not in _notes:
+        _notes.add(text)
+        print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def say(text: str) -> None:
+    """A line on the console that does not break the progress bar."""
+    tqdm.write(text, file=sys.stderr)
+
+
+# The order in which backend='auto' tries backends (README, "backend='auto' picks").
+AUTO_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
+
+
+def entropy_backend(entropy_cfg: dict, device: torch.device) -> str:
+    """The backend the entropy loss runs on for `device`, from the public availability table."""
+    requested = entropy_cfg.get("backend", "auto")
+    if requested != "auto":
+        return requested
+    row = available_backends(bins=int(entropy_cfg.get("bins", 32)))[device.type]
+    # An entry is a reason string (None when usable), or a status whose truth value is usability.
+    usable = [name for name, entry in row.items() if (entry is None if isinstance(entry, (str, type(None))) else bool(entry))]
+    return next((name for name in AUTO_PREFERENCE.get(device.type, ()) if name in usable), "reference") + " (auto)"
+
+
+def start_up_summary(config, device, world, network, train_pairs, val_pairs, resume_note) -> list:
+    train_cfg, data_cfg, model_cfg = config["train"], config["data"], config["model"]
+    weights = config["loss"]["weights"]
+    terms = "; ".join(f"{name} x{w:g}" + (f", backend {entropy_backend(config['loss']['entropy'], device)}"
+                                            if name == "entropy" else "") for name, w in weights.items())
+    preconditioning = (f", preconditioned (sigma_data {model_cfg['sigma_data']:g})"
+                       if model_cfg.get("sigma_data") is not None else "")
+    validation = (f"{len(val_pairs)} test pair(s) every {train_cfg['val_every']} steps, grids in validation/"
+                  if val_pairs else "off (train.val_every=0)")
+    snapshots_line = (f"snapshots every {train_cfg['snapshot_every']} (keeping "
+                      f"{train_cfg['keep_snapshots'] or 'all'})" if train_cfg["snapshot_every"] else "no snapshots")
+    return [
+        f"fit: {resume_note}",
+        f"  device {device}, {torch.get_num_threads()} CPU thread(s), {world} process(es)",
+        f"  model {model_cfg['preset']}: {sum(p.numel() for p in network.parameters()) / 1e6:.3f}M parameters"
+        f"{preconditioning}; SDE {config['sde']['steps']} steps",
+        f"  loss {terms}",
+        f"  data {data_cfg['layout']}: {len(train_pairs)} training pairs, crop {data_cfg['crop']}, "
+        f"batch {data_cfg['batch_size']}; validation {validation}",
+        f"  {train_cfg['steps']} steps; last.pt every {train_cfg['checkpoint_every']}, {snapshots_line}",
+    ]
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, seconds: float, steps_done: int) -> str:
+    per_step = seconds / max(steps_done, 1)
+    return (f"step {step}/{total}  loss {loss:.4g}  lr {lr:.3g}  {per_step:.3g} s/step  "
+            f"eta {time.strftime('%H:%M:%S', time.gmtime(per_step * (total - step)))}")
+
+
 # ---- the run ----
 
-def fit(config: dict, resume=None) -> dict:
-    """Trains per `config`; returns a summary (final loss, seconds, checkpoint, evaluation on rank 0)
-    with the trained `network` and its `ema` copy."""
+def fit(config: dict, resume=None, overwrite: bool = False) -> dict:
+    """Trains per `config` into `config['out_dir']`; resume: a checkpoint path to continue from
+    exactly (only the keys :data:`train.config.RESUMABLE` may differ from its config); overwrite:
+    replace a run the folder holds. Returns a summary (final loss, seconds, checkpoint, evaluation
+    on rank 0) with the trained `network` and its `ema` copy."""
     rank, world, device = setup_distributed()
     train_cfg, data_cfg = config["train"], config["data"]
     if train_cfg["threads"]:
         torch.set_num_threads(int(train_cfg["threads"]))
     out_dir = Path(config["out_dir"])
     seed = int(config["seed"])
+    total_steps = int(train_cfg["steps"])
+
+    state, step, changes = None, 0, []
+    if resume is not None:
+        state = load_training_state(resume, device)
+        step = int(state["step"])
+        changes = check_resume_changes(state["config"], config)
+        if total_steps < step:
+            raise ConfigError("train.steps", f"{total_steps} is before the checkpoint's step {step}")
+    plan = run_folder_plan(out_dir, resume, step, overwrite)  # every process checks before rank 0 writes
+
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
     random.seed(seed + rank)
     generators = {"noise": torch.Generator(device).manual_seed(seed + rank), "loss": torch.Generator().manual_seed(seed)}
 
-    # data: rank 0 makes the demo set before the others look for it
+    # data: rank 0 makes the demo set before the others look for it; all of it is read before the
+    # run folder changes, so a data error does not cost the run --overwrite would replace
     if rank == 0:
         train_pairs = split_pairs(data_cfg, "train")
     if world > 1:
@@ -158,6 +304,10 @@ def fit(config: dict, resume=None) -> dict:
         train_pairs = split_pairs(data_cfg, "train")
     batch_size = int(data_cfg["batch_size"])
     dataset = RandomCrops(train_pairs, int(data_cfg["crop"]), max(len(train_pairs), 8 * batch_size * world), seed)
+    test_pairs = split_pairs(data_cfg, "test") if train_cfg["val_every"] or config["evaluate_at_end"] else []
+    val_pairs = test_pairs[: int(data_cfg["val_images"])] if train_cfg["val_every"] else []
+    if rank == 0:
+        apply_run_folder_plan(out_dir, plan, step)
 
     # SDE and network
     sde = IRSDE(**config["sde"], device=device)
@@ -171,19 +321,21 @@ def fit(config: dict, resume=None) -> dict:
         network.parameters(), lr=float(train_cfg["lr"]), betas=tuple(train_cfg["betas"]),
         weight_decay=float(train_cfg["weight_decay"]),
     )
-    total_steps = int(train_cfg["steps"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total_steps, eta_min=float(train_cfg["lr_min"]))
     use_amp = bool(train_cfg["amp"]) and device.type == "cuda"
 
-    step = 0
-    if resume is not None:
-        state = load_checkpoint(resume, device)
+    best = None  # {"psnr", "step"} of the best validation so far
+    if state is not None:
         network.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimiser.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # More steps than the checkpoint's: the cosine (updated recursively from the current rate)
+        # then reaches lr_min at the new end instead of rising again after the old one.
+        scheduler.T_max = total_steps
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"], generators)
-        step = int(state["step"])
+        best = state.get("best")
+        del state
 
     def checkpoint_state():
         rngs = rng_state(generators)
@@ -193,22 +345,32 @@ def fit(config: dict, resume=None) -> dict:
             rngs = gathered
         return {
             "model": network.state_dict(), "ema": ema.state_dict(), "optimizer": optimiser.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rngs, "step": step, "config": config,
+            "scheduler": scheduler.state_dict(), "rng": rngs, "step": step, "config": config, "best": best,
         }
+
+    checkpoints = out_dir / "checkpoints"
 
     def save(name):
         state = checkpoint_state()  # every rank joins the gather; rank 0 writes
         if rank == 0:
-            save_checkpoint(out_dir / "checkpoints" / name, state)
+            save_checkpoint(checkpoints / name, state)
 
-    log = RunLog(out_dir, enabled=rank == 0, fresh=resume is None)
+    if rank == 0:
+        note = (f"resuming {resume} at step {step} in {out_dir}" if resume is not None
+                else f"fresh run in {out_dir}" + (" (replacing the run it held)" if plan == "clear" else ""))
+        for line in start_up_summary(config, device, world, network, train_pairs, val_pairs, note):
+            say(line)
+        for key, old, new in changes:
+            say(f"  changed on resume: {key}: {old!r} -> {new!r}")
+    log = RunLog(out_dir, enabled=rank == 0, resume_step=step if resume is not None else None)
     if rank == 0:
         save_config(config, out_dir / "config.yaml")
-    val_pairs = split_pairs(data_cfg, "test")[: int(data_cfg["val_images"])] if train_cfg["val_every"] else []
     batches = training_batches(dataset, batch_size, rank, world, seed, step, int(data_cfg["workers"]), device.type == "cuda")
     decay = float(train_cfg["ema"])
-    bar = tqdm(total=total_steps, initial=step, desc="fit", disable=rank != 0, dynamic_ncols=True)
-    started, last_loss = time.time(), float("nan")
+    interactive = sys.stderr.isatty()  # in a file a bar is one endless line: print a line per log_every instead
+    bar = tqdm(total=total_steps, initial=step, desc="fit", disable=rank != 0 or not interactive, dynamic_ncols=True)
+    snapshot_every = int(train_cfg["snapshot_every"])
+    started, first_step, last_loss = time.time(), step, float("nan")
     while step < total_steps:
         low, high = (x.to(device, non_blocking=True) for x in next(batches))
         loss, terms = step_loss(trained, sde, criterion, low, high, generators["noise"], use_amp)
@@ -229,21 +391,48 @@ def fit(config: dict, resume=None) -> dict:
                 dist.all_reduce(reduced)
             log.write(step, {"loss": float(reduced) / world, **terms, "lr": scheduler.get_last_lr()[0],
                              "seconds": time.time() - started})
-        if val_pairs and step % int(train_cfg["val_every"]) == 0 and rank == 0:
-            scores = evaluate_pairs(ema, sde, val_pairs, device, config["sample"], seed)["mean"]
-            log.write(step, {"val_psnr": scores["output"]["psnr"], "val_ssim": scores["output"]["ssim"]})
-        if step % int(train_cfg["checkpoint_every"]) == 0 or step == total_steps:
+            if rank == 0 and not interactive:
+                say(progress_line(step, total_steps, float(reduced) / world, scheduler.get_last_lr()[0],
+                                  time.time() - started, step - first_step))
+        if val_pairs and step % int(train_cfg["val_every"]) == 0:
+            psnr = [validate(ema, sde, val_pairs, device, config, seed, step, log, out_dir) if rank == 0 else None]
+            if world > 1:
+                dist.broadcast_object_list(psnr)
+            if best is None or psnr[0] > best["psnr"]:
+                best = {"psnr": psnr[0], "step": step}
+                save("best.pt")
+                if rank == 0:
+                    say(f"  best so far: {checkpoints / 'best.pt'}")
+        snapshot = snapshot_every and step % snapshot_every == 0
+        if step % int(train_cfg["checkpoint_every"]) == 0 or step == total_steps or snapshot:
             save("last.pt")
+            if snapshot and rank == 0:
+                save_snapshot(checkpoints / "last.pt", step, train_cfg["keep_snapshots"])
     bar.close()
     seconds = time.time() - started
     summary = {"steps": step, "final_loss": last_loss, "train_seconds": seconds,
-               "checkpoint": str(out_dir / "checkpoints" / "last.pt"), "network": network, "ema": ema}
+               "checkpoint": str(checkpoints / "last.pt"), "network": network, "ema": ema}
     if rank == 0:
         log.write(step, {"train_seconds": seconds})
     if config["evaluate_at_end"] and rank == 0:
-        summary["evaluation"] = run_evaluation(ema, sde, split_pairs(data_cfg, "test"), out_dir / "eval", device,
+        summary["evaluation"] = run_evaluation(ema, sde, test_pairs, out_dir / "eval", device,
                                                config["sample"], seed)
     log.close()
     if world > 1:
         dist.barrier()
     return summary
+
+
+def validate(ema, sde, pairs, device, config, seed, step, log, out_dir) -> float:
+    """Scores the EMA network on the validation pairs: a console line, a log record and a grid image
+    (validation/step_NNNNNNN.png, and TensorBoard). Returns the mean PSNR."""
+    result = evaluate_pairs(ema, sde, pairs, device, config["sample"], seed)
+    scores = result["mean"]
+    psnr, ssim = scores["output"]["psnr"], scores["output"]["ssim"]
+    log.write(step, {"val_psnr": psnr, "val_ssim": ssim})
+    grid = comparison_grid(result["_images"])
+    write_image(out_dir / "validation" / f"step_{step:07d}.png", grid)
+    log.image("validation/input_output_target", grid, step)
+    say(f"validation at step {step}: PSNR {psnr:.2f} dB (input {scores['input']['psnr']:.2f}), "
+        f"SSIM {ssim:.4f} (input {scores['input']['ssim']:.4f})")
+    return psnr

@@ -6,7 +6,6 @@ working directory, so that a file of the user's never shadows a preset by its na
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 FOLDER = Path(__file__).resolve().parent
@@ -17,22 +16,13 @@ def names() -> list:
 
 
 def resolve(config) -> Path:
-    """The YAML file of a preset name or a path; ValueError naming the presets when there is none."""
+    """The YAML file of a preset name, or a path as given; ValueError naming the presets for an
+    unknown name."""
     text = str(config)
     is_path = isinstance(config, Path) or "/" in text or "\\" in text or text.endswith((".yaml", ".yml"))
     if is_path:
-        path = Path(config)
-        if not path.is_file():
-            raise ValueError(f"no file {str(path.absolute())!r}; the presets by name are {', '.join(names())}")
-        return path
+        return Path(config)
     if text not in names():
         raise ValueError(f"unknown preset {text!r}: the presets are {', '.join(names())}, or give a path to a YAML file")
     return FOLDER / f"{text}.yaml"
 
-
-def config_argument(text: str) -> Path:
-    """`type=` of a --config option: the error of resolve() as argparse's one-line usage error."""
-    try:
-        return resolve(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
