@@ -7,8 +7,10 @@ entropies :func:`entropy` and :func:`spatial_entropy`, and :func:`available_back
 from .backends import BackendStatus, available_backends
 from .counting import entropy, spatial_entropy
 from .loss import SpatialEntropyLoss, spatial_entropy_loss
+from .options import ClampWarning
 
 __all__ = [
     "spatial_entropy_loss", "SpatialEntropyLoss", "entropy", "spatial_entropy", "available_backends", "BackendStatus",
+    "ClampWarning",
 ]
 __version__ = "0.2.0"

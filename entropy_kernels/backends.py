@@ -65,9 +65,14 @@ def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype, b
 _warned = set()
 
 
+def resolve(name: str, device: torch.device, dtype: torch.dtype, bins: int, eps: Optional[float] = None) -> str:
+    """The name of the backend a call runs on; raises when an explicitly named backend cannot serve it."""
+    return _resolve(name, device.type, dtype, bins, eps)
+
+
 def select(name: str, device: torch.device, dtype: torch.dtype, bins: int, eps: Optional[float] = None):
     """The backend module for a call; raises when an explicitly named backend cannot serve it."""
-    return _load(_resolve(name, device.type, dtype, bins, eps))[0]
+    return _load(resolve(name, device, dtype, bins, eps))[0]
 
 
 # torch.compile runs this at trace time and keeps its result (a name) as a constant: the imports and

@@ -185,6 +185,17 @@ class SpatialEntropyLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _loss(pred, target, self.options)
 
+    def backend_for(self, device, dtype: torch.dtype = torch.float32) -> str:
+        """The backend a call on ``device`` tensors of ``dtype`` runs on: the one named by
+        ``backend``, or the one ``'auto'`` picks here (ValueError when the named one cannot serve).
+
+        >>> SpatialEntropyLoss(backend="reference").backend_for("cpu")
+        'reference'
+        """
+        device = torch.device(device)
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        return backends.resolve(self.options.backend, device, compute, self.options.bins, self.options.eps)
+
     def extra_repr(self) -> str:
         given = dict(self._given, **({"seed": self.seed} if self.seed is not None else {}))
         return ", ".join(f"{k}={v!r}" for k, v in given.items())

@@ -297,6 +297,10 @@ def bin_units(x: torch.Tensor, opts: LossOptions) -> torch.Tensor:
     return (v - low) * ((opts.bins - 1) / (high - low))
 
 
+class ClampWarning(UserWarning):
+    """Clamping to data_range takes the gradient of a large share of pred's pixels."""
+
+
 _clamp_warned = False
 
 
@@ -323,6 +327,7 @@ def warn_if_mostly_clamped(pred: torch.Tensor, opts: LossOptions) -> None:
         f"entropy_kernels: {outside:.0%} of pred's values lie outside data_range={opts.data_range} (pred spans "
         f"[{lowest:.3g}, {highest:.3g}]); clamp=True gives them no gradient. Pass the range of your images, "
         f"here {suggestion}, or clamp=False. (Warned once per process.)",
+        ClampWarning,
         stacklevel=4,  # the caller of spatial_entropy_loss
     )
 

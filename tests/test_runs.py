@@ -72,7 +72,7 @@ def log_records(folder):
     (["train.steps=abc"], "train.steps: must be an integer, got 'abc'"),
     (["model.widht=8"], "model.widht: not a parameter of the network; did you mean 'width'?"),
     (["loss.entropy.binz=3"], "loss.entropy.binz: "),
-    (["loss.entropy.bins=1"], "loss.entropy.bins: bins must be >= 2"),
+    (["loss.entropy.bins=1"], "loss.entropy.bins: bins must be in [2, 1024]"),
     (["data.layout=folders"], "data.train: data.layout=folders needs data.train"),
     (["train.steps=0"], "train.steps: must be > 0, got 0"),
     (["train.checkpoint_every=0"], "train.checkpoint_every: must be > 0"),

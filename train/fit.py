@@ -18,6 +18,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from entropy_kernels import SpatialEntropyLoss, available_backends
+from entropy_kernels import ClampWarning, SpatialEntropyLoss
 from model import IRSDE, build_noise_network
 
 from .checkpoint import (
@@ -83,6 +84,10 @@ class TrainingLoss:
     def __init__(self, loss_cfg: dict, generator: torch.Generator):
         self.weights = {name: float(w) for name, w in loss_cfg["weights"].items()}
         self.entropy = SpatialEntropyLoss(generator=generator, **loss_cfg["entropy"])
+        # The terms compare SDE states x_{t-1}, whose noise takes dark pixels below 0: with clamp on
+        # (the paper's setting) those get no entropy gradient by design, so the loss's advice to
+        # widen data_range does not apply here.
+        warnings.filterwarnings("ignore", category=ClampWarning)
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor):
         terms = {}
@@ -222,18 +227,13 @@ def say(text: str) -> None:
 
 
 # The order in which backend='auto' tries backends (README, "backend='auto' picks").
-AUTO_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
-
-
 def entropy_backend(entropy_cfg: dict, device: torch.device) -> str:
-    """The backend the entropy loss runs on for `device`, from the public availability table."""
-    requested = entropy_cfg.get("backend", "auto")
-    if requested != "auto":
-        return requested
-    row = available_backends(bins=int(entropy_cfg.get("bins", 32)))[device.type]
-    # An entry is a reason string (None when usable), or a status whose truth value is usability.
-    usable = [name for name, entry in row.items() if (entry is None if isinstance(entry, (str, type(None))) else bool(entry))]
-    return next((name for name in AUTO_PREFERENCE.get(device.type, ()) if name in usable), "reference") + " (auto)"
+    """The backend the entropy loss runs on for `device`, as the loss itself resolves it."""
+    try:
+        name = SpatialEntropyLoss(**entropy_cfg).backend_for(device)
+    except ValueError as exc:
+        raise ConfigError("loss.entropy.backend", str(exc)) from None
+    return name + (" (auto)" if entropy_cfg.get("backend", "auto") == "auto" else "")
 
 
 def start_up_summary(config, device, world, network, train_pairs, val_pairs, resume_note) -> list:
