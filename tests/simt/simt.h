@@ -13,8 +13,9 @@
 // bytes (a NaN in every float type) before each block, so a read of a value no thread wrote
 // shows up in the results; static __shared__ arrays are function statics (zeroed once, then
 // left as the previous block wrote them). Atomics are plain read-modify-writes (fibers never
-// interleave inside one). A warp-collective matrix instruction (csrc/ek_mma.h) gathers its 32 lanes'
-// fragments at a warp barrier (warp_all_gather) and computes each lane's part. Launch limits are checked as on an sm_90 device: at most 1024
+// interleave inside one). A warp-collective matrix instruction (csrc/ek_mma.h) gathers its 32
+// lanes' fragments at a warp barrier (warp_all_gather) and computes each lane's part; the device
+// reports compute capability 9.0. Launch limits are checked as on an sm_90 device: at most 1024
 // threads per block, and at most 48 KiB of dynamic shared memory unless raised with
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) up to
 // 227 KiB. cudaDeviceGetAttribute reports one device's shared memory per SM and per block
@@ -59,6 +60,7 @@ enum cudaError_t {
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDeviceAttr {  // the CUDA runtime's values
+  cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
@@ -373,8 +375,9 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (device != 0) return cudaErrorInvalidValue;
-  *value = (int)(attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? simt::device().shared_per_sm
-                                                                     : simt::device().shared_optin);
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? 9  // sm_90, whose tensor-core instructions ek_mma.h emulates
+           : (int)(attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? simt::device().shared_per_sm
+                                                                       : simt::device().shared_optin);
   return cudaSuccess;
 }
 
