@@ -91,17 +91,16 @@ constexpr bool kTensorCoreColumnSums = kTargetHasTensorCores && CPT == 4 && std:
 
 // The sum over rows t < n of a(t, i) b(t, j) for the warp's 16 x 8 tile of cells (Cells<4>), added
 // to acc (this lane's four cells, as Cells<4> numbers them): 3xTF32 products, one k-step of 8 rows at
-// a time, of the parts stage_factors<T, true> wrote (hi at sa, sb; lo lo_at further on), rows past n
-// taken as zero; columns past L are read at L - 1 (only cells past L, which nothing
-// reads, see them). Every lane of the warp takes part. (A template of the float type alone, so that
+// a time, of the parts stage_factors<T, true> wrote (hi at sa, sb; lo lo_at further on; rows of
+// staged_stride = 32 values, those past L only reaching cells past L), rows past n taken as zero.
+// Every lane of the warp takes part. (A template of the float type alone, so that
 // a target without tensor cores, which never calls it, does not compile it.)
 template <typename T>
-__device__ __forceinline__ void tensor_core_column_sum(const T* sa, const T* sb, int lo_at, int n, int ls, int L,
-                                                       T acc[4]) {
+__device__ __forceinline__ void tensor_core_column_sum(const T* sa, const T* sb, int lo_at, int n, T acc[4]) {
   static_assert(std::is_same<T, float>::value, "TF32 products of float operands");
   const int lane = (int)threadIdx.x % 32, g = lane / 4, c = lane % 4, warp = (int)threadIdx.x / 32;
-  const int ia = min(16 * (warp / 4) + g, L - 1), ia8 = min(16 * (warp / 4) + g + 8, L - 1);
-  const int jb = min(8 * (warp % 4) + g, L - 1);
+  constexpr int ls = 32;  // staged_stride at 4 cells per thread
+  const int ia = 16 * (warp / 4) + g, ia8 = ia + 8, jb = 8 * (warp % 4) + g;
   for (int k0 = 0; k0 < n; k0 += 8) {
     const bool in0 = k0 + c < n, in1 = k0 + c + 4 < n;  // rows past n are zero
     const T* r0 = sa + (k0 + c) * ls;
@@ -117,12 +116,13 @@ __device__ __forceinline__ void tensor_core_column_sum(const T* sa, const T* sb,
   }
 }
 
-// Row stride of the staged kernel values: bins rounded up to S, so that a thread's S values of a
-// row stay inside the row (those past L are loaded, never written, and only reach cells past L,
-// which nothing reads).
+// Row stride of the staged kernel values: at 4 cells per thread the 32 columns of the warps' tiles
+// (bins <= 32), else bins rounded up to S, so that the values a thread reads for its cells stay
+// inside the row (those past L are loaded, never written, and only reach cells past L, which
+// nothing reads); a thread's adjacent columns are one 8-byte load.
 inline __host__ __device__ int staged_stride(int bins, int cells_per_thread) {
   const int s = cell_block_side(cells_per_thread);
-  return (bins + s - 1) / s * s;
+  return cells_per_thread == 4 ? 32 : (bins + s - 1) / s * s;
 }
 
 struct Geometry {
@@ -282,25 +282,19 @@ struct ColumnSum {
         for (int k = 0; k < CPT; ++k) sq[k] = sp[k] = T(0);
         if constexpr (kTensorCoreColumnSums<T, CPT>) {
           if (tensor_cores) {
-            tensor_core_column_sum(sap, sbp, 4 * kChunk * ls, n, ls, L, sq);
-            tensor_core_column_sum(sat, sbt, 4 * kChunk * ls, n, ls, L, sp);
+            tensor_core_column_sum(sap, sbp, 4 * kChunk * ls, n, sq);
+            tensor_core_column_sum(sat, sbt, 4 * kChunk * ls, n, sp);
           }
         }
         if (!tensor_cores) {
-          int ri[S], cj[S];  // past L read at L - 1: only cells past L see them
-#pragma unroll
-          for (int e = 0; e < S; ++e) {
-            ri[e] = min(cells.ri(e), L - 1);
-            cj[e] = min(cells.cj(e), L - 1);
-          }
           for (int t = 0; t < n; ++t) {
             T ap[S], bp[S], at[S], bt[S];
 #pragma unroll
             for (int e = 0; e < S; ++e) {
-              ap[e] = sap[t * ls + ri[e]];
-              bp[e] = sbp[t * ls + cj[e]];
-              at[e] = sat[t * ls + ri[e]];
-              bt[e] = sbt[t * ls + cj[e]];
+              ap[e] = sap[t * ls + cells.ri(e)];
+              bp[e] = sbp[t * ls + cells.cj(e)];
+              at[e] = sat[t * ls + cells.ri(e)];
+              bt[e] = sbt[t * ls + cells.cj(e)];
             }
 #pragma unroll
             for (int k = 0; k < CPT; ++k) {
