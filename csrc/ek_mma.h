@@ -13,12 +13,12 @@
 // 8 exponent and 10 mantissa bits). PTX does not define what it makes of the 13 low mantissa bits
 // of a plain float, so the kernels never rely on it: they round every operand first with
 // `to_tf32` (`cvt.rna.tf32.f32`: to nearest, ties away from zero), and the emulator, given an
-// operand with low bits set, truncates them (what the hardware was observed to do; a test shows
-// the kernels never exercise it). The 8 products of TF32 values are exact in float (11 x 11
+// operand with low bits set, truncates them (an assumption, which tests/test_cuda_mma.py checks
+// where a device is present; the kernels never rely on it). The 8 products of TF32 values are exact in float (11 x 11
 // significant bits); the emulator adds them to C in k order in float, rounding to nearest. The
 // tensor core's internal addition is not IEEE (it aligns and truncates; Fasi et al., "Numerical
 // behavior of NVIDIA tensor cores", PeerJ CS 2021), so device and emulator may differ by a few
-// float ulps of the accumulated sum: below the float32 error rule's margin (docs/tensor_cores.md).
+// float ulps of the accumulated sum, within the float32 error rule's margin (docs/tensor_cores.md).
 //
 // Split products ("3xTF32"): x = hi + lo with hi = to_tf32(x) and lo = to_tf32(x - hi) (x - hi is
 // exact), and A B ~ A_hi B_hi + A_hi B_lo + A_lo B_hi, which drops A_lo B_lo (relative 2^-22) and
