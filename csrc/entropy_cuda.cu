@@ -27,7 +27,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
+#include "ek_mma.h"
 #include "entropy_cuda.h"
 #include "entropy_math.h"
 
@@ -44,30 +46,83 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 16;  // image rows of kernel values staged in shared memory at a time
 
-// The cells of a thread: an S x S block, S = 2 for 4 cells per thread (bins <= 32) and 4 for 16
-// (bins <= 64), the block's 16 x 16 threads tiling the L x L cells; cell k is (i0 + k / S,
-// j0 + k % S). A row of a column sum then costs 2 S loads from shared memory for S^2 products
-// of each histogram (one load per product when a thread's cells shared no i or j).
+// The cells of a thread: S x S of them, rows ri(0..S-1) by columns cj(0..S-1), cell k being
+// (ri(k / S), cj(k % S)). A row of a column sum then costs 2 S loads from shared memory for S^2
+// products of each histogram (one load per product when a thread's cells shared no i or j).
+// S = 2 for 4 cells per thread (bins <= 32): the cells of the accumulator fragment of an m16n8k8
+// matrix product (csrc/ek_mma.h), warp w holding the 16 x 8 tile at rows 16 (w / 4), columns
+// 8 (w % 4), lane l its rows g, g + 8 and columns 2c, 2c + 1 (g = l / 4, c = l % 4), so that the
+// column sums can be tensor-core products. S = 4 for 16 cells (bins <= 64): the 16 x 16 threads
+// tile the L x L cells in 4 x 4 blocks.
 // The side S of a thread's block of cells for its cells per thread.
 constexpr __host__ __device__ int cell_block_side(int cells_per_thread) { return cells_per_thread == 4 ? 2 : 4; }
 
 template <int CPT>
 struct Cells {
   static constexpr int S = cell_block_side(CPT);
-  static_assert(S * S == CPT && kThreads == 256, "16 x 16 threads of S x S cells");
+  static constexpr int kRowStep = CPT == 4 ? 8 : 1;  // between a thread's rows of cells
+  static_assert(S * S == CPT && kThreads == 256, "8 warps of 16 x 8 tiles, or 16 x 16 threads of 4 x 4 cells");
   int i0, j0;
-  __device__ Cells() : i0(S * ((int)threadIdx.x / 16)), j0(S * ((int)threadIdx.x % 16)) {}
-  __device__ int i(int k) const { return i0 + k / S; }
-  __device__ int j(int k) const { return j0 + k % S; }
+  __device__ Cells()
+      : i0(CPT == 4 ? 16 * ((int)threadIdx.x / 128) + (int)threadIdx.x % 32 / 4 : S * ((int)threadIdx.x / 16)),
+        j0(CPT == 4 ? 8 * ((int)threadIdx.x / 32 % 4) + 2 * ((int)threadIdx.x % 4) : S * ((int)threadIdx.x % 16)) {}
+  __device__ int ri(int e) const { return i0 + kRowStep * e; }
+  __device__ int cj(int e) const { return j0 + e; }
+  __device__ int i(int k) const { return ri(k / S); }
+  __device__ int j(int k) const { return cj(k % S); }
   __device__ bool valid(int k, int L) const { return i(k) < L && j(k) < L; }
+  // Whether any cell of this thread's group (its warp's tile for 4 cells, else its own block) is
+  // below L: the same in every lane of a warp for 4 cells, as a warp-collective product needs.
+  __device__ bool group_active(int L) const {
+    return CPT == 4 ? 16 * ((int)threadIdx.x / 128) < L && 8 * ((int)threadIdx.x / 32 % 4) < L : i0 < L && j0 < L;
+  }
 };
 
-// Row stride of the staged kernel values: bins rounded up to S, so that a thread's S values of a
-// row stay inside the row (those past L are loaded, never written, and only reach cells past L,
-// which nothing reads).
+// Float column sums at bins <= 32 are tensor-core products (3xTF32, csrc/ek_mma.h) in the kernels
+// instantiated with TC, where the target has them (sm_80 and later, and the CPU emulator, which
+// models sm_90); else FMA products.
+#if defined(EK_SIMT_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+constexpr bool kTargetHasTensorCores = true;
+#else
+constexpr bool kTargetHasTensorCores = false;
+#endif
+template <typename T, int CPT>
+constexpr bool kTensorCoreColumnSums = kTargetHasTensorCores && CPT == 4 && std::is_same<T, float>::value;
+
+// The sum over rows t < n of a(t, i) b(t, j) for the warp's 16 x 8 tile of cells (Cells<4>), added
+// to acc (this lane's four cells, as Cells<4> numbers them): 3xTF32 products, one k-step of 8 rows at
+// a time, of the parts stage_factors<T, true> wrote (hi at sa, sb; lo lo_at further on; rows of
+// staged_stride = 32 values, those past L only reaching cells past L), rows past n taken as zero.
+// Every lane of the warp takes part. (A template of the float type alone, so that
+// a target without tensor cores, which never calls it, does not compile it.)
+template <typename T>
+__device__ __forceinline__ void tensor_core_column_sum(const T* sa, const T* sb, int lo_at, int n, T acc[4]) {
+  static_assert(std::is_same<T, float>::value, "TF32 products of float operands");
+  const int lane = (int)threadIdx.x % 32, g = lane / 4, c = lane % 4, warp = (int)threadIdx.x / 32;
+  constexpr int ls = 32;  // staged_stride at 4 cells per thread
+  const int ia = 16 * (warp / 4) + g, ia8 = ia + 8, jb = 8 * (warp % 4) + g;
+  for (int k0 = 0; k0 < n; k0 += 8) {
+    const bool in0 = k0 + c < n, in1 = k0 + c + 4 < n;  // rows past n are zero
+    const T* r0 = sa + (k0 + c) * ls;
+    const T* r1 = r0 + 4 * ls;
+    const T* q0 = sb + (k0 + c) * ls + jb;
+    const T* q1 = q0 + 4 * ls;
+    const T a_hi[4] = {in0 ? r0[ia] : T(0), in0 ? r0[ia8] : T(0), in1 ? r1[ia] : T(0), in1 ? r1[ia8] : T(0)};
+    const T a_lo[4] = {in0 ? r0[lo_at + ia] : T(0), in0 ? r0[lo_at + ia8] : T(0), in1 ? r1[lo_at + ia] : T(0),
+                       in1 ? r1[lo_at + ia8] : T(0)};
+    const T b_hi[2] = {in0 ? *q0 : T(0), in1 ? *q1 : T(0)};
+    const T b_lo[2] = {in0 ? q0[lo_at] : T(0), in1 ? q1[lo_at] : T(0)};
+    mma_3xtf32_m16n8k8(acc, a_hi, a_lo, b_hi, b_lo);
+  }
+}
+
+// Row stride of the staged kernel values: at 4 cells per thread the 32 columns of the warps' tiles
+// (bins <= 32), else bins rounded up to S, so that the values a thread reads for its cells stay
+// inside the row (those past L are loaded, never written, and only reach cells past L, which
+// nothing reads); a thread's adjacent columns are one 8-byte load.
 inline __host__ __device__ int staged_stride(int bins, int cells_per_thread) {
   const int s = cell_block_side(cells_per_thread);
-  return (bins + s - 1) / s * s;
+  return cells_per_thread == 4 ? 32 : (bins + s - 1) / s * s;
 }
 
 struct Geometry {
@@ -79,6 +134,7 @@ struct Geometry {
   bool ring;     // backward: the G of the windows in T kept in shared memory (see backward_kernel)
   int column_ring_at;  // bytes into dynamic shared memory of the column ring (see ColumnSum), or -1
   int kernel, divergence;
+  bool tensor_cores;  // launch the tensor-core column sums' kernels (CudaProblem::tensor_core_column_sums, sm_80+)
 };
 
 // x / h, as a product with the exact 1 / h where h is a power of two (the same float: both
@@ -143,18 +199,28 @@ template <typename T>
 __device__ __forceinline__ T staged_value(T v, int i, bool ok, const Geometry& g) {
   return ok ? over_h(kernel_value(over_h(v - T(i), g), g.kernel), g) : T(0);
 }
-template <typename T>
+// SPLIT (the tensor-core column sums): each value v goes in as its TF32 parts, hi = to_tf32(v) in
+// sa.. and lo = to_tf32(v - hi) at lo_at values further on, split once here rather than by each of
+// the 2-4 warps whose products read it.
+template <typename T, bool SPLIT>
 __device__ void stage_factors(const T* up, const T* mp, const T* ut, const T* mt, int y0, int n, int x,
-                              const Geometry& g, int ls, T* sap, T* sbp, T* sat, T* sbt) {
+                              const Geometry& g, int ls, T* sap, T* sbp, T* sat, T* sbt, int lo_at) {
   for (RowBinWalk w(g.bins); w.t < n; w.next()) {
     const int t = w.t, i = w.i, at = t * ls + i;
     const int64_t px = (int64_t)(y0 + t) * g.width + x;
     const T upv = up[px], mpv = mp[px], utv = ut[px], mtv = mt[px];
     const bool ok_p = finite(upv) && finite(mpv), ok_t = finite(utv) && finite(mtv);
-    sap[at] = staged_value(upv, i, ok_p, g);
-    sbp[at] = staged_value(mpv, i, ok_p, g);
-    sat[at] = staged_value(utv, i, ok_t, g);
-    sbt[at] = staged_value(mtv, i, ok_t, g);
+    const T v[4] = {staged_value(upv, i, ok_p, g), staged_value(mpv, i, ok_p, g), staged_value(utv, i, ok_t, g),
+                    staged_value(mtv, i, ok_t, g)};
+    T* dst[4] = {sap + at, sbp + at, sat + at, sbt + at};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if constexpr (SPLIT) {
+        split_tf32(v[e], dst[e], dst[e] + lo_at);
+      } else {
+        *dst[e] = v[e];
+      }
+    }
   }
 }
 
@@ -169,7 +235,7 @@ __device__ void stage_factors(const T* up, const T* mp, const T* ut, const T* mt
 // computed again: one column sum per window instead of two. win_w + 1 slots, because a window
 // adds the column entering before it subtracts the one leaving (the order every schedule keeps,
 // so that D is bit for bit the same in each).
-template <typename T, int CPT>
+template <typename T, int CPT, bool TC>
 struct ColumnSum {
   int x = -1;  // the column held (-1: none)
   double p[CPT], q[CPT];
@@ -196,6 +262,7 @@ struct ColumnSum {
     constexpr int S = Cells<CPT>::S;
     const int L = g.bins, ls = staged_stride(L, CPT);
     const Cells<CPT> cells;
+    constexpr bool tensor_cores = TC && kTensorCoreColumnSums<T, CPT>;
     T *sap = sh, *sbp = sh + kChunk * ls, *sat = sh + 2 * kChunk * ls, *sbt = sh + 3 * kChunk * ls;
     x = col;
 #pragma unroll
@@ -203,25 +270,37 @@ struct ColumnSum {
     for (int yc = y0; yc < y1; yc += kChunk) {
       const int n = min(kChunk, y1 - yc);
       __syncthreads();  // the previous chunk has been read
-      stage_factors<T>(up, mp, ut, mt, yc, n, col, g, ls, sap, sbp, sat, sbt);
+      if (tensor_cores)
+        stage_factors<T, kTensorCoreColumnSums<T, CPT>>(up, mp, ut, mt, yc, n, col, g, ls, sap, sbp, sat, sbt,
+                                                         4 * kChunk * ls);
+      else
+        stage_factors<T, false>(up, mp, ut, mt, yc, n, col, g, ls, sap, sbp, sat, sbt, 0);
       __syncthreads();
-      if (cells.i0 < L && cells.j0 < L) {  // a block wholly past L reads nothing
+      if (cells.group_active(L)) {  // a group wholly past L reads nothing
         T sq[CPT], sp[CPT];
 #pragma unroll
         for (int k = 0; k < CPT; ++k) sq[k] = sp[k] = T(0);
-        for (int t = 0; t < n; ++t) {
-          T ap[S], bp[S], at[S], bt[S];
-#pragma unroll
-          for (int e = 0; e < S; ++e) {
-            ap[e] = sap[t * ls + cells.i0 + e];
-            bp[e] = sbp[t * ls + cells.j0 + e];
-            at[e] = sat[t * ls + cells.i0 + e];
-            bt[e] = sbt[t * ls + cells.j0 + e];
+        if constexpr (kTensorCoreColumnSums<T, CPT>) {
+          if (tensor_cores) {
+            tensor_core_column_sum(sap, sbp, 4 * kChunk * ls, n, sq);
+            tensor_core_column_sum(sat, sbt, 4 * kChunk * ls, n, sp);
           }
+        }
+        if (!tensor_cores) {
+          for (int t = 0; t < n; ++t) {
+            T ap[S], bp[S], at[S], bt[S];
 #pragma unroll
-          for (int k = 0; k < CPT; ++k) {
-            sq[k] += ap[k / S] * bp[k % S];
-            sp[k] += at[k / S] * bt[k % S];
+            for (int e = 0; e < S; ++e) {
+              ap[e] = sap[t * ls + cells.ri(e)];
+              bp[e] = sbp[t * ls + cells.cj(e)];
+              at[e] = sat[t * ls + cells.ri(e)];
+              bt[e] = sbt[t * ls + cells.cj(e)];
+            }
+#pragma unroll
+            for (int k = 0; k < CPT; ++k) {
+              sq[k] += ap[k / S] * bp[k % S];
+              sp[k] += at[k / S] * bt[k % S];
+            }
           }
         }
 #pragma unroll
@@ -243,7 +322,7 @@ struct ColumnSum {
 };
 
 // Window histograms of P (target) and Q (pred) over image rows [y0, y1), kept per thread.
-template <typename T, int CPT>
+template <typename T, int CPT, bool TC>
 struct WindowState {
   double p[CPT], q[CPT];
   int lo, hi;
@@ -260,7 +339,7 @@ struct WindowState {
   // column one after the other (the leading window leaves the column the lagging one enters), so
   // they share it.
   __device__ __forceinline__ void move_to(int new_lo, int new_hi, int y0, int y1, const T* up, const T* mp, const T* ut,
-                          const T* mt, const Geometry& g, T* sh, ColumnSum<T, CPT>& cache) {
+                          const T* mt, const Geometry& g, T* sh, ColumnSum<T, CPT, TC>& cache) {
     for (int x = hi; x < new_hi; ++x) add(x, 1.0, y0, y1, up, mp, ut, mt, g, sh, cache);
     for (int x = lo; x < new_lo; ++x) add(x, -1.0, y0, y1, up, mp, ut, mt, g, sh, cache);
     lo = new_lo > lo ? new_lo : lo;
@@ -268,7 +347,7 @@ struct WindowState {
   }
 
   __device__ __forceinline__ void add(int x, double sign, int y0, int y1, const T* up, const T* mp, const T* ut, const T* mt,
-                      const Geometry& g, T* sh, ColumnSum<T, CPT>& cache) {
+                      const Geometry& g, T* sh, ColumnSum<T, CPT, TC>& cache) {
     if (cache.x != x) {  // x and sign are the same in every thread
       if (sign < 0.0 && g.column_ring_at >= 0)
         cache.load(x, g);
@@ -284,8 +363,9 @@ struct WindowState {
 };
 
 // D of the window held by `win` (every thread gets it), with N = 1 / inv_n pixels.
-template <typename T, int CPT>
-__device__ __forceinline__ T window_divergence(const WindowState<T, CPT>& win, double inv_n, const Geometry& g, double* scratch) {
+template <typename T, int CPT, bool TC>
+__device__ __forceinline__ T window_divergence(const WindowState<T, CPT, TC>& win, double inv_n, const Geometry& g,
+                                               double* scratch) {
   const Cells<CPT> cells;
   const T eps = (T)g.eps;
   double part = 0.0;
@@ -300,7 +380,7 @@ __device__ __forceinline__ T window_divergence(const WindowState<T, CPT>& win, d
   return g.divergence == kKL ? (T)total : hellinger_finish((T)total, eps);
 }
 
-template <typename T, int CPT>
+template <typename T, int CPT, bool TC>
 __global__ void __launch_bounds__(kThreads, CPT == 4 ? 4 : 1)
     forward_kernel(Geometry g, const T* up, const T* mp, const T* ut, const T* mt, const int32_t* bad_sat, T* d) {
   EK_DYNAMIC_SHARED(smem);
@@ -312,8 +392,8 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 4 : 1)
   bad_sat += (int64_t)plane * (g.height + 1) * (g.width + 1);
   d += ((int64_t)plane * g.rows.out + r) * g.cols.out;
   const int y0 = g.rows.lo(r), y1 = g.rows.hi(r);
-  WindowState<T, CPT> win;
-  ColumnSum<T, CPT> cache;
+  WindowState<T, CPT, TC> win;
+  ColumnSum<T, CPT, TC> cache;
   win.reset(g.cols.lo(0));
   for (int c = 0; c < g.cols.out; ++c) {
     const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
@@ -326,8 +406,8 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 4 : 1)
 // G_c = grad_c / N_c * dD_c/dQ_c for the cells of this thread, or zero for a window whose D or
 // grad is not finite (those are reported through poison_sat) or whose grad is zero; added to acc
 // with `sign`, and stored in `slot` (cell k at slot[k * kThreads]) when given.
-template <typename T, int CPT>
-__device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T grad, T dval, double inv_n,
+template <typename T, int CPT, bool TC>
+__device__ __forceinline__ void window_grad(const WindowState<T, CPT, TC>& win, T grad, T dval, double inv_n,
                                             const Geometry& g, double sign, double* acc, T* slot) {
   const bool skip = !(finite(grad) && finite(dval)) || grad == T(0);
   const Cells<CPT> cells;
@@ -346,10 +426,12 @@ __device__ __forceinline__ void window_grad(const WindowState<T, CPT>& win, T gr
 }
 
 // Dynamic shared memory of the forward: the kernel values of a chunk of rows (4 x 16 rows of
-// staged_stride values, in T), then with a column ring that ring.
+// staged_stride values, in T; in float at 4 cells per thread twice that, room for their TF32 parts,
+// whether or not the device's code splits them), then with a column ring that ring.
 template <typename T>
 __host__ __device__ size_t forward_shared_bytes(int bins, int cells_per_thread) {
-  return (size_t)4 * kChunk * staged_stride(bins, cells_per_thread) * sizeof(T);
+  const int copies = sizeof(T) == sizeof(float) && cells_per_thread == 4 ? 2 : 1;
+  return (size_t)copies * 4 * kChunk * staged_stride(bins, cells_per_thread) * sizeof(T);
 }
 // Dynamic shared memory of the backward, in bytes: T (L*L doubles), then the kernel values of a
 // chunk of rows (the column sums' as in the forward; the gradient's, 4 x 16 x L, in the same
@@ -398,7 +480,7 @@ SharedBudgets shared_budgets() {
 // will be uniform) grad is 1 everywhere, and each window's D is computed from the leading
 // state, written to d and NaN where bad_sat marks a non-finite pixel; otherwise d and grad are
 // inputs. poison_sat marks the windows whose D or grad is not finite.
-template <typename T, int CPT, bool FUSED>
+template <typename T, int CPT, bool FUSED, bool TC>
 __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
     backward_kernel(Geometry g, const T* up, const T* mp, const T* ut, const T* mt, T* d, const T* grad,
                     const int32_t* bad_sat, const int32_t* poison_sat, T* gu, T* gm) {
@@ -424,8 +506,8 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
   // The window entering T, and (without the ring) the one leaving it. With the ring, a window's G
   // is kept from when it entered T (slot c % win_w: at most win_w windows cover a column) and
   // subtracted from it when it leaves, instead of sliding a second state to recompute it.
-  WindowState<T, CPT> lead, lag;
-  ColumnSum<T, CPT> cache;
+  WindowState<T, CPT, TC> lead, lag;
+  ColumnSum<T, CPT, TC> cache;
   lead.reset(g.cols.lo(0));
   lag.reset(g.cols.lo(0));
   double t[CPT];
@@ -561,6 +643,11 @@ Geometry geometry(const CudaProblem& pb) {
   g.inv_h = 1.0 / pb.bandwidth;
   g.ring = false;
   g.column_ring_at = -1;
+  int device = 0, major = 0;
+  g.tensor_cores = pb.tensor_core_column_sums && cudaGetDevice(&device) == cudaSuccess &&
+                   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                   major >= 8;
+  cudaGetLastError();  // not sticky; the launch reports its own errors
   g.eps = pb.eps;
   g.kernel = pb.kernel;
   g.divergence = pb.divergence;
@@ -571,7 +658,12 @@ Geometry geometry(const CudaProblem& pb) {
 bool one_chunk(const Geometry& g) { return g.rows.side <= kChunk; }
 
 // The kernel instantiation for the problem's cells per thread.
-#define EK_PICK(KERNEL, ...) (cells_per_thread(pb.bins) == 4 ? &KERNEL<T, 4, ##__VA_ARGS__> : &KERNEL<T, 16, ##__VA_ARGS__>)
+// TC (the tensor-core column sums) is a kernel of its own, so that the default kernels keep their
+// registers (compiled into the same kernel behind a branch, its registers spilled the forward's).
+#define EK_PICK(KERNEL, ...)                                                                          \
+  (cells_per_thread(pb.bins) == 16 ? &KERNEL<T, 16, ##__VA_ARGS__, false>                               \
+   : g.tensor_cores                 ? &KERNEL<T, 4, ##__VA_ARGS__, std::is_same<T, float>::value>        \
+                                    : &KERNEL<T, 4, ##__VA_ARGS__, false>)
 
 // Above 48 KiB of dynamic shared memory (the backward at bins > 45 in double) a kernel must
 // opt in.

@@ -15,6 +15,10 @@ struct CudaProblem {
   bool valid;
   double bandwidth, eps;
   int kernel, divergence;
+  // Float column sums at bins <= 32 as tensor-core products (3xTF32) on devices of compute
+  // capability 8.0 and later; elsewhere, and by default, FMA products. Opt-in: their static count
+  // is no lower than the FMA path's (docs/tensor_cores.md), and no GPU has timed them yet.
+  bool tensor_core_column_sums = false;
 };
 
 // Largest bins the CUDA kernels serve (each thread keeps at most 16 of the L*L cells).

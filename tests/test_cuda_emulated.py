@@ -80,17 +80,19 @@ def window_bounds(extent, side, valid):
 class EmulatedCuda:
     """The backend contract (entropy_kernels.reference) served by the emulated CUDA launchers, with
     bindings.cpp's glue. With fused, a forward whose maps require grad also computes the gradient
-    for grad_output = 1, which the backward scales when grad_output is uniform (as the op does)."""
+    for grad_output = 1, which the backward scales when grad_output is uniform (as the op does).
+    With tensor_cores, float column sums at bins <= 32 are tensor-core products
+    (CudaProblem::tensor_core_column_sums)."""
 
-    def __init__(self, lib, fused=False):
-        self.lib, self.fused = lib, fused
+    def __init__(self, lib, fused=False, tensor_cores=False):
+        self.lib, self.fused, self.tensor_cores = lib, fused, tensor_cores
 
     def _problem(self, u, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
         n, height, width = u.shape
         return (
             0 if u.dtype == torch.float32 else 1, n, height, width, bins, win_h, win_w, int(valid),
             ctypes.c_double(bandwidth), ctypes.c_double(eps), _extension.KERNEL_IDS[kernel],
-            _extension.DIVERGENCE_IDS[divergence],
+            _extension.DIVERGENCE_IDS[divergence], int(self.tensor_cores),
         )
 
     def forward(self, maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad=False):
@@ -203,7 +205,7 @@ CUDA_CASES = [
     (1, 6, 5, 64, 3, 3, True, "logistic", "kl"),
     (1, 21, 6, 6, 19, 3, False, "gaussian", "kl"),
     (2, 40, 5, 5, 34, 3, True, "logistic", "hellinger"),
-    (1, 5, 6, 2, 3, 3, False, "gaussian", "kl"),  # the fewest bins: one thread's block holds all cells
+    (1, 5, 6, 2, 3, 3, False, "gaussian", "kl"),  # the fewest bins: two lanes of warp 0 hold all cells
     (1, 6, 7, 33, 5, 3, False, "logistic", "hellinger"),  # 16 cells per thread, staged stride 36
 ]
 
@@ -292,16 +294,18 @@ def test_fused_forward_is_the_forward_and_the_backward(cuda_emulated, dtype, div
         assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_column_ring_changes_no_bit(lib, dtype):
+@pytest.mark.parametrize("dtype, tensor_cores", [(torch.float32, False), (torch.float32, True), (torch.float64, False)],
+                         ids=["float32", "float32-tensor-cores", "float64"])
+def test_column_ring_changes_no_bit(lib, dtype, tensor_cores):
     """The column ring holds each column sum exactly (one chunk of rows, in T), so with it the
     forward, the fused pass and the backward give D and the gradients bit for bit as when every
-    column sum is computed twice (bins 32, window 11: 4 cells per thread, the training case)."""
+    column sum is computed twice (bins 32, window 11: 4 cells per thread, the training case); the
+    tensor-core products, too, are the same bits each time a column sum is computed."""
     bins = 32
     maps = [t.to(dtype) for t in random_maps(2, 12, 14, bins)]
     args = (11, 11, False, bins, 0.5, "logistic", "kl", 1e-10)
     grad = torch.rand(2, 12, 14, dtype=dtype) - 0.25
-    impl = EmulatedCuda(lib)
+    impl = EmulatedCuda(lib, tensor_cores=tensor_cores)
     outs = []
     for column_ring in (SM_SHARED, 0):
         with shared_budgets(lib, SM_SHARED, column_ring):
@@ -387,3 +391,44 @@ def test_bandwidths_parity_float64(cuda_emulated_fused, bandwidth):
         assert_close_f64(d, d_ref)
         assert_close_f64(gu, gu_ref)
         assert_close_f64(gm, gm_ref)
+
+
+# ---- float column sums on tensor cores (3xTF32 products, csrc/ek_mma.h) ---------------------
+
+# Float at bins <= 32: the warps' 16 x 8 tiles partly (bins 5, 17) or wholly past L (bins 2, 5: some
+# warps skip), one k-step of 8 rows or two, a second chunk of rows holding one row (window 17 rows),
+# 'valid', both kernels and divergences.
+TENSOR_CORE_CASES = [
+    (2, 9, 7, 5, 3, 3, False, "logistic", "kl"),
+    (1, 19, 6, 17, 17, 3, False, "gaussian", "hellinger"),
+    (1, 8, 10, 32, 5, 3, True, "gaussian", "kl"),
+    (2, 13, 15, 32, 11, 11, False, "logistic", "hellinger"),
+    (1, 5, 6, 2, 3, 3, True, "logistic", "kl"),
+]
+
+
+@pytest.fixture(scope="module")
+def cuda_emulated_tensor_cores(lib):
+    return EmulatedCuda(lib, fused=True, tensor_cores=True)
+
+
+@pytest.mark.parametrize("grad_out", [None, -0.75], ids=["random-grad", "uniform-grad"])
+@pytest.mark.parametrize("case", TENSOR_CORE_CASES, ids=case_id)
+def test_tensor_core_column_sums_keep_the_float32_rule(cuda_emulated_tensor_cores, case, grad_out):
+    """D and both gradients in float32 err against float64 at most twice as much as the reference
+    run in float32 (plus 4 float ulps of the largest value, for cases where the reference's own float32
+    error is next to nothing). One TF32 product per column sum instead of three fails this at bins 32."""
+    n, h, w, bins, win_h, win_w, valid, kernel, divergence = case
+    args = (win_h, win_w, valid, bins, 0.5, kernel, divergence, 1e-10)
+    maps64 = random_maps(n, h, w, bins)
+    maps32 = [t.float() for t in maps64]
+    maps64 = [t.double() for t in maps32]  # the same inputs
+    exact = values_and_grads(reference, maps64, args, grad_out)
+    g = exact[3]
+    ref32 = values_and_grads(reference, maps32, args, g.float())
+    ours = values_and_grads(cuda_emulated_tensor_cores, maps32, args, g.float())
+    for name, o, r, e in zip(("D", "grad_u", "grad_m"), ours[:3], ref32[:3], exact[:3]):
+        assert o.dtype == torch.float32
+        floor = 4 * torch.finfo(torch.float32).eps * e.abs().max().item()
+        err, ref_err = (o.double() - e).abs().max().item(), (r.double() - e).abs().max().item()
+        assert err <= 2 * ref_err + floor, (name, err, ref_err, floor)

@@ -45,7 +45,9 @@ def test_cuda_kernels_keep_their_occupancy_for_sm_90():
     launch bounds plan: the forward <= 64 per thread with no stack (four 256-thread blocks per SM),
     the backward and the fused forward <= 128 with at most a small stack outside the hot loops (two
     blocks per SM). Without the bounds this ptxas capped the forward at 32 registers and spilled
-    (docs/cuda.md). Read by running tools/cuda_static.py (the cuobjdump of Triton's wheel)."""
+    (docs/cuda.md). The opt-in tensor-core kernels (last template argument true) are not held to
+    this (docs/tensor_cores.md). Read by running tools/cuda_static.py (the cuobjdump of
+    Triton's wheel)."""
     script = CSRC.parent / "tools" / "cuda_static.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     if result.returncode and "cuobjdump not found" in result.stderr:
@@ -53,7 +55,7 @@ def test_cuda_kernels_keep_their_occupancy_for_sm_90():
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     found = {row["kernel"]: {k: int(v) for k, v in row.items() if k not in ("kernel", "loops")} for row in rows}
-    forward = found["forward_kernelIfLi4"]
+    forward = found["forward_kernelIfLi4ELb0"]
     assert forward["regs"] <= 64 and forward["stack"] == 0, forward
-    for name in ("backward_kernelIfLi4ELb0", "backward_kernelIfLi4ELb1"):
+    for name in ("backward_kernelIfLi4ELb0ELb0", "backward_kernelIfLi4ELb1ELb0"):
         assert found[name]["regs"] <= 128 and found[name]["stack"] <= 64, (name, found[name])

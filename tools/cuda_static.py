@@ -8,11 +8,12 @@ tools/sass.py, as for the Triton kernels) can be read on a CPU machine.
 
     python tools/cuda_static.py                      # csrc/entropy_cuda.cu for sm_90
     python tools/cuda_static.py --source old.cu      # another version, to compare
-    python tools/cuda_static.py --kernel backward_kernelIfLi4ELb1 --sass   # one kernel's SASS
+    python tools/cuda_static.py --kernel backward_kernelIfLi4ELb1ELb0 --sass   # one kernel's SASS
 
-Kernel names are the mangled template instances: forward_kernel<T, CPT> and backward_kernel<T,
-CPT, FUSED> (If = float, Id = double; Li4 = 4 cells per thread, bins <= 32; Lb1 = fused). Static
-counts are no timings: docs/cuda.md says how they were read.
+Kernel names are the mangled template instances: forward_kernel<T, CPT, TC> and backward_kernel<T,
+CPT, FUSED, TC> (If = float, Id = double; Li4 = 4 cells per thread, bins <= 32; FUSED Lb1 = fused;
+TC Lb1 = the opt-in tensor-core column sums, docs/tensor_cores.md). Static counts are no timings:
+docs/cuda.md says how they were read.
 """
 from __future__ import annotations
 

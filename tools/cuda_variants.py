@@ -11,7 +11,7 @@ ring's, the column ring's):
                             with grad_output = 1 and the backward a rescale; each window's G kept in
                             shared memory (two blocks per SM at the default case)
   fused, both rings         the same with the last column sums kept too (one column sum per window
-                            instead of two) at the price of one block per SM (156 KiB at the default case)
+                            instead of two) at the price of one block per SM (164 KiB at the default case)
   fused, two states         neither ring (a second window state recomputes G)
   unfused, defaults         a non-uniform grad_output (reduction 'none', random weights): the forward
                             kernel (with its column ring where it fits two blocks per SM), then the backward kernel

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (about 9 minutes): build the extensions in place while the Triton variants
-# ('slide' against 'strip') are timed, then the CUDA backend's schedules (tools/cuda_variants.py:
+# ('slide' against 'strip') are timed, then the tensor-core instruction against its CPU emulation
+# (tests/test_cuda_mma.py on the device), the CUDA backend's schedules (tools/cuda_variants.py:
 # parity and time of its fused, unfused and forward-only schedules with and without its rings), the
 # sweep for reference / triton / cuda (parity at each case, then time and memory), the largest
 # training crop of the fused backends and a Refusion-size step's loss share, Nsight Compute's view
@@ -53,7 +54,11 @@ wait $BUILD_PID
 tail -5 "$OUT/build.log"
 rm -f "$OUT/build.log"  # its tail is above; at most 8 files come back
 
-echo "== cuda schedules (appended to variants.log)"
+echo "== the tensor-core instruction on the device against its emulation (tests/test_cuda_mma.py, appended to variants.log)"
+timeout "$(bounded "${STAGE_MMA:-40}")" $PY -m pytest -q -p no:cacheprovider -rfE tests/test_cuda_mma.py -k device 2>&1 |
+  tail -15 | tee -a "$OUT/variants.log"
+
+echo "== cuda schedules, column sums on tensor cores (appended to variants.log)"
 timeout "$(bounded "${STAGE_CUDA_VARIANTS:-45}")" $PY tools/cuda_variants.py 2>&1 | grep -v Warning | tee -a "$OUT/variants.log"
 
 echo "== sweep"

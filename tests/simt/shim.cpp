@@ -6,7 +6,7 @@
 namespace {
 
 entropy_kernels::CudaProblem problem(int planes, int height, int width, int bins, int win_h, int win_w, int valid,
-                                     double bandwidth, double eps, int kernel, int divergence) {
+                                     double bandwidth, double eps, int kernel, int divergence, int tensor_cores) {
   entropy_kernels::CudaProblem pb;
   pb.planes = planes;
   pb.height = height;
@@ -19,6 +19,7 @@ entropy_kernels::CudaProblem problem(int planes, int height, int width, int bins
   pb.eps = eps;
   pb.kernel = kernel;
   pb.divergence = divergence;
+  pb.tensor_core_column_sums = tensor_cores != 0;
   return pb;
 }
 
@@ -66,27 +67,31 @@ void ek_emulated_set_device_shared(size_t per_sm, size_t optin) {
   simt::device().shared_optin = optin;
 }
 
-// maps: u_pred, m_pred, u_tgt, m_tgt.
+// maps: u_pred, m_pred, u_tgt, m_tgt. tensor_cores: CudaProblem::tensor_core_column_sums.
 int ek_emulated_forward(int dtype, int planes, int height, int width, int bins, int win_h, int win_w, int valid,
-                        double bandwidth, double eps, int kernel, int divergence, const void* const* maps,
-                        const int32_t* bad_sat, void* d) {
-  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence);
+                        double bandwidth, double eps, int kernel, int divergence, int tensor_cores,
+                        const void* const* maps, const int32_t* bad_sat, void* d) {
+  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence,
+                          tensor_cores);
   return dtype == 0 ? forward<float>(pb, maps, bad_sat, d) : forward<double>(pb, maps, bad_sat, d);
 }
 
 int ek_emulated_forward_with_grad(int dtype, int planes, int height, int width, int bins, int win_h, int win_w,
                                   int valid, double bandwidth, double eps, int kernel, int divergence,
-                                  const void* const* maps, const int32_t* bad_sat, const int32_t* bad_window_sat,
-                                  void* d, void* grad_u, void* grad_m) {
-  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence);
+                                  int tensor_cores, const void* const* maps, const int32_t* bad_sat,
+                                  const int32_t* bad_window_sat, void* d, void* grad_u, void* grad_m) {
+  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence,
+                          tensor_cores);
   return dtype == 0 ? forward_with_grad<float>(pb, maps, bad_sat, bad_window_sat, d, grad_u, grad_m)
                     : forward_with_grad<double>(pb, maps, bad_sat, bad_window_sat, d, grad_u, grad_m);
 }
 
 int ek_emulated_backward(int dtype, int planes, int height, int width, int bins, int win_h, int win_w, int valid,
-                         double bandwidth, double eps, int kernel, int divergence, const void* const* maps,
-                         const void* d, const void* grad, const int32_t* poison_sat, void* grad_u, void* grad_m) {
-  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence);
+                         double bandwidth, double eps, int kernel, int divergence, int tensor_cores,
+                         const void* const* maps, const void* d, const void* grad, const int32_t* poison_sat,
+                         void* grad_u, void* grad_m) {
+  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence,
+                          tensor_cores);
   return dtype == 0 ? backward<float>(pb, maps, d, grad, poison_sat, grad_u, grad_m)
                     : backward<double>(pb, maps, d, grad, poison_sat, grad_u, grad_m);
 }

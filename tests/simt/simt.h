@@ -13,7 +13,9 @@
 // bytes (a NaN in every float type) before each block, so a read of a value no thread wrote
 // shows up in the results; static __shared__ arrays are function statics (zeroed once, then
 // left as the previous block wrote them). Atomics are plain read-modify-writes (fibers never
-// interleave inside one). Launch limits are checked as on an sm_90 device: at most 1024
+// interleave inside one). A warp-collective matrix instruction (csrc/ek_mma.h) gathers its 32
+// lanes' fragments at a warp barrier (warp_all_gather) and computes each lane's part; the device
+// reports compute capability 9.0. Launch limits are checked as on an sm_90 device: at most 1024
 // threads per block, and at most 48 KiB of dynamic shared memory unless raised with
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) up to
 // 227 KiB. cudaDeviceGetAttribute reports one device's shared memory per SM and per block
@@ -30,6 +32,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -57,6 +60,7 @@ enum cudaError_t {
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDeviceAttr {  // the CUDA runtime's values
+  cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
@@ -158,6 +162,7 @@ struct Block {
   Context scheduler;
   std::vector<unsigned char> shared;  // dynamic shared memory (16-byte aligned by vector's allocator)
   std::vector<uint64_t> warp_slots;   // a shuffle's values, one per lane
+  std::vector<std::array<unsigned char, 64>> warp_exchange;  // a warp-collective instruction's operands, per lane
   std::function<void()> body;
 };
 
@@ -203,6 +208,25 @@ T shfl_down(unsigned mask, T value, unsigned delta) {
   if (src < kWarpSize && base + src < (int)b.fibers.size()) std::memcpy(&out, &b.warp_slots[base + src], sizeof(T));
   sync_warp();  // every lane has read before a later shuffle overwrites the slots
   return out;
+}
+
+// Every lane's `mine` into all[lane] of every lane of the warp: what a warp-collective
+// instruction (csrc/ek_mma.h's matrix product) sees of its operands. A barrier of the warp, as a
+// shuffle: all 32 lanes must take part (a partial warp is a launch failure).
+template <typename T, int N>
+void warp_all_gather(const T (&mine)[N], T (&all)[kWarpSize][N]) {
+  static_assert(sizeof(T) * N <= sizeof(Block::warp_exchange[0]), "at most 64 bytes per lane");
+  Block& b = *active();
+  const int t = linear_thread(), base = t - t % kWarpSize;
+  if (base + kWarpSize > (int)b.fibers.size()) {
+    std::fprintf(stderr, "simt: a warp-collective instruction in a partial warp\n");
+    last_error() = cudaErrorLaunchFailure;
+    return;
+  }
+  std::memcpy(b.warp_exchange[t].data(), mine, sizeof(T) * N);
+  sync_warp();
+  for (int l = 0; l < kWarpSize; ++l) std::memcpy(all[l], b.warp_exchange[base + l].data(), sizeof(T) * N);
+  sync_warp();  // every lane has read before a later exchange overwrites the slots
 }
 
 // A thread's whole life: the kernel, then back to the scheduler for good.
@@ -276,6 +300,7 @@ inline cudaError_t run(const void* kernel, dim3 grid, dim3 block, size_t shared,
   b.body = std::move(body);
   b.fibers.resize(threads);
   b.warp_slots.assign(threads, 0);
+  b.warp_exchange.resize(threads);
   for (size_t i = 0; i < threads; ++i) {
     b.fibers[i].stack.resize(kStackBytes);
     b.fibers[i].thread = dim3((unsigned)(i % block.x), (unsigned)(i / block.x % block.y),
@@ -350,8 +375,9 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (device != 0) return cudaErrorInvalidValue;
-  *value = (int)(attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? simt::device().shared_per_sm
-                                                                     : simt::device().shared_optin);
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? 9  // sm_90, whose tensor-core instructions ek_mma.h emulates
+           : (int)(attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? simt::device().shared_per_sm
+                                                                       : simt::device().shared_optin);
   return cudaSuccess;
 }
 
