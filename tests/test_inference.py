@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import train
-from test_train import make_pairs, tiny_config
+from test_train import data_root, tiny_config  # noqa: F401 - data_root: the tiny pairs fixture
 from train import inference
 from train.__main__ import main
 from train.data import DataError, read_image, write_image
@@ -22,14 +22,6 @@ from train.fit import fit
 from train.inference import WEIGHTS_FORMAT, load_for_sampling
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    make_pairs(root / "train", 2, 20, 20, seed=3)
-    make_pairs(root / "test", 2, 13, 17, seed=4)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +125,7 @@ def test_output_format_follows_the_extension(checkpoint, data_root, tmp_path, ca
         assert enhance(checkpoint, low, tmp_path / f"out.{ext}") == 0
         assert (tmp_path / f"out.{ext}").read_bytes().startswith(head), ext
         with Image.open(tmp_path / f"out.{ext}") as img:
-            assert img.size == (17, 13) and img.mode == "RGB"
+            assert img.size == (23, 19) and img.mode == "RGB"
     png8 = read_image(tmp_path / "out.png")
     assert (read_image(tmp_path / "out.jpg") - png8).abs().mean() < 0.03  # the same picture, lossily
     assert torch.equal(read_image(tmp_path / "out.tif"), png8)  # 8-bit input: 8-bit TIFF
@@ -256,4 +248,4 @@ def test_example_enhances_from_python(checkpoint, data_root, tmp_path):
     assert "mean brightness" in result.stdout
     assert (tmp_path / "bright.jpg").read_bytes().startswith(b"\xff\xd8\xff")
     with Image.open(tmp_path / "bright.jpg") as img:
-        assert img.size == (17, 13)
+        assert img.size == (23, 19)
