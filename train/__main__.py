@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     fit_p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=200")
 
     sampling = argparse.ArgumentParser(add_help=False)
-    sampling.add_argument("--checkpoint", required=True)
+    sampling.add_argument("--checkpoint", required=True, help="a training checkpoint (runs/<run>/checkpoints/*.pt: "
+                          "only its EMA weights and config are read) or exported weights (.safetensors)")
     sampling.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
     sampling.add_argument("--method", choices=("posterior", "sde"))
     sampling.add_argument("--seed", type=int, default=0)
