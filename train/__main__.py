@@ -35,20 +35,30 @@ def _device(name):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _sample_cfg(parser, args, config):
-    """The checkpoint's `sample` settings over the defaults (older checkpoints have no tile keys),
-    with the command line's on top."""
-    from .config import DEFAULTS, check_sample
+def _load_enhancer(parser, args):
+    """The Enhancer of enhance/evaluate: weights loaded, sampling settled, threads set (default: the
+    run's train.threads). A file problem is a DataError (`error: <path>: ...`); a bad option a usage error."""
+    from .inference import load_enhancer, set_threads
 
-    sample = {**DEFAULTS["sample"], **config["sample"]}
-    for key in ("steps", "method", "tile", "tile_overlap", "tile_pooling"):
-        if getattr(args, key) is not None:
-            sample[key] = getattr(args, key)
+    sample = {key: getattr(args, key) for key in ("steps", "method", "tile", "tile_overlap", "tile_pooling")}
     try:
-        check_sample(sample)
+        enhancer = load_enhancer(args.checkpoint, _device(args.device), seed=args.seed, **sample)
+        set_threads(args.threads, enhancer.config)
+    except DataError:
+        raise
     except ValueError as exc:
         parser.error(str(exc))
-    return sample
+    return enhancer
+
+
+def default_evaluation_folder(checkpoint, data) -> Path:
+    """./eval/<run>_<checkpoint stem>_<data folder>: in the working directory, never in the run's
+    folder (which `fit` writes, and which may be read-only or shared)."""
+    checkpoint = Path(checkpoint)
+    label = checkpoint.stem
+    if checkpoint.parent.name == "checkpoints" and checkpoint.parent.parent.name:
+        label = f"{checkpoint.parent.parent.name}_{label}"
+    return Path("eval") / f"{label}_{Path(data).resolve().name}"
 
 
 def main(argv=None, prog=None) -> int:
@@ -70,7 +80,8 @@ def main(argv=None, prog=None) -> int:
     export.add_argument("output", help="the weights file to write, e.g. demo.safetensors")
 
     sampling = argparse.ArgumentParser(add_help=False)
-    sampling.add_argument("--checkpoint", required=True)
+    sampling.add_argument("--checkpoint", required=True, help="a training checkpoint (runs/<run>/checkpoints/*.pt: "
+                          "only its EMA weights and config are read) or exported weights (.safetensors)")
     sampling.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
     sampling.add_argument("--method", choices=("posterior", "sde"))
     sampling.add_argument("--seed", type=int, default=0)
@@ -81,14 +92,20 @@ def main(argv=None, prog=None) -> int:
                           help="what the network's global pools see on a tile: the image's means (default; two "
                           "passes over the tiles per step) or the tile's (one pass)")
     sampling.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    sampling.add_argument("--threads", type=int, help="CPU threads (default: the checkpoint's train.threads, "
+                          "else torch's choice; on a busy machine fewer threads can be much faster)")
 
-    enh = commands.add_parser("enhance", parents=[sampling], help="enhance a low-light image or folder into PNGs")
+    enh = commands.add_parser("enhance", parents=[sampling],
+                              help="enhance a low-light image or folder (PNG, JPEG or TIFF by the output's extension)")
     enh.add_argument("input")
-    enh.add_argument("output")
+    enh.add_argument("output", help="an image file (.png, .jpg, .jpeg, .tif, .tiff) or a folder for <stem>.png files")
+    enh.add_argument("--bits", type=int, choices=(8, 16),
+                     help="bits per channel of PNG/TIFF outputs (default: the input's, 16 for 16-bit PNG/TIFF)")
 
     ev = commands.add_parser("evaluate", parents=[sampling], help="PSNR/SSIM/LPIPS/NIQE on a paired folder")
     ev.add_argument("--data", required=True, help="folder with low/high (or LOL) pairs")
-    ev.add_argument("--out", default=None, help="where results.json, grid.png and outputs go")
+    ev.add_argument("--out", default=None, help="where results.json, grid.png and outputs go "
+                    "(default: ./eval/<run>_<checkpoint stem>_<data folder>)")
 
     fetch = commands.add_parser("fetch-metric-weights", help="download and convert the LPIPS and NIQE weights")
     fetch.add_argument("--cache", default=None, help="folder for the converted weights (default: the user cache)")
@@ -107,19 +124,18 @@ def main(argv=None, prog=None) -> int:
             metadata = export_weights(args.checkpoint, args.output)
             print(f"wrote the EMA weights of step {metadata['step']} to {args.output}")
         elif args.command == "enhance":
-            from .inference import enhance_paths, load_for_sampling
+            from .inference import enhance_paths
 
-            device = _device(args.device)
-            network, sde, config = load_for_sampling(args.checkpoint, device)
-            written = enhance_paths(network, sde, args.input, args.output, device, _sample_cfg(parser, args, config), args.seed)
+            enhancer = _load_enhancer(parser, args)
+            written = enhance_paths(enhancer, args.input, args.output, args.bits, progress=True)
             print(f"wrote {len(written)} image(s) to {args.output}")
         elif args.command == "evaluate":
-            from .inference import load_for_sampling, run_evaluation
+            from .inference import run_evaluation
 
-            device = _device(args.device)
-            network, sde, config = load_for_sampling(args.checkpoint, device)
-            out = Path(args.out or Path(args.checkpoint).parent.parent / "eval")
-            run_evaluation(network, sde, evaluation_pairs(args.data), out, device, _sample_cfg(parser, args, config), args.seed)
+            pairs = evaluation_pairs(args.data)
+            enhancer = _load_enhancer(parser, args)
+            out = Path(args.out) if args.out else default_evaluation_folder(args.checkpoint, args.data)
+            run_evaluation(enhancer.network, enhancer.sde, pairs, out, enhancer.device, enhancer.sample, args.seed)
             print(f"results in {out}")
         else:
             from .metrics import fetch_metric_weights

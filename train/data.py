@@ -38,23 +38,129 @@ def cache_dir(*parts: str) -> Path:
     return Path(root).joinpath(*parts)
 
 
+# What `write_image` writes, by the output file's extension; every other extension is an error.
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}
+JPEG_QUALITY = 95  # with 4:4:4 chroma: the default 4:2:0 halves the colour resolution in 2x2 blocks
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _to_rgb(array: np.ndarray, path) -> np.ndarray:
+    """(H, W, 3) from greyscale (H, W) or (H, W, 1), grey + alpha, RGB or RGBA."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+        raise DataError(f"cannot read image {path}: pixel array of shape {array.shape} is not greyscale or RGB")
+    if array.shape[-1] in (1, 2):
+        return np.repeat(array[..., :1], 3, axis=-1)
+    return array[..., :3]
+
+
+def _png_bit_depth(path) -> int:
+    """The bit depth in a PNG's header (byte 24: signature, IHDR length, type, width, height), 0 if
+    the file is no PNG."""
+    with open(path, "rb") as fh:
+        head = fh.read(25)
+    return head[24] if len(head) == 25 and head.startswith(_PNG_SIGNATURE) else 0
+
+
+def _read_pixels(path) -> np.ndarray:
+    """(H, W, 3) uint8, uint16 or float array: 16-bit PNG and TIFF keep all their bits (PIL reads
+    an RGB 16-bit PNG as 8 bits)."""
+    suffix = Path(path).suffix.lower() if isinstance(path, (str, os.PathLike)) else ""
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            array = tifffile.imread(path)
+        except Exception:  # noqa: BLE001 - e.g. LZW without imagecodecs: PIL decodes 8-bit ones
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"))
+        if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (1, 2, 3, 4):
+            array = np.moveaxis(array, 0, -1)  # planar TIFF: (C, H, W)
+        return _to_rgb(array, path)
+    if suffix == ".png" and _png_bit_depth(path) == 16:
+        import png
+
+        width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+        array = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])
+        return _to_rgb(array.reshape(height, width, info["planes"]), path)
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
 def read_image(path) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1]; greyscale is repeated, alpha dropped."""
+    """(3, H, W) float32 in [0, 1]; greyscale is repeated, alpha dropped. 8-bit images are divided
+    by 255, 16-bit PNG and TIFF by 65535, float TIFF is taken as it is."""
     try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types; the user needs the file name
+        array = _read_pixels(path)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the readers raise many types; the user needs the file name
         raise DataError(f"cannot read image {path}: {exc}") from exc
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+    if array.dtype == np.uint8:
+        scale = 255
+    elif array.dtype == np.uint16:
+        scale = 65535
+    elif array.dtype.kind == "f":
+        scale = 1
+    else:
+        raise DataError(f"cannot read image {path}: pixels of type {array.dtype} (expected 8- or 16-bit or float)")
+    return torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1) / scale
 
 
-def write_image(path, image: torch.Tensor) -> None:
-    """Saves a (3, H, W) image in [0, 1] as an 8-bit PNG (atomically, so a crash leaves no half file)."""
+def image_bit_depth(path) -> int:
+    """16 for a 16-bit or float PNG/TIFF, else 8: the depth `enhance` writes by default."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".png":
+        return 16 if _png_bit_depth(path) == 16 else 8
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                return 8 if tif.pages[0].dtype == np.uint8 else 16
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+    return 8
+
+
+def output_format(path, bits: int = 8) -> str:
+    """PIL's format name for an output path; DataError naming the path for an unknown extension or
+    a depth the format cannot hold."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise DataError(f"{path}: unknown image extension {suffix or '(none)'!r}; "
+                        f"known: {', '.join(sorted(OUTPUT_FORMATS))}")
+    if bits not in (8, 16):
+        raise DataError(f"{path}: bits must be 8 or 16, got {bits!r}")
+    if bits == 16 and OUTPUT_FORMATS[suffix] == "JPEG":
+        raise DataError(f"{path}: JPEG holds 8 bits per channel; use .png or .tif for 16 bits")
+    return OUTPUT_FORMATS[suffix]
+
+
+def write_image(path, image: torch.Tensor, bits: int = 8) -> None:
+    """Saves a (3, H, W) image in [0, 1] in the format of the extension (PNG, JPEG or TIFF), with 8
+    or 16 bits per channel, atomically (a crash leaves no half file)."""
     path = Path(path)
+    fmt = output_format(path, bits)
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = (image.detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    scaled = image.detach().clamp(0, 1).mul(255 if bits == 8 else 65535).round().permute(1, 2, 0).cpu().numpy()
+    array = scaled.astype(np.uint8 if bits == 8 else np.uint16)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
+    if fmt == "TIFF":
+        import tifffile
+
+        tifffile.imwrite(tmp, array, photometric="rgb", compression="zlib")
+    elif bits == 16:
+        import png
+
+        height, width, _ = array.shape
+        with open(tmp, "wb") as fh:
+            png.Writer(width, height, greyscale=False, bitdepth=16).write(fh, array.reshape(height, width * 3))
+    elif fmt == "JPEG":
+        Image.fromarray(array).save(tmp, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    else:
+        Image.fromarray(array).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 

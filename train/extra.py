@@ -10,7 +10,8 @@ import sys
 
 # import name -> distribution in pyproject.toml's `train` extra (tests/test_packaging.py checks they agree)
 MODULES = {"numpy": "numpy", "yaml": "pyyaml", "tqdm": "tqdm", "PIL": "pillow", "scipy": "scipy",
-           "skimage": "scikit-image", "safetensors": "safetensors"}
+           "skimage": "scikit-image", "safetensors": "safetensors", "png": "pypng",
+           "tifffile": "tifffile"}
 INSTALL = "pip install 'entropy-kernels[train]'"
 
 
