@@ -161,6 +161,20 @@ def test_available_backends_prints_what_it_means():
     assert repr(unavailable) == "unavailable: why" and unavailable.reason == "why"
 
 
+def test_backend_for_names_the_backend_a_call_runs_on(monkeypatch):
+    """What the trainer's start-up line reports: auto's choice as the loss makes it, an explicit
+    backend as given, and an explicit backend that cannot serve as the loss's own error."""
+    auto = ek.SpatialEntropyLoss().backend_for("cpu")
+    cpp_usable = bool(ek.available_backends()["cpu"]["cpp"])
+    assert auto == ("cpp" if cpp_usable else "reference")
+    assert ek.SpatialEntropyLoss(backend="reference").backend_for("cpu", torch.float16) == "reference"
+    monkeypatch.setattr(ek.backends, "_warned", set())  # auto warns once per process and fallback
+    with pytest.warns(UserWarning, match="uses 'reference'"):  # eps below the fused backends' floor
+        assert ek.SpatialEntropyLoss(eps=0.0).backend_for("cpu") == "reference"
+    with pytest.raises(ValueError, match="backend='cuda' cannot serve cpu"):
+        ek.SpatialEntropyLoss(backend="cuda").backend_for("cpu")
+
+
 COMPILE_FIRST_CALL = """
 import torch, entropy_kernels as ek
 class Objective(torch.nn.Module):
