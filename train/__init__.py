@@ -1,9 +1,24 @@
-"""Training, enhancement and evaluation of the IR-SDE low-light model (`python -m train ...`).
+"""Training, enhancement and evaluation of the IR-SDE low-light model (`entropy-sde ...`).
 
 From Python: ``load_enhancer(path)`` returns a callable that enhances (3, H, W) image tensors,
 ``enhance_file(path, input, output)`` enhances image files; ``read_image`` / ``write_image`` read
-and write PNG, JPEG and TIFF (8 or 16 bits)."""
-from .data import DataError, read_image, write_image
-from .inference import Enhancer, enhance_file, load_enhancer
+and write PNG, JPEG and TIFF (8 or 16 bits).
 
-__all__ = ["DataError", "Enhancer", "enhance_file", "load_enhancer", "read_image", "write_image"]
+The names are imported on first use, so that the command line (``python -m train``) can say which
+extra is missing before anything imports it.
+"""
+import importlib
+
+_HOMES = {"DataError": "data", "read_image": "data", "write_image": "data",
+          "Enhancer": "inference", "enhance_file": "inference", "load_enhancer": "inference"}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
