@@ -270,11 +270,18 @@ std::vector<at::Tensor> local_divergence_backward(const at::Tensor& grad, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused local divergence of the spatial entropy loss (forward and backward)";
+  namespace py = pybind11;
+  const std::vector<int64_t> policy;  // the default schedule: the library's (see check_schedule)
   m.def("forward", &entropy_kernels::local_divergence_forward,
-        "(D (N, Ho, Wo), grad_u for grad_output = 1, grad_m likewise; the last two empty unless with_grad); "
-        "schedule: [] or the CUDA launch schedule");
+        "(D (N, Ho, Wo), grad_u for grad_output = 1, grad_m likewise; the last two empty unless with_grad)",
+        py::arg("u_pred"), py::arg("m_pred"), py::arg("u_tgt"), py::arg("m_tgt"), py::arg("win_h"), py::arg("win_w"),
+        py::arg("valid"), py::arg("bins"), py::arg("bandwidth"), py::arg("kernel"), py::arg("divergence"),
+        py::arg("eps"), py::arg("with_grad"), py::arg("schedule") = policy);
   m.def("backward", &entropy_kernels::local_divergence_backward,
-        "(grad_u_pred, grad_m_pred) from grad_output and the saved D");
+        "(grad_u_pred, grad_m_pred) from grad_output and the saved D", py::arg("grad"), py::arg("d"),
+        py::arg("u_pred"), py::arg("m_pred"), py::arg("u_tgt"), py::arg("m_tgt"), py::arg("grad_u1"),
+        py::arg("grad_m1"), py::arg("win_h"), py::arg("win_w"), py::arg("valid"), py::arg("bins"),
+        py::arg("bandwidth"), py::arg("kernel"), py::arg("divergence"), py::arg("eps"), py::arg("schedule") = policy);
 #ifdef EK_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
