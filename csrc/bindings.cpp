@@ -119,7 +119,8 @@ at::Tensor bad_window_table(const at::Tensor& bad_sat, int64_t height, int64_t w
 
 #ifdef EK_WITH_CUDA
 CudaProblem cuda_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool valid, int64_t bins,
-                         double bandwidth, int64_t kernel, int64_t divergence, double eps) {
+                         double bandwidth, int64_t kernel, int64_t divergence, double eps,
+                         const std::vector<int64_t>& schedule) {
   TORCH_CHECK(bins <= kCudaMaxBins, "the cuda backend serves bins <= ", kCudaMaxBins, ", got ", bins);
   CudaProblem pb;
   pb.planes = (int)u.size(0);
@@ -133,9 +134,26 @@ CudaProblem cuda_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool
   pb.eps = eps;
   pb.kernel = (int)kernel;
   pb.divergence = (int)divergence;
+  if (!schedule.empty()) {  // see check_schedule
+    const auto budget = [](int64_t bytes) { return bytes < 0 ? kTwoBlocksPerSm : (size_t)bytes; };
+    pb.max_shared_for_ring = budget(schedule[0]);
+    pb.max_shared_for_column_ring = budget(schedule[1]);
+    pb.tensor_core_column_sums = schedule[2] != 0;
+  }
   return pb;
 }
 #endif
+
+// schedule: empty (the library's policy), or the CUDA launch schedule (entropy_kernels/ops/cuda.py's
+// _Schedule) as {max_shared_for_ring, max_shared_for_column_ring, tensor_core_column_sums}, a
+// budget of -1 meaning the default (CudaProblem).
+void check_schedule(const std::vector<int64_t>& schedule, bool cuda) {
+  if (schedule.empty()) return;
+  TORCH_CHECK(cuda, "a launch schedule applies to CUDA tensors only, got one for CPU tensors");
+  TORCH_CHECK(schedule.size() == 3 && schedule[0] >= -1 && schedule[1] >= -1 && schedule[2] >= 0 &&
+                  schedule[2] <= 1,
+              "schedule must be {ring bytes >= -1, column ring bytes >= -1, tensor cores 0 or 1}, got ", schedule);
+}
 
 }  // namespace
 
@@ -145,14 +163,17 @@ CudaProblem cuda_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool
 std::vector<at::Tensor> local_divergence_forward(const at::Tensor& u_pred, const at::Tensor& m_pred,
                                                  const at::Tensor& u_tgt, const at::Tensor& m_tgt, int64_t win_h,
                                                  int64_t win_w, bool valid, int64_t bins, double bandwidth,
-                                                 int64_t kernel, int64_t divergence, double eps, bool with_grad) {
+                                                 int64_t kernel, int64_t divergence, double eps, bool with_grad,
+                                                 const std::vector<int64_t>& schedule) {
   check_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence);
+  check_schedule(schedule, u_pred.is_cuda());
   check_maps({&u_pred, &m_pred, &u_tgt, &m_tgt}, u_pred, u_pred.size(1), u_pred.size(2), "u and m maps");
   const at::Tensor bad_sat = bad_pixel_table(u_pred, m_pred, u_tgt, m_tgt);
   if (u_pred.is_cuda()) {
 #ifdef EK_WITH_CUDA
     const c10::cuda::CUDAGuard guard(u_pred.device());
-    const CudaProblem pb = cuda_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps);
+    const CudaProblem pb =
+        cuda_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, schedule);
     const int64_t ho = valid ? pb.height - win_h + 1 : pb.height, wo = valid ? pb.width - win_w + 1 : pb.width;
     at::Tensor d = at::empty({pb.planes, ho, wo}, u_pred.options());
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -196,8 +217,10 @@ std::vector<at::Tensor> local_divergence_backward(const at::Tensor& grad, const 
                                                   const at::Tensor& u_tgt, const at::Tensor& m_tgt,
                                                   const at::Tensor& grad_u1, const at::Tensor& grad_m1,
                                                   int64_t win_h, int64_t win_w, bool valid, int64_t bins,
-                                                  double bandwidth, int64_t kernel, int64_t divergence, double eps) {
+                                                  double bandwidth, int64_t kernel, int64_t divergence, double eps,
+                                                  const std::vector<int64_t>& schedule) {
   check_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence);
+  check_schedule(schedule, u_pred.is_cuda());
   check_maps({&u_pred, &m_pred, &u_tgt, &m_tgt}, u_pred, u_pred.size(1), u_pred.size(2), "u and m maps");
   check_maps({&d}, u_pred, d.size(1), d.size(2), "D");
   const at::Tensor g = grad.contiguous();
@@ -222,7 +245,8 @@ std::vector<at::Tensor> local_divergence_backward(const at::Tensor& grad, const 
   if (u_pred.is_cuda()) {
 #ifdef EK_WITH_CUDA
     const c10::cuda::CUDAGuard guard(u_pred.device());
-    const CudaProblem pb = cuda_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps);
+    const CudaProblem pb =
+        cuda_problem(u_pred, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, schedule);
     at::Tensor gu = at::zeros_like(u_pred), gm = at::zeros_like(u_pred);
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     cudaError_t err = cudaSuccess;
@@ -246,19 +270,19 @@ std::vector<at::Tensor> local_divergence_backward(const at::Tensor& grad, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused local divergence of the spatial entropy loss (forward and backward)";
+  namespace py = pybind11;
+  const std::vector<int64_t> policy;  // the default schedule: the library's (see check_schedule)
   m.def("forward", &entropy_kernels::local_divergence_forward,
-        "(D (N, Ho, Wo), grad_u for grad_output = 1, grad_m likewise; the last two empty unless with_grad)");
+        "(D (N, Ho, Wo), grad_u for grad_output = 1, grad_m likewise; the last two empty unless with_grad)",
+        py::arg("u_pred"), py::arg("m_pred"), py::arg("u_tgt"), py::arg("m_tgt"), py::arg("win_h"), py::arg("win_w"),
+        py::arg("valid"), py::arg("bins"), py::arg("bandwidth"), py::arg("kernel"), py::arg("divergence"),
+        py::arg("eps"), py::arg("with_grad"), py::arg("schedule") = policy);
   m.def("backward", &entropy_kernels::local_divergence_backward,
-        "(grad_u_pred, grad_m_pred) from grad_output and the saved D");
+        "(grad_u_pred, grad_m_pred) from grad_output and the saved D", py::arg("grad"), py::arg("d"),
+        py::arg("u_pred"), py::arg("m_pred"), py::arg("u_tgt"), py::arg("m_tgt"), py::arg("grad_u1"),
+        py::arg("grad_m1"), py::arg("win_h"), py::arg("win_w"), py::arg("valid"), py::arg("bins"),
+        py::arg("bandwidth"), py::arg("kernel"), py::arg("divergence"), py::arg("eps"), py::arg("schedule") = policy);
 #ifdef EK_WITH_CUDA
-  m.def("cuda_max_shared_for_ring", &entropy_kernels::cuda_max_shared_for_ring,
-        "bytes of shared memory within which the CUDA backward keeps its G ring (tools/cuda_variants.py)");
-  m.def("set_cuda_max_shared_for_ring", &entropy_kernels::set_cuda_max_shared_for_ring,
-        "set it; 0: the two-state schedule everywhere");
-  m.def("cuda_max_shared_for_column_ring", &entropy_kernels::cuda_max_shared_for_column_ring,
-        "bytes of shared memory within which the CUDA kernels keep their column ring (tools/cuda_variants.py)");
-  m.def("set_cuda_max_shared_for_column_ring", &entropy_kernels::set_cuda_max_shared_for_column_ring,
-        "set it; 0: every column sum computed twice");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

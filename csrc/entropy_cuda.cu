@@ -450,19 +450,17 @@ size_t column_ring_bytes(int win_w, int cells_per_thread) {
   return (size_t)(win_w + 1) * 2 * cells_per_thread * kThreads * sizeof(T);
 }
 
-// The G ring is used when the backward's shared memory then stays within max_shared_for_ring, and
-// the column ring when the kernel's shared memory with it stays within max_shared_for_column_ring
-// (the backward's only together with the G ring); never beyond what a block of the device may
-// opt in to. Both default to kTwoBlocksPerSm: two blocks of 128 registers per thread share an
-// SM, as the launch bounds plan (sm_90: 2 x 113 KiB of its 228 KiB). See set_cuda_max_shared_*.
-size_t max_shared_for_ring = kTwoBlocksPerSm;
-size_t max_shared_for_column_ring = kTwoBlocksPerSm;
+// The G ring is used when the backward's shared memory then stays within the problem's
+// max_shared_for_ring, and the column ring when the kernel's shared memory with it stays within
+// its max_shared_for_column_ring (the backward's only together with the G ring); never beyond what
+// a block of the device may opt in to. By default both are kTwoBlocksPerSm: two blocks of 128
+// registers per thread share an SM, as the launch bounds plan (sm_90: 2 x 113 KiB of its 228 KiB).
 
 // What a budget allows on the current device, in bytes.
 struct SharedBudgets {
   size_t ring, column_ring;
 };
-SharedBudgets shared_budgets() {
+SharedBudgets shared_budgets(const CudaProblem& pb) {
   int device = 0, per_sm = 0, optin = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
@@ -473,7 +471,7 @@ SharedBudgets shared_budgets() {
   // Half an SM, less the 1 KiB the runtime reserves per block.
   const size_t two_blocks = per_sm >= 2048 ? (size_t)per_sm / 2 - 1024 : 0;
   const auto allowed = [&](size_t knob) { return std::min(knob == kTwoBlocksPerSm ? two_blocks : knob, (size_t)optin); };
-  return {allowed(max_shared_for_ring), allowed(max_shared_for_column_ring)};
+  return {allowed(pb.max_shared_for_ring), allowed(pb.max_shared_for_column_ring)};
 }
 
 // The gradient with respect to pred. With FUSED (the forward pass of a loss whose grad_output
@@ -684,7 +682,7 @@ cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_p
   const int cpt = cells_per_thread(pb.bins);
   const size_t base = backward_ring_offset<T>(pb.bins, cpt), with_ring = base + ring_bytes<T>(pb.win_w, cpt),
                with_both = with_ring + column_ring_bytes<T>(pb.win_w, cpt);
-  const SharedBudgets budgets = shared_budgets();
+  const SharedBudgets budgets = shared_budgets(pb);
   g.ring = with_ring <= budgets.ring;
   if (g.ring && one_chunk(g) && with_both <= budgets.column_ring) g.column_ring_at = (int)with_ring;
   const size_t shared = g.column_ring_at >= 0 ? with_both : g.ring ? with_ring : base;
@@ -707,7 +705,7 @@ cudaError_t launch_local_divergence_forward(const CudaProblem& pb, const T* u_pr
   const dim3 grid(g.rows.out, pb.planes);
   const int cpt = cells_per_thread(pb.bins);
   const size_t base = forward_shared_bytes<T>(pb.bins, cpt), with_ring = base + column_ring_bytes<T>(pb.win_w, cpt);
-  if (one_chunk(g) && with_ring <= shared_budgets().column_ring) g.column_ring_at = (int)base;
+  if (one_chunk(g) && with_ring <= shared_budgets(pb).column_ring) g.column_ring_at = (int)base;
   const size_t shared = g.column_ring_at >= 0 ? with_ring : base;
   const auto kernel = EK_PICK(forward_kernel);
   const cudaError_t err = allow_shared(kernel, shared);
@@ -733,11 +731,6 @@ cudaError_t launch_local_divergence_backward(const CudaProblem& pb, const T* u_p
   return launch_backward<T, false>(pb, u_pred, m_pred, u_tgt, m_tgt, const_cast<T*>(d), grad, nullptr, poison_sat,
                                    grad_u, grad_m, stream);
 }
-
-size_t cuda_max_shared_for_ring() { return max_shared_for_ring; }
-void set_cuda_max_shared_for_ring(size_t bytes) { max_shared_for_ring = bytes; }
-size_t cuda_max_shared_for_column_ring() { return max_shared_for_column_ring; }
-void set_cuda_max_shared_for_column_ring(size_t bytes) { max_shared_for_column_ring = bytes; }
 
 template cudaError_t launch_local_divergence_forward<float>(const CudaProblem&, const float*, const float*,
                                                             const float*, const float*, const int32_t*, float*,

@@ -9,12 +9,26 @@
 
 namespace entropy_kernels {
 
+// The launch schedule's default shared-memory budget (see CudaProblem): half an SM's shared
+// memory less the 1 KiB reserved per block (113 KiB on sm_90).
+constexpr size_t kTwoBlocksPerSm = ~(size_t)0;
+
 struct CudaProblem {
   int planes, height, width, bins;
   int win_h, win_w;
   bool valid;
   double bandwidth, eps;
   int kernel, divergence;
+  // The launch schedule: the library's policy by default; the CUDA op's private schedule argument
+  // sets it for benchmarks (tools/cuda_variants.py) and tests.
+  // Shared-memory budgets, in bytes. The backward keeps the G of the windows in T in shared memory
+  // (a ring) when its shared memory then stays within max_shared_for_ring, else it slides a second
+  // window state to recompute them. Both kernels keep the column sums of the last win_w + 1 columns
+  // (a column ring: one column sum per window instead of two) when their shared memory then stays
+  // within max_shared_for_column_ring and a window has at most 16 rows (the backward only together
+  // with the G ring). 0: never; never more than a block may opt in to.
+  size_t max_shared_for_ring = kTwoBlocksPerSm;
+  size_t max_shared_for_column_ring = kTwoBlocksPerSm;
   // Float column sums at bins <= 32 as tensor-core products (3xTF32) on devices of compute
   // capability 8.0 and later; elsewhere, and by default, FMA products. Opt-in: their static count
   // is no lower than the FMA path's (docs/tensor_cores.md), and no GPU has timed them yet.
@@ -23,20 +37,6 @@ struct CudaProblem {
 
 // Largest bins the CUDA kernels serve (each thread keeps at most 16 of the L*L cells).
 constexpr int kCudaMaxBins = 64;
-
-// Shared-memory budgets, in bytes, for benchmarks and tests. The backward keeps the G of the
-// windows in T in shared memory (a ring) when its shared memory then stays within
-// cuda_max_shared_for_ring(), else it slides a second window state to recompute them. Both
-// kernels keep the column sums of the last win_w + 1 columns (a column ring: one column sum per
-// window instead of two) when their shared memory then stays within
-// cuda_max_shared_for_column_ring() and a window has at most 16 rows (the backward only together
-// with the G ring). 0: never; kTwoBlocksPerSm (the default): half an SM's shared memory less the
-// 1 KiB reserved per block (113 KiB on sm_90); never more than a block may opt in to.
-constexpr size_t kTwoBlocksPerSm = ~(size_t)0;
-size_t cuda_max_shared_for_ring();
-void set_cuda_max_shared_for_ring(size_t bytes);
-size_t cuda_max_shared_for_column_ring();
-void set_cuda_max_shared_for_column_ring(size_t bytes);
 
 // d: (planes, Ho, Wo). bad_sat: int32 (planes, H + 1, W + 1) summed-area table of non-finite pixels.
 template <typename T>

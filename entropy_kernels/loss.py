@@ -49,7 +49,9 @@ _SHAPE_DOCS = """
 """
 
 
-def _loss(pred: torch.Tensor, target: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+def _loss(pred: torch.Tensor, target: torch.Tensor, opts: LossOptions, _schedule=None) -> torch.Tensor:
+    """_schedule (private, backend 'cuda' only): the kernels' launch schedule, entropy_kernels.ops.cuda._Schedule,
+    for tools/cuda_variants.py; None: the library's policy."""
     pred, target, squeezed = check_inputs(pred, target, opts)
     warn_if_mostly_clamped(pred, opts)
     dtype = compute_dtype(pred)
@@ -66,6 +68,7 @@ def _loss(pred: torch.Tensor, target: torch.Tensor, opts: LossOptions) -> torch.
         d = impl.local_divergence(
             u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid,
             opts.bins, opts.bandwidth, opts.kernel, opts.divergence, opts.eps,
+            **({} if _schedule is None else {"_schedule": _schedule}),
         )
         if opts.reduction == "mean":
             d = d.mean()

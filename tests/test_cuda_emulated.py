@@ -12,7 +12,6 @@ host pointers; everything else is the code a GPU runs, except that expf and logf
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from entropy_kernels import reference
 from entropy_kernels.ops import _extension
+from entropy_kernels.ops.cuda import _Schedule
 from test_cpp import (
     CASES, assert_close_f64, check_float32_arithmetic_rule, check_parity_f64, random_maps, values_and_grads,
 )
@@ -81,18 +81,21 @@ class EmulatedCuda:
     """The backend contract (entropy_kernels.reference) served by the emulated CUDA launchers, with
     bindings.cpp's glue. With fused, a forward whose maps require grad also computes the gradient
     for grad_output = 1, which the backward scales when grad_output is uniform (as the op does).
-    With tensor_cores, float column sums at bins <= 32 are tensor-core products
-    (CudaProblem::tensor_core_column_sums)."""
+    schedule: the launch schedule each call passes (the op's private argument), the library's
+    policy by default."""
 
-    def __init__(self, lib, fused=False, tensor_cores=False):
-        self.lib, self.fused, self.tensor_cores = lib, fused, tensor_cores
+    def __init__(self, lib, fused=False, schedule=_Schedule()):
+        self.lib, self.fused, self.schedule = lib, fused, schedule
 
     def _problem(self, u, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
         n, height, width = u.shape
+        *ring_and_column_ring, tensor_cores = self.schedule.op_argument()
         return (
             0 if u.dtype == torch.float32 else 1, n, height, width, bins, win_h, win_w, int(valid),
             ctypes.c_double(bandwidth), ctypes.c_double(eps), _extension.KERNEL_IDS[kernel],
-            _extension.DIVERGENCE_IDS[divergence], int(self.tensor_cores),
+            _extension.DIVERGENCE_IDS[divergence],
+            *(ctypes.c_size_t(TWO_BLOCKS_PER_SM if budget < 0 else budget) for budget in ring_and_column_ring),
+            tensor_cores,
         )
 
     def forward(self, maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad=False):
@@ -155,39 +158,20 @@ class _Emulated(torch.autograd.Function):
 
 SM_SHARED = 227 * 1024  # an sm_90 block's most dynamic shared memory
 
-# The kernels' schedules, as (max_shared_for_ring, max_shared_for_column_ring): the G of the
-# windows in T and the last column sums both kept in shared memory wherever they fit an SM (at
-# bins 32 / window 11 the defaults keep only the G ring there, the column ring in the forward);
-# the G ring alone (every column sum computed twice); neither (a second window state slides
-# behind the first to recompute G).
-SCHEDULES = {"rings": (SM_SHARED, SM_SHARED), "g-ring": (SM_SHARED, 0), "two-states": (0, 0)}
+TWO_BLOCKS_PER_SM = 2**64 - 1  # csrc/entropy_cuda.h's kTwoBlocksPerSm: the budgets' policy
 
-
-@contextlib.contextmanager
-def shared_budgets(lib, ring, column_ring):
-    """The launchers' budgets for the G ring and the column ring, restored afterwards."""
-    knobs = ("max_shared_for_ring", "max_shared_for_column_ring")
-    for knob in knobs:
-        getattr(lib, f"ek_emulated_{knob}").restype = ctypes.c_size_t
-    defaults = [getattr(lib, f"ek_emulated_{knob}")() for knob in knobs]
-    try:
-        for knob, value in zip(knobs, (ring, column_ring)):
-            getattr(lib, f"ek_emulated_set_{knob}")(ctypes.c_size_t(value))
-        yield
-    finally:
-        for knob, value in zip(knobs, defaults):
-            getattr(lib, f"ek_emulated_set_{knob}")(ctypes.c_size_t(value))
+# The kernels' schedules: the G of the windows in T and the last column sums both kept in shared
+# memory wherever they fit an SM (at bins 32 / window 11 the library's policy keeps only the G ring
+# there, the column ring in the forward); the G ring alone (every column sum computed twice);
+# neither (a second window state slides behind the first to recompute G).
+SCHEDULES = {
+    "rings": _Schedule(SM_SHARED, SM_SHARED), "g-ring": _Schedule(SM_SHARED, 0), "two-states": _Schedule(0, 0),
+}
 
 
 @pytest.fixture(scope="module", params=list(SCHEDULES))
-def schedule(lib, request):
-    with shared_budgets(lib, *SCHEDULES[request.param]):
-        yield request.param
-
-
-@pytest.fixture(scope="module")
-def cuda_emulated(lib, schedule):
-    return EmulatedCuda(lib)
+def cuda_emulated(lib, request):
+    return EmulatedCuda(lib, schedule=SCHEDULES[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +278,39 @@ def test_fused_forward_is_the_forward_and_the_backward(cuda_emulated, dtype, div
         assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())
 
 
+# Dynamic shared memory in KiB of the forward, the fused pass and the backward in float32 at bins
+# 32 / window 11 (docs/cuda.md): staged kernel values 16 (+ T, 8, in the backward), the G ring 44,
+# the column ring 96 (the backward's only together with the G ring).
+SCHEDULE_SHARED_KIB = {
+    "policy": (_Schedule(), (112, 68, 68)),
+    "rings": (SCHEDULES["rings"], (112, 164, 164)),
+    "g-ring": (SCHEDULES["g-ring"], (16, 68, 68)),
+    "two-states": (SCHEDULES["two-states"], (16, 24, 24)),
+    "column-ring-alone": (_Schedule(0, SM_SHARED), (112, 24, 24)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULE_SHARED_KIB))
+def test_schedule_argument_sets_the_rings(lib, name):
+    """Each call's schedule argument, not a setting left by an earlier call, decides the rings its
+    launches keep (the library's policy, two blocks per SM, where it is absent)."""
+    schedule, expected = SCHEDULE_SHARED_KIB[name]
+    lib.ek_emulated_last_launch_shared.restype = ctypes.c_size_t
+    bins = 32
+    maps = [t.float() for t in random_maps(1, 11, 13, bins)]
+    args = (11, 11, True, bins, 0.5, "logistic", "kl", 1e-10)
+    d, grad = torch.rand(2, 1, 1, 3).float()  # 'valid': 1 x 3 windows
+    impl = EmulatedCuda(lib, schedule=schedule)
+    other = EmulatedCuda(lib, schedule=SCHEDULES["two-states" if name == "rings" else "rings"])
+    kib = []
+    for run in (lambda e: e.forward(maps, *args), lambda e: e.forward(maps, *args, with_grad=True),
+                lambda e: e.backward(maps, d, grad, *args)):
+        run(other)  # a call with other budgets first: nothing carries over
+        run(impl)
+        kib.append(lib.ek_emulated_last_launch_shared() / 1024)
+    assert tuple(kib) == expected
+
+
 @pytest.mark.parametrize("dtype, tensor_cores", [(torch.float32, False), (torch.float32, True), (torch.float64, False)],
                          ids=["float32", "float32-tensor-cores", "float64"])
 def test_column_ring_changes_no_bit(lib, dtype, tensor_cores):
@@ -305,13 +322,12 @@ def test_column_ring_changes_no_bit(lib, dtype, tensor_cores):
     maps = [t.to(dtype) for t in random_maps(2, 12, 14, bins)]
     args = (11, 11, False, bins, 0.5, "logistic", "kl", 1e-10)
     grad = torch.rand(2, 12, 14, dtype=dtype) - 0.25
-    impl = EmulatedCuda(lib, tensor_cores=tensor_cores)
     outs = []
     for column_ring in (SM_SHARED, 0):
-        with shared_budgets(lib, SM_SHARED, column_ring):
-            d, _ = impl.forward(maps, *args)
-            d_fused, grads1 = impl.forward(maps, *args, with_grad=True)
-            outs.append((d, d_fused, *grads1, *impl.backward(maps, d, grad, *args)))
+        impl = EmulatedCuda(lib, schedule=_Schedule(SM_SHARED, column_ring, tensor_cores))
+        d, _ = impl.forward(maps, *args)
+        d_fused, grads1 = impl.forward(maps, *args, with_grad=True)
+        outs.append((d, d_fused, *grads1, *impl.backward(maps, d, grad, *args)))
     for ours, theirs in zip(*outs):
         assert torch.isfinite(ours).all() and torch.equal(ours, theirs)
     assert torch.equal(outs[0][0], outs[0][1])  # and the fused pass's D is the forward's
@@ -328,19 +344,16 @@ def test_rings_fit_the_device(lib, per_sm_kib, optin_kib):
     args = (11, 11, False, bins, 0.5, "logistic", "kl", 1e-10)
     lib.ek_emulated_set_device_shared(ctypes.c_size_t(per_sm_kib * 1024), ctypes.c_size_t(optin_kib * 1024))
     try:
-        for budgets in (None, (SM_SHARED, SM_SHARED)):
-            with contextlib.ExitStack() as stack:
-                if budgets:
-                    stack.enter_context(shared_budgets(lib, *budgets))
-                # float64 (about twice the bytes) and float32, through the forward and backward
-                # kernels and through the fused pass
-                for impl in (EmulatedCuda(lib), EmulatedCuda(lib, fused=True)):
-                    d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args)
-                    d, gu, gm, _ = values_and_grads(impl, maps, args, g)
-                    assert_close_f64(d, d_ref)
-                    assert_close_f64(gu, gu_ref)
-                    assert_close_f64(gm, gm_ref)
-                    check_float32_arithmetic_rule(impl, "logistic", "kl", 12, 13)
+        for schedule in (_Schedule(), SCHEDULES["rings"]):
+            # float64 (about twice the bytes) and float32, through the forward and backward
+            # kernels and through the fused pass
+            for impl in (EmulatedCuda(lib, schedule=schedule), EmulatedCuda(lib, fused=True, schedule=schedule)):
+                d_ref, gu_ref, gm_ref, g = values_and_grads(reference, maps, args)
+                d, gu, gm, _ = values_and_grads(impl, maps, args, g)
+                assert_close_f64(d, d_ref)
+                assert_close_f64(gu, gu_ref)
+                assert_close_f64(gm, gm_ref)
+                check_float32_arithmetic_rule(impl, "logistic", "kl", 12, 13)
     finally:
         lib.ek_emulated_set_device_shared(ctypes.c_size_t(228 * 1024), ctypes.c_size_t(SM_SHARED))
 
@@ -409,7 +422,7 @@ TENSOR_CORE_CASES = [
 
 @pytest.fixture(scope="module")
 def cuda_emulated_tensor_cores(lib):
-    return EmulatedCuda(lib, fused=True, tensor_cores=True)
+    return EmulatedCuda(lib, fused=True, schedule=_Schedule(tensor_core_column_sums=True))
 
 
 @pytest.mark.parametrize("grad_out", [None, -0.75], ids=["random-grad", "uniform-grad"])

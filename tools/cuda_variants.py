@@ -5,14 +5,17 @@ bins 32, window 11).
     python tools/cuda_variants.py                 # after `python setup.py build_ext --inplace`
     python tools/cuda_variants.py --size 256 --batch 4
 
-Schedules (docs/cuda.md, Algorithm), each a pass and the two shared-memory budgets (the G
-ring's, the column ring's):
+Schedules (docs/cuda.md, Algorithm), each a pass and the kernels' launch schedule (the cuda
+backend's private _schedule argument: the two shared-memory budgets, the G ring's and the column
+ring's, and the column sums' products):
   fused, defaults           the training step: a 'mean' loss, so the forward is the backward kernel
                             with grad_output = 1 and the backward a rescale; each window's G kept in
                             shared memory (two blocks per SM at the default case)
   fused, both rings         the same with the last column sums kept too (one column sum per window
                             instead of two) at the price of one block per SM (164 KiB at the default case)
   fused, two states         neither ring (a second window state recomputes G)
+  fused, tensor cores       the defaults with the float column sums as 3xTF32 tensor-core products
+                            (opt-in, sm_80+; docs/tensor_cores.md)
   unfused, defaults         a non-uniform grad_output (reduction 'none', random weights): the forward
                             kernel (with its column ring where it fits two blocks per SM), then the backward kernel
   forward, defaults / forward, no column ring: D alone (no gradient), the evaluation's pass
@@ -29,43 +32,46 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from entropy_kernels import spatial_entropy_loss  # noqa: E402
+from entropy_kernels.loss import _loss  # noqa: E402
 from entropy_kernels.ops import _extension  # noqa: E402
+from entropy_kernels.ops.cuda import _Schedule  # noqa: E402
+from entropy_kernels.options import make_options  # noqa: E402
 from gpu_sweep import add_case_arguments, make_inputs  # noqa: E402  (tools/ is on the path: this script's folder)
 
 
 SM_SHARED = 227 * 1024  # an sm_90 block's most dynamic shared memory
-TWO_BLOCKS_PER_SM = 2**64 - 1  # csrc/entropy_cuda.h's kTwoBlocksPerSm: the budgets' default
 
 
-def step_fn(pred, target, bins, window, mode):
+def loss_fn(pred, target, schedule=None, **options):
+    """spatial_entropy_loss with the cuda backend's launch schedule (the reference ignores it)."""
+    return _loss(pred, target, make_options(**options), _schedule=schedule)
+
+
+def step_fn(pred, target, bins, window, mode, schedule):
     if mode == "forward":
         def forward():
             with torch.no_grad():
-                return spatial_entropy_loss(pred, target, bins=bins, window=window, backend="cuda")
+                return loss_fn(pred, target, schedule, bins=bins, window=window, backend="cuda")
         return forward
     if mode == "fused":
-        return lambda: torch.autograd.grad(spatial_entropy_loss(pred, target, bins=bins, window=window,
-                                                                backend="cuda"), pred)
+        return lambda: torch.autograd.grad(loss_fn(pred, target, schedule, bins=bins, window=window,
+                                                   backend="cuda"), pred)
     weights = torch.rand_like(pred, requires_grad=False)
 
     def step():
-        loss = spatial_entropy_loss(pred, target, bins=bins, window=window, backend="cuda", reduction="none")
+        loss = loss_fn(pred, target, schedule, bins=bins, window=window, backend="cuda", reduction="none")
         return torch.autograd.grad((loss * weights).sum(), pred)
     return step
 
 
-def set_budgets(module, ring, column_ring):
-    module.set_cuda_max_shared_for_ring(ring)
-    module.set_cuda_max_shared_for_column_ring(column_ring)
-
-
-def parity(module, mode, dtype, budgets):
+def parity(mode, dtype, schedule):
     """Largest error (the map of D for 'forward', else the gradient) against the float64 reference
     over its largest value, 40 x 33, bins 32, window 11, the inputs in dtype. Each ring the schedule uses is
     allowed an SM's 227 KiB here: in float64 the rings need about twice the bytes, and at bins 32 /
     window 11 float64 the backward's column ring does not fit even so (the forward's does)."""
-    set_budgets(module, *(SM_SHARED if budget else 0 for budget in budgets))
+    ring, column_ring = (0 if budget == 0 else SM_SHARED
+                         for budget in (schedule.max_shared_for_ring, schedule.max_shared_for_column_ring))
+    schedule = schedule._replace(max_shared_for_ring=ring, max_shared_for_column_ring=column_ring)
     gen = torch.Generator().manual_seed(0)
     pred = torch.rand(2, 3, 40, 33, generator=gen, dtype=torch.float64).cuda()
     target = torch.rand(2, 3, 40, 33, generator=gen, dtype=torch.float64).cuda()
@@ -73,9 +79,9 @@ def parity(module, mode, dtype, budgets):
     out = {}
     for backend, kind in (("reference", torch.float64), ("cuda", dtype)):
         p = pred.to(kind).requires_grad_(mode != "forward")
-        loss = spatial_entropy_loss(p, target.to(kind), bins=32, window=11, backend=backend,
-                                    reduction="mean" if mode == "fused" else "none",
-                                    generator=torch.Generator().manual_seed(2))  # the same neighbour weights
+        loss = loss_fn(p, target.to(kind), schedule if backend == "cuda" else None, bins=32, window=11,
+                       backend=backend, reduction="mean" if mode == "fused" else "none",
+                       generator=torch.Generator().manual_seed(2))  # the same neighbour weights
         if mode == "forward":
             out[backend] = loss.detach().double()
         else:
@@ -95,33 +101,31 @@ def main():
         sys.exit(f"the CUDA extension is unavailable: {error}")
     from triton.testing import do_bench
 
-    defaults = (module.cuda_max_shared_for_ring(), module.cuda_max_shared_for_column_ring())
     pred, target = make_inputs(args.batch, args.channels, args.size, args.size, seed=1)
     print(f"{torch.cuda.get_device_name()}; B={args.batch} C={args.channels} {args.size}^2 bins {args.bins} "
-          f"window {args.window}, float32; shared-memory budgets (G ring, column ring) by default "
-          f"{tuple('two blocks per SM' if b == TWO_BLOCKS_PER_SM else b for b in defaults)}")
+          f"window {args.window}, float32; shared-memory budgets (G ring, column ring) by default: "
+          "two blocks per SM")
     print("schedule | parity float64 | parity float32 (max error / max value vs float64 reference) | ms | peak extra MiB")
+    defaults = _Schedule()
     schedules = (
-        ("fused, defaults", "fused", defaults), ("fused, both rings", "fused", (SM_SHARED, SM_SHARED)),
-        ("fused, two states", "fused", (0, 0)), ("unfused, defaults", "unfused", defaults),
-        ("forward, defaults", "forward", defaults), ("forward, no column ring", "forward", (defaults[0], 0)),
+        ("fused, defaults", "fused", defaults), ("fused, both rings", "fused", _Schedule(SM_SHARED, SM_SHARED)),
+        ("fused, two states", "fused", _Schedule(0, 0)),
+        ("fused, tensor cores", "fused", _Schedule(tensor_core_column_sums=True)),
+        ("unfused, defaults", "unfused", defaults),
+        ("forward, defaults", "forward", defaults), ("forward, no column ring", "forward", _Schedule(None, 0)),
     )
-    try:
-        for name, mode, budgets in schedules:
-            errors = [parity(module, mode, dtype, budgets) for dtype in (torch.float64, torch.float32)]
-            set_budgets(module, *budgets)
-            step = step_fn(pred, target, args.bins, args.window, mode)
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            ms = do_bench(step, return_mode="median")
-            print(f"{name} | {errors[0]:.2e} | {errors[1]:.2e} | {ms:.2f} | {peak:.1f}", flush=True)
-    finally:
-        set_budgets(module, *defaults)
+    for name, mode, schedule in schedules:
+        errors = [parity(mode, dtype, schedule) for dtype in (torch.float64, torch.float32)]
+        step = step_fn(pred, target, args.bins, args.window, mode, schedule)
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ms = do_bench(step, return_mode="median")
+        print(f"{name} | {errors[0]:.2e} | {errors[1]:.2e} | {ms:.2f} | {peak:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ serve, never raised at import.
 
 Each backend registers two ops in the ``entropy_kernels`` namespace, ``<name>_local_divergence``
 and its backward, with fake (meta) implementations and autograd, so that ``torch.compile``
-traces through them and ``torch.library.opcheck`` passes.
+traces through them and ``torch.library.opcheck`` passes. Both take a trailing ``schedule``
+(None: the library's policy), the CUDA launch schedule of :class:`entropy_kernels.ops.cuda._Schedule`
+as a list; the CPU code takes none.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import importlib
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -111,7 +113,7 @@ def output_shape(u: torch.Tensor, win_h: int, win_w: int, valid: bool):
     return (n, height - win_h + 1, width - win_w + 1) if valid else (n, height, width)
 
 
-def check_call(maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, cuda: bool):
+def check_call(maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, cuda: bool, schedule=None):
     """The checks of csrc/bindings.cpp, made in Python first.
 
     The C++ checks stay (they guard direct calls of the module), but an exception thrown inside
@@ -139,6 +141,11 @@ def check_call(maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, c
         raise ValueError(f"entropy_kernels: bandwidth must be > 0, got {bandwidth}")
     if kernel not in KERNEL_IDS.values() or divergence not in DIVERGENCE_IDS.values():
         raise ValueError(f"entropy_kernels: unknown kernel id {kernel} or divergence id {divergence}")
+    if schedule is not None and not (
+        cuda and len(schedule) == 3 and min(schedule[:2]) >= -1 and schedule[2] in (0, 1)
+    ):
+        raise ValueError("entropy_kernels: schedule must be None or, on the cuda backend, [ring bytes >= -1, "
+                         f"column ring bytes >= -1, tensor cores 0 or 1], got {schedule} ({'cuda' if cuda else 'cpp'})")
 
 
 def register(name: str, device_type: str, cuda: bool):
@@ -154,16 +161,19 @@ def register(name: str, device_type: str, cuda: bool):
     def forward(
         u_pred: torch.Tensor, m_pred: torch.Tensor, u_tgt: torch.Tensor, m_tgt: torch.Tensor,
         win_h: int, win_w: int, valid: bool, bins: int, bandwidth: float, kernel: int, divergence: int, eps: float,
-        with_grad: bool,
+        with_grad: bool, schedule: Optional[List[int]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_call((u_pred, m_pred, u_tgt, m_tgt), win_h, win_w, valid, bins, bandwidth, kernel, divergence, cuda)
+        check_call((u_pred, m_pred, u_tgt, m_tgt), win_h, win_w, valid, bins, bandwidth, kernel, divergence, cuda,
+                   schedule)
         d, gu1, gm1 = ext().forward(
-            u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad
+            u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad,
+            schedule or [],
         )
         return d, gu1, gm1
 
     @forward.register_fake
-    def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad):
+    def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad,
+          schedule=None):
         grads = with_grad and eps > 0
         extra = (lambda: torch.empty_like(u_pred)) if grads else (lambda: u_pred.new_empty((0,)))
         return u_pred.new_empty(output_shape(u_pred, win_h, win_w, valid)), extra(), extra()
@@ -174,9 +184,10 @@ def register(name: str, device_type: str, cuda: bool):
     def backward(
         grad: torch.Tensor, d: torch.Tensor, u_pred: torch.Tensor, m_pred: torch.Tensor, u_tgt: torch.Tensor,
         m_tgt: torch.Tensor, grad_u1: torch.Tensor, grad_m1: torch.Tensor, win_h: int, win_w: int, valid: bool,
-        bins: int, bandwidth: float, kernel: int, divergence: int, eps: float,
+        bins: int, bandwidth: float, kernel: int, divergence: int, eps: float, schedule: Optional[List[int]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        check_call((u_pred, m_pred, u_tgt, m_tgt), win_h, win_w, valid, bins, bandwidth, kernel, divergence, cuda)
+        check_call((u_pred, m_pred, u_tgt, m_tgt), win_h, win_w, valid, bins, bandwidth, kernel, divergence, cuda,
+                   schedule)
         expected = output_shape(u_pred, win_h, win_w, valid)
         for what, t in (("D", d), ("grad_output", grad)):
             if tuple(t.shape) != expected or t.dtype != u_pred.dtype or t.device != u_pred.device:
@@ -184,26 +195,26 @@ def register(name: str, device_type: str, cuda: bool):
                                  f"got {tuple(t.shape)} {t.dtype} {t.device}")
         gu, gm = ext().backward(
             grad, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1, win_h, win_w, valid, bins, bandwidth, kernel,
-            divergence, eps,
+            divergence, eps, schedule or [],
         )
         return gu, gm
 
     @backward.register_fake
     def _(grad, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1, win_h, win_w, valid, bins, bandwidth, kernel,
-          divergence, eps):
+          divergence, eps, schedule=None):
         return torch.empty_like(u_pred), torch.empty_like(m_pred)
 
     def setup_context(ctx, inputs, output):
-        u_pred, m_pred, u_tgt, m_tgt, *params = inputs
+        u_pred, m_pred, u_tgt, m_tgt, *params, _with_grad, schedule = inputs
         d, gu1, gm1 = output
         ctx.save_for_backward(u_pred, m_pred, u_tgt, m_tgt, d, gu1, gm1)
-        ctx.params = params[:-1]  # without with_grad
+        ctx.params, ctx.schedule = params, schedule
 
     def backward_rule(ctx, grad, _grad_u1, _grad_m1):
         u_pred, m_pred, u_tgt, m_tgt, d, gu1, gm1 = ctx.saved_tensors
-        gu, gm = backward(grad.contiguous(), d, u_pred, m_pred, u_tgt, m_tgt, gu1, gm1, *ctx.params)
+        gu, gm = backward(grad.contiguous(), d, u_pred, m_pred, u_tgt, m_tgt, gu1, gm1, *ctx.params, ctx.schedule)
         # The target maps are constants of the loss (docs/spec.md): no gradient flows to them.
-        return (gu, gm, None, None) + (None,) * (len(ctx.params) + 1)
+        return (gu, gm, None, None) + (None,) * (len(ctx.params) + 2)
 
     forward.register_autograd(backward_rule, setup_context=setup_context)
     return forward
@@ -223,7 +234,8 @@ def reasons(device: torch.device, dtype: torch.dtype, device_type: str, cuda: bo
     return out
 
 
-def call(op, u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+def call(op, u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps,
+         schedule=None):
     """The backend contract (reference.py) on top of a registered op.
 
     When a gradient will be needed, the forward also computes the gradient for grad_output = 1
@@ -234,6 +246,6 @@ def call(op, u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth,
     with_grad = torch.is_grad_enabled() and (u_pred.requires_grad or m_pred.requires_grad)
     d, _, _ = op(
         *maps, int(win_h), int(win_w), bool(valid), int(bins), float(bandwidth),
-        KERNEL_IDS[kernel], DIVERGENCE_IDS[divergence], float(eps), bool(with_grad),
+        KERNEL_IDS[kernel], DIVERGENCE_IDS[divergence], float(eps), bool(with_grad), schedule,
     )
     return d

@@ -1,12 +1,15 @@
 // csrc/entropy_cuda.cu compiled as C++ against the CPU emulator (simt.h), behind a C ABI that
 // tests/test_cuda_emulated.py loads with ctypes. Pointers are host memory; dtype 0 is float,
-// 1 double. Each call returns the launcher's cudaError_t.
+// 1 double. Each call returns the launcher's cudaError_t. Each call takes the launch schedule
+// (CudaProblem's last three fields): ring and column_ring, the shared-memory budgets in bytes
+// (kTwoBlocksPerSm: the library's policy), and tensor_cores, the tensor-core column sums.
 #include "entropy_cuda.cu"
 
 namespace {
 
 entropy_kernels::CudaProblem problem(int planes, int height, int width, int bins, int win_h, int win_w, int valid,
-                                     double bandwidth, double eps, int kernel, int divergence, int tensor_cores) {
+                                     double bandwidth, double eps, int kernel, int divergence, size_t ring,
+                                     size_t column_ring, int tensor_cores) {
   entropy_kernels::CudaProblem pb;
   pb.planes = planes;
   pb.height = height;
@@ -19,6 +22,8 @@ entropy_kernels::CudaProblem problem(int planes, int height, int width, int bins
   pb.eps = eps;
   pb.kernel = kernel;
   pb.divergence = divergence;
+  pb.max_shared_for_ring = ring;
+  pb.max_shared_for_column_ring = column_ring;
   pb.tensor_core_column_sums = tensor_cores != 0;
   return pb;
 }
@@ -52,46 +57,41 @@ int backward(const entropy_kernels::CudaProblem& pb, const void* const* maps, co
 
 extern "C" {
 
-// The backward keeps its G ring only within this much shared memory (0: never).
-void ek_emulated_set_max_shared_for_ring(size_t bytes) { entropy_kernels::set_cuda_max_shared_for_ring(bytes); }
-size_t ek_emulated_max_shared_for_ring() { return entropy_kernels::cuda_max_shared_for_ring(); }
-// Both kernels keep their column ring only within this much shared memory (0: never).
-void ek_emulated_set_max_shared_for_column_ring(size_t bytes) {
-  entropy_kernels::set_cuda_max_shared_for_column_ring(bytes);
-}
-size_t ek_emulated_max_shared_for_column_ring() { return entropy_kernels::cuda_max_shared_for_column_ring(); }
-
 // The emulated device's shared memory per SM and per block (opt-in), in bytes.
 void ek_emulated_set_device_shared(size_t per_sm, size_t optin) {
   simt::device().shared_per_sm = per_sm;
   simt::device().shared_optin = optin;
 }
 
-// maps: u_pred, m_pred, u_tgt, m_tgt. tensor_cores: CudaProblem::tensor_core_column_sums.
+// The dynamic shared memory of the last launch, in bytes: which rings its schedule kept.
+size_t ek_emulated_last_launch_shared() { return simt::device().last_launch_shared; }
+
+// maps: u_pred, m_pred, u_tgt, m_tgt.
 int ek_emulated_forward(int dtype, int planes, int height, int width, int bins, int win_h, int win_w, int valid,
-                        double bandwidth, double eps, int kernel, int divergence, int tensor_cores,
-                        const void* const* maps, const int32_t* bad_sat, void* d) {
-  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence,
-                          tensor_cores);
+                        double bandwidth, double eps, int kernel, int divergence, size_t ring, size_t column_ring,
+                        int tensor_cores, const void* const* maps, const int32_t* bad_sat, void* d) {
+  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence, ring,
+                          column_ring, tensor_cores);
   return dtype == 0 ? forward<float>(pb, maps, bad_sat, d) : forward<double>(pb, maps, bad_sat, d);
 }
 
 int ek_emulated_forward_with_grad(int dtype, int planes, int height, int width, int bins, int win_h, int win_w,
                                   int valid, double bandwidth, double eps, int kernel, int divergence,
-                                  int tensor_cores, const void* const* maps, const int32_t* bad_sat,
-                                  const int32_t* bad_window_sat, void* d, void* grad_u, void* grad_m) {
-  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence,
-                          tensor_cores);
+                                  size_t ring, size_t column_ring, int tensor_cores, const void* const* maps,
+                                  const int32_t* bad_sat, const int32_t* bad_window_sat, void* d, void* grad_u,
+                                  void* grad_m) {
+  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence, ring,
+                          column_ring, tensor_cores);
   return dtype == 0 ? forward_with_grad<float>(pb, maps, bad_sat, bad_window_sat, d, grad_u, grad_m)
                     : forward_with_grad<double>(pb, maps, bad_sat, bad_window_sat, d, grad_u, grad_m);
 }
 
 int ek_emulated_backward(int dtype, int planes, int height, int width, int bins, int win_h, int win_w, int valid,
-                         double bandwidth, double eps, int kernel, int divergence, int tensor_cores,
-                         const void* const* maps, const void* d, const void* grad, const int32_t* poison_sat,
-                         void* grad_u, void* grad_m) {
-  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence,
-                          tensor_cores);
+                         double bandwidth, double eps, int kernel, int divergence, size_t ring, size_t column_ring,
+                         int tensor_cores, const void* const* maps, const void* d, const void* grad,
+                         const int32_t* poison_sat, void* grad_u, void* grad_m) {
+  const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, bandwidth, eps, kernel, divergence, ring,
+                          column_ring, tensor_cores);
   return dtype == 0 ? backward<float>(pb, maps, d, grad, poison_sat, grad_u, grad_m)
                     : backward<double>(pb, maps, d, grad, poison_sat, grad_u, grad_m);
 }

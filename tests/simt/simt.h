@@ -83,6 +83,7 @@ constexpr size_t kDefaultDynamicShared = 48 * 1024;
 // The emulated device's shared memory (bytes): per SM, and the most one block may opt in to.
 struct Device {
   size_t shared_per_sm = 228 * 1024, shared_optin = 227 * 1024;
+  size_t last_launch_shared = 0;  // the last launch's dynamic shared memory: the schedule it chose
 };
 inline Device& device() {
   static Device d;
@@ -321,6 +322,7 @@ inline cudaError_t run(const void* kernel, dim3 grid, dim3 block, size_t shared,
 template <typename... Params>
 auto launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t) {
   return [=](auto... args) {
+    device().last_launch_shared = shared;
     const cudaError_t e = run(reinterpret_cast<const void*>(kernel), grid, block, shared, [=] { kernel(args...); });
     if (e != cudaSuccess) last_error() = e;
   };
