@@ -4,8 +4,8 @@ entropy_kernels.testing.
 Backends: 'cpp'; 'triton' (compiled on a GPU, else in Triton's interpreter: tests/conftest.py sets
 TRITON_INTERPRET before Triton is imported); 'cuda-emulated', csrc/entropy_cuda.cu's kernels run on
 the CPU by tests/simt (tests/emulated_cuda.py), fused as the op is; and 'cuda' on a GPU. The
-interpreter and the emulator are slow, so the shapes are tiny, and the larger float32 cases run on
-compiled backends only. What is specific to one backend (its layouts, schedules, ops, errors) stays
+interpreter and the emulator are slow, so the shapes are tiny and each runs the cases that it ran
+before this table (plus a few): `Case.skip_on` names where a case does not run. What is specific to one backend (its layouts, schedules, ops, errors) stays
 in its own test file.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Backend:
     device: torch.device
     public: bool
     compiled: bool
+    id: str  # the test id: 'cpp', 'triton' or 'triton-interpreted', 'cuda-emulated', 'cuda'
 
     def reasons(self, dtype: torch.dtype, bins: int):
         if self.public:
@@ -47,19 +48,20 @@ def _load(name):
 @pytest.fixture(scope="session", params=["cpp", "triton", "cuda-emulated", "cuda"])
 def backend(request):
     if request.param == "cpp":
-        return Backend("cpp", _load("cpp"), torch.device("cpu"), public=True, compiled=True)
+        return Backend("cpp", _load("cpp"), torch.device("cpu"), public=True, compiled=True, id="cpp")
     if request.param == "triton":
         pytest.importorskip("triton")
         gpu = torch.cuda.is_available()
-        return Backend("triton", _load("triton"), torch.device("cuda" if gpu else "cpu"), public=True, compiled=gpu)
+        return Backend("triton", _load("triton"), torch.device("cuda" if gpu else "cpu"), public=True, compiled=gpu,
+                       id="triton" if gpu else "triton-interpreted")
     if request.param == "cuda-emulated":
         from emulated_cuda import EmulatedCuda
 
         return Backend("cuda", EmulatedCuda(request.getfixturevalue("emulated_cuda_lib"), fused=True),
-                       torch.device("cpu"), public=False, compiled=False)
+                       torch.device("cpu"), public=False, compiled=False, id="cuda-emulated")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    return Backend("cuda", _load("cuda"), torch.device("cuda"), public=True, compiled=True)
+    return Backend("cuda", _load("cuda"), torch.device("cuda"), public=True, compiled=True, id="cuda")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,9 @@ class Case:
     eps: float = 1e-10
     span: Optional[Tuple[float, float]] = None
     target_span: Optional[Tuple[float, float]] = None  # the target maps' range, when it differs
-    compiled_only: bool = False  # too slow for Triton's interpreter and the emulator
+    # Backend ids that do not run the case, to keep CI's time: Triton's interpreter and the emulator
+    # are ~1000x slower than compiled code.
+    skip_on: Tuple[str, ...] = ()
     note: str = field(default="", compare=False)
 
     @property
@@ -115,14 +119,17 @@ class Case:
 # 64, rectangular, 1 x 1 and global windows (even sides), both paddings, both kernels, both
 # divergences, bandwidths that are powers of two (multiplied by the exact reciprocal) and not,
 # values beyond the bins, eps 0 and 1e-6.
+SLOW = ("triton-interpreted", "cuda-emulated")
+NOT_INTERPRETED = ("triton-interpreted",)
 PARITY_CASES = [
-    Case(2, 9, 7, 5, (3, 3)),
-    Case(1, 8, 10, 6, (5, 3), True, "gaussian", "hellinger"),
-    Case(3, 5, 4, 7, (11, 11), False, "logistic", "hellinger", note="image smaller than the window"),
-    Case(1, 6, 4, 3, (6, 4), True, note="global window of an even-sized image"),
-    Case(2, 7, 13, 12, (1, 1), False, "gaussian"),
-    Case(1, 13, 11, 9, (5, 7), False, "gaussian"),
-    Case(2, 12, 9, 10, (3, 5), True, "logistic", "hellinger"),
+    Case(2, 9, 7, 5, (3, 3), skip_on=NOT_INTERPRETED),
+    Case(1, 8, 10, 6, (5, 3), True, "gaussian", "hellinger", skip_on=NOT_INTERPRETED),
+    Case(3, 5, 4, 7, (11, 11), False, "logistic", "hellinger", skip_on=NOT_INTERPRETED,
+         note="image smaller than the window"),
+    Case(1, 6, 4, 3, (6, 4), True, skip_on=NOT_INTERPRETED, note="global window of an even-sized image"),
+    Case(2, 7, 13, 12, (1, 1), False, "gaussian", skip_on=NOT_INTERPRETED),
+    Case(1, 13, 11, 9, (5, 7), False, "gaussian", skip_on=NOT_INTERPRETED),
+    Case(2, 12, 9, 10, (3, 5), True, "logistic", "hellinger", skip_on=NOT_INTERPRETED),
     Case(2, 5, 7, 12, (3, 3)),
     Case(3, 5, 6, 5, (5, 5), True, "gaussian", "hellinger"),
     Case(1, 4, 5, 16, (7, 7), False, "logistic", "hellinger", bandwidth=0.3),
@@ -131,10 +138,11 @@ PARITY_CASES = [
     Case(1, 5, 5, 33, (3, 5), False, "gaussian", note="bins padded to 64"),
     Case(1, 5, 7, 9, (3, 3), False, "logistic", "hellinger", eps=1e-6, span=(-3.0, 11.0)),
     Case(1, 4, 15, 6, (3, 11), note="strips of windows clipped at both sides"),
-    Case(2, 9, 10, 11, (5, 3), False, "logistic", "hellinger", bandwidth=0.7),
-    Case(2, 9, 10, 11, (5, 3), False, "logistic", "hellinger", bandwidth=0.25),
-    Case(2, 9, 10, 11, (5, 3), False, "logistic", "hellinger", bandwidth=2.0),
+    Case(2, 9, 10, 11, (5, 3), False, "logistic", "hellinger", bandwidth=0.7, skip_on=NOT_INTERPRETED),
+    Case(2, 9, 10, 11, (5, 3), False, "logistic", "hellinger", bandwidth=0.25, skip_on=NOT_INTERPRETED),
+    Case(2, 9, 10, 11, (5, 3), False, "logistic", "hellinger", bandwidth=2.0, skip_on=NOT_INTERPRETED),
 ]
+
 
 # The float32 rule on float32 inputs: tiny maps for every backend (pred and target far apart too:
 # Q is tiny where P is large, where log(Q + eps) is sensitive), and on compiled backends the
@@ -144,27 +152,31 @@ FLOAT32_CASES = [
     Case(2, 6, 7, 7, (5, 5), False, "gaussian", "hellinger"),
     Case(2, 6, 7, 5, (1, 1), False, "gaussian", bandwidth=0.3),
     Case(2, 6, 7, 12, (3, 3), span=(0.0, 3.0), target_span=(8.0, 11.0)),
-    Case(2, 17, 19, 32, (11, 11)),
-    Case(2, 17, 19, 32, (11, 11), False, "gaussian", "hellinger"),
+    Case(2, 17, 19, 32, (11, 11), skip_on=NOT_INTERPRETED),
+    Case(2, 17, 19, 32, (11, 11), False, "gaussian", "hellinger", skip_on=NOT_INTERPRETED),
 ] + [
-    Case(2, height, width, bins, (side, side), False, kernel, divergence, compiled_only=True)
+    Case(2, height, width, bins, (side, side), False, kernel, divergence, skip_on=SLOW)
     for height, width, bins, side in ((19, 17, 16, 7), (23, 29, 32, 11))
     for kernel in ("logistic", "gaussian") for divergence in ("kl", "hellinger")
 ]
+# with a uniform grad_output on the slow backends: the first two
+UNIFORM_ON_SLOW = FLOAT32_CASES[:2]
 
 GRADCHECK_CASES = [
     Case(1, 3, 3, 5, (3, 3)),
 ] + [
-    Case(2, 6, 5, 5, (3, 3), valid, divergence=divergence, bandwidth=0.7, compiled_only=True)
+    Case(2, 6, 5, 5, (3, 3), valid, divergence=divergence, bandwidth=0.7, skip_on=SLOW)
     for valid in (False, True) for divergence in ("kl", "hellinger")
 ] + [
     Case(2, 4, 3, 6, (3, 3), True, "gaussian", "hellinger", bandwidth=0.6),
 ]
+# gradcheck's fast mode (one random projection of the Jacobian) where the full one would take minutes
+FAST_GRADCHECK_ON = NOT_INTERPRETED
 
 
 def _skip_unserved(backend, case, dtype):
-    if case.compiled_only and not backend.compiled:
-        pytest.skip("too slow for Triton's interpreter and the emulator")
+    if backend.id in case.skip_on:
+        pytest.skip(f"not run on {backend.id}: too slow")
     reasons = backend.reasons(dtype, case.bins)
     if reasons:
         pytest.skip("; ".join(reasons))
@@ -206,6 +218,8 @@ GRAD_OUTPUTS = {
 @pytest.mark.parametrize("case", PARITY_CASES, ids=Case.id)
 def test_float64_parity(backend, case, grad_output, gen):
     _skip_unserved(backend, case, torch.float64)
+    if grad_output == "uniform" and backend.id in NOT_INTERPRETED:
+        pytest.skip("tests/test_triton.py checks the fused forward's rescaled gradient")
     check_float64_parity(backend.name, backend.impl, backend.device, case, case.maps(gen),
                          GRAD_OUTPUTS[grad_output](case.out_shape, gen), plain=grad_output == "random")
 
@@ -225,8 +239,8 @@ def check_float32_rule(backend_name, impl, device, case, maps, grad_d):
 @pytest.mark.parametrize("case", FLOAT32_CASES, ids=Case.id)
 def test_float32_rule(backend, case, grad_output, gen):
     _skip_unserved(backend, case, torch.float32)
-    if grad_output == "uniform" and case.height > 6 and not backend.compiled:
-        pytest.skip("the uniform grad_output runs on the tiny cases in Triton's interpreter and the emulator")
+    if grad_output == "uniform" and backend.id in SLOW and case not in UNIFORM_ON_SLOW:
+        pytest.skip(f"not run on {backend.id}: too slow")
     check_float32_rule(backend.name, backend.impl, backend.device, case, case.maps(gen),
                        GRAD_OUTPUTS[grad_output](case.out_shape, gen).float().double())
 
@@ -263,12 +277,13 @@ def test_gradcheck_float64(backend, case, gen):
     def divergence(u, m):
         return backend.impl.local_divergence(u, m, u_tgt, m_tgt, *case.args)
 
-    assert torch.autograd.gradcheck(divergence, (u_pred, m_pred), **testing.GRADCHECK)
+    fast = backend.id in FAST_GRADCHECK_ON and case.n * case.height * case.width > 9
+    assert torch.autograd.gradcheck(divergence, (u_pred, m_pred), **testing.GRADCHECK, fast_mode=fast)
 
 
 @pytest.mark.parametrize("where", [0, 3], ids=["pred-intensity", "target-neighbour"])
 def test_nan_map_gives_nan_in_exactly_the_affected_windows(backend, where, gen):
-    case = Case(1, 9, 10, 6, (3, 3))
+    case = Case(1, 9, 10, 6, (3, 3), skip_on=NOT_INTERPRETED)
     _skip_unserved(backend, case, torch.float64)
     maps = case.maps(gen)
     maps[where][0, 2, 7] = float("nan")
@@ -286,7 +301,7 @@ def test_nan_map_gives_nan_in_exactly_the_affected_windows(backend, where, gen):
 
 
 def test_nan_grad_output_poisons_only_its_window_pixels(backend, gen):
-    case = Case(1, 8, 8, 6, (3, 3), False, "gaussian", "hellinger")
+    case = Case(1, 8, 8, 6, (3, 3), False, "gaussian", "hellinger", skip_on=NOT_INTERPRETED)
     _skip_unserved(backend, case, torch.float64)
     maps = case.maps(gen)
     grad_d = torch.rand(case.out_shape, generator=gen, dtype=torch.float64) * 2 - 0.5
@@ -332,7 +347,7 @@ def test_public_api_float64_parity(backend, case, gen):
     shape, kwargs, compiled_only = case
     _skip_unreachable(backend, kwargs["bins"])
     if compiled_only and not backend.compiled:
-        pytest.skip("too slow for Triton's interpreter")
+        pytest.skip(f"not run on {backend.id}: too slow")
     pred = torch.rand(shape, dtype=torch.float64, generator=gen)
     target = torch.rand(shape, dtype=torch.float64, generator=gen)
     if not kwargs.get("clamp", True):
@@ -354,6 +369,8 @@ def test_public_api_float64_parity(backend, case, gen):
 def test_public_api_takes_non_contiguous_input(backend, gen):
     """A transposed view (as a channels-last or cropped batch gives) is the same loss and gradient."""
     _skip_unreachable(backend, 6)
+    if backend.id in NOT_INTERPRETED:
+        pytest.skip(f"not run on {backend.id}: too slow")
     pred = torch.rand(2, 2, 7, 9, dtype=torch.float64, generator=gen).to(backend.device)
     target = torch.rand(2, 2, 7, 9, dtype=torch.float64, generator=gen).to(backend.device)
     kwargs = dict(bins=6, window=3, neighbor_weights="mean", reduction="none")

@@ -96,7 +96,7 @@ SCHEDULE_CASES = contract.PARITY_CASES[:7] + CUDA_CASES
 
 
 def emulated(impl):
-    return Backend("cuda", impl, torch.device("cpu"), public=False, compiled=False)
+    return Backend("cuda", impl, torch.device("cpu"), public=False, compiled=False, id="cuda-emulated")
 
 
 @pytest.mark.parametrize("case", SCHEDULE_CASES, ids=Case.id)
