@@ -9,10 +9,14 @@ For each backend, on fresh random images (odd sizes by default) through the publ
 `spatial_entropy_loss`, with a fixed random set of neighbour weights:
 
 - **float64 parity**: the loss map (`reduction='none'`) and the gradient of a random weighting of it
-  against `backend='reference'`, as the largest error relative to the reference's largest value;
+  against `backend='reference'`, within the backend's float64 tolerance (printed: the largest error
+  relative to the reference's largest value, and the share of the tolerance it uses);
 - **gradcheck**: `torch.autograd.gradcheck` of the float64 loss through the backend, on a small image;
-- **float32**: the error-bound rule of the test suite: the backend's float32 error against the
-  float64 reference at most twice the reference's own float32 error (plus 1e-6 of the largest value).
+- **float32**: the float32 rule: on float32 inputs, the backend's float32 error against the float64
+  reference at most twice the reference's own float32 error.
+
+The tolerances and the rule are entropy_kernels.testing's, the ones the test suite holds every
+backend to.
 
 Prints one line per check and exits with status 1 when any fails (2 when no backend can run).
 """
@@ -24,11 +28,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import backends
+from . import backends, testing
 from .loss import spatial_entropy_loss
 from .options import make_options
-
-PARITY_RTOL = 1e-6  # float64; the C++ backend's sliding sums reach ~1e-7 in cells far below eps (docs/cpu.md)
 
 
 def _case(args, device, dtype, size, generator):
@@ -76,8 +78,8 @@ def check_parity(backend, device, args, opts, generator) -> Tuple[bool, str]:
     ref = _loss_and_grad("reference", pred.cpu(), target.cpu(), ring.cpu(), weight, opts)
     got = _loss_and_grad(backend, pred, target, ring, weight.to(device), opts)
     errors = [_relative(g.cpu(), r) for g, r in zip(got, ref)]
-    ok = all(e <= PARITY_RTOL for e in errors)
-    return ok, f"loss {errors[0]:.1e}, gradient {errors[1]:.1e} (relative; limit {PARITY_RTOL:.0e})"
+    used = max(testing.float64_parity_error(g, r, backend) for g, r in zip(got, ref))
+    return used <= 1, f"loss {errors[0]:.1e}, gradient {errors[1]:.1e} (relative; {used:.0%} of the tolerance)"
 
 
 def check_gradcheck(backend, device, args, opts, generator) -> Tuple[bool, str]:
@@ -88,15 +90,16 @@ def check_gradcheck(backend, device, args, opts, generator) -> Tuple[bool, str]:
         return spatial_entropy_loss(p, target, neighbor_weights=ring, backend=backend, **opts)
 
     try:
-        ok = torch.autograd.gradcheck(loss, (pred,), eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
+        ok = torch.autograd.gradcheck(loss, (pred,), **testing.GRADCHECK, fast_mode=True)
     except RuntimeError as exc:  # gradcheck raises with the Jacobians when they differ
         return False, str(exc).splitlines()[0]
     return ok, f"passed on {tuple(pred.shape)}"
 
 
 def check_float32(backend, device, args, opts, generator) -> Tuple[bool, str]:
-    pred, target, ring = _case(args, "cpu", torch.float64, args.size, generator)
-    weight = _random_weight(pred, target, ring, opts, generator)
+    # every input float32-representable, so that only the arithmetic differs
+    pred, target, ring = (t.float().double() for t in _case(args, "cpu", torch.float64, args.size, generator))
+    weight = _random_weight(pred, target, ring, opts, generator).float().double()
     exact = _loss_and_grad("reference", pred, target, ring, weight, opts)
     single = [pred.float(), target.float(), ring]
     ref32 = _loss_and_grad("reference", *single, weight, opts)
@@ -105,8 +108,12 @@ def check_float32(backend, device, args, opts, generator) -> Tuple[bool, str]:
     for name, g, r, e in zip(("loss", "gradient"), got32, ref32, exact):
         err_backend = float((g.cpu().double() - e).abs().max())
         err_reference = float((r.double() - e).abs().max())
-        limit = 2 * err_reference + 1e-6 * float(e.abs().max())
-        ok &= err_backend <= limit
+        if e.dim() == 0:
+            # A summed loss (_reduction): its error is mostly the float32 sum's own rounding, noise to
+            # the rule; the maps it sums are judged through the gradient.
+            lines.append(f"{name} {err_backend:.1e} (reference {err_reference:.1e}; a sum, not judged)")
+            continue
+        ok &= not testing.float32_rule_violation(g, r, e, backend)
         lines.append(f"{name} {err_backend:.1e} (reference {err_reference:.1e})")
     return ok, ", ".join(lines)
 

@@ -15,7 +15,8 @@ import torch
 
 from entropy_kernels.ops import _extension
 
-from test_cpp import check_float32_arithmetic_rule, check_parity_f64
+import test_contract as contract
+from test_contract import Case
 
 pytestmark = pytest.mark.skipif(shutil.which("ninja") is None, reason="the portable build needs ninja")
 
@@ -75,23 +76,26 @@ class Raw:
 # bins 32 and 16: the window pass's compiled sizes; 7 and 70: the generic loops and the
 # contraction's strips.
 CASES = [
-    (2, 13, 11, 32, 5, 5, False, "logistic", "kl"),
-    (1, 9, 12, 16, 3, 5, True, "gaussian", "hellinger"),
-    (2, 8, 7, 7, 11, 11, False, "gaussian", "kl"),
-    (1, 6, 5, 70, 3, 3, False, "logistic", "hellinger"),
+    Case(2, 13, 11, 32, (5, 5)),
+    Case(1, 9, 12, 16, (3, 5), True, "gaussian", "hellinger"),
+    Case(2, 8, 7, 7, (11, 11), False, "gaussian"),
+    Case(1, 6, 5, 70, (3, 3), False, "logistic", "hellinger"),
 ]
 
 
-@pytest.mark.parametrize("uniform", [False, True], ids=["grad-random", "grad-uniform"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}-{c[7]}-{c[8]}")
-def test_portable_build_parity_float64(portable, case, uniform):
+@pytest.mark.parametrize("grad_output", list(contract.GRAD_OUTPUTS))
+@pytest.mark.parametrize("case", CASES, ids=Case.id)
+def test_portable_build_parity_float64(portable, case, grad_output, gen):
     # uniform: the forward's own gradient, rescaled by the backward
-    check_parity_f64(Raw(portable), case, grad_out=0.75 if uniform else None)
+    contract.check_float64_parity("cpp", Raw(portable), "cpu", case, case.maps(gen),
+                                  contract.GRAD_OUTPUTS[grad_output](case.out_shape, gen), plain=False)
 
 
 @pytest.mark.parametrize("divergence", ["kl", "hellinger"])
 @pytest.mark.parametrize("kernel", ["logistic", "gaussian"])
-def test_portable_build_float32_arithmetic_error(portable, kernel, divergence):
-    """The float32 rule of tests/test_cpp.py (float64 reference on the float32 inputs): the
-    portable exp/log polynomials and the float32 contraction, bins 32, window 11."""
-    check_float32_arithmetic_rule(Raw(portable), kernel, divergence, 23, 19)
+def test_portable_build_float32_arithmetic_error(portable, kernel, divergence, gen):
+    """The contract's float32 rule (float64 reference on the float32 inputs): the portable exp/log
+    polynomials and the float32 contraction, bins 32, window 11."""
+    case = Case(2, 23, 19, 32, (11, 11), False, kernel, divergence)
+    contract.check_float32_rule("cpp", Raw(portable), "cpu", case, case.maps(gen),
+                                contract.GRAD_OUTPUTS["random"](case.out_shape, gen).float().double())

@@ -6,7 +6,9 @@
 Each cell of the grid (kernel x divergence x bins x window x planes) runs the backend contract
 (entropy_kernels.reference.local_divergence) on random maps in bin units, float64, with a random
 grad_output, and prints the largest error of D and of both gradient maps relative to the largest
-reference value. A grid, not a test: it narrows a failure down to the options that cause it.
+reference value, flagging a cell that breaks the backend's contract (entropy_kernels.testing: the
+float64 tolerance, or in float32 the float32 rule). A grid, not a test: it narrows a failure down
+to the options that cause it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from entropy_kernels import backends, reference  # noqa: E402
+from entropy_kernels import backends, reference, testing  # noqa: E402
 
 
 def contract(impl, maps, grad_out, args):
@@ -59,12 +61,18 @@ def main():
         call = (window, window, False, bins, bandwidth, kernel, divergence, 1e-10)
         d0 = reference.local_divergence(*maps, *call)
         grad_out = torch.rand(d0.shape, generator=gen, dtype=torch.float64) * 2 - 0.5
+        maps, grad_out = [t.to(dtype).double() for t in maps], grad_out.to(dtype).double()  # representable in dtype
         exact = contract(reference.local_divergence, maps, grad_out, call)
         ours = contract(impl, [t.to(device, dtype) for t in maps], grad_out.to(device, dtype), call)
         errs = [((o.cpu().double() - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
                 for o, e in zip(ours, exact)]
         worst = max(worst, *errs)
-        flag = "  <-- FAIL" if max(errs) > (1e-9 if dtype == torch.float64 else 1e-3) else ""
+        if dtype == torch.float64:
+            failed = any(testing.float64_parity_error(o, e, args.backend) > 1 for o, e in zip(ours, exact))
+        else:  # entropy_kernels.testing's float32 rule, against the reference run in float32
+            ref32 = contract(reference.local_divergence, [t.to(dtype) for t in maps], grad_out.to(dtype), call)
+            failed = any(testing.float32_rule_violation(o, r, e, args.backend) for o, r, e in zip(ours, ref32, exact))
+        flag = "  <-- FAIL (entropy_kernels.testing)" if failed else ""
         print(f"{kernel:8s} {divergence:9s} bins={bins:2d} window={window:2d} planes={planes} h={bandwidth}: "
               f"rel err D {errs[0]:.1e} grad_u {errs[1]:.1e} grad_m {errs[2]:.1e}{flag}", flush=True)
     print(f"worst relative error {worst:.1e}")

@@ -52,6 +52,8 @@ KERNELS = {
 DTYPES = {"float32": "fp32", "float64": "fp64"}
 WINDOW, ROW = 11, 128
 MAXNREG = None  # --maxnreg: a register cap for every compiled kernel
+PRECISION = triton_kde.DOT_PRECISION  # --precision: the dots' input_precision
+DEFAULT_ALGORITHM = triton_kde._Variant().algorithm
 BANDWIDTH = 0.5  # the default: a power of two (see triton_kde._reciprocal_h)
 FIELDS = ["algorithm", "pass", "dtype", "bins", "LP", "BLOCK_P", "warps", "regs", "stack", "spill_st",
           "spill_ld", "shared", "sass", "FFMA", "DFMA+DADD", "MUFU", "LDS", "programs_per_sm"]
@@ -81,7 +83,8 @@ def compile_kernel(algorithm, direction, dtype, bins, kernel="logistic", diverge
     config = launch_config(algorithm, bins, warps)
     num_warps = config.pop("num_warps")
     maxnreg = config.pop("maxnreg", MAXNREG)
-    constants = dict(triton_kde._constants(bins, kernel, divergence, BANDWIDTH), PRECISE_MATH=True, **config)
+    variant = triton_kde._Variant(precision=PRECISION, precise_math=True)
+    constants = dict(triton_kde._constants(bins, kernel, divergence, BANDWIDTH, variant), **config)
     if "FUSED" in fn.arg_names:  # a constexpr with a default, which the signature must name
         constants["FUSED"] = direction == "fused"
     return dict(algorithm=algorithm, **{"pass": direction}, dtype=dtype, bins=bins, LP=constants["LP"],
@@ -117,9 +120,8 @@ def compile_resources(fn, constants, dtype, num_warps, arch=90, maxnreg=None):
 
 
 def _set_options(precision, maxnreg):
-    global MAXNREG
-    if precision:
-        triton_kde.DOT_PRECISION = precision
+    global MAXNREG, PRECISION
+    PRECISION = precision or triton_kde.DOT_PRECISION
     MAXNREG = maxnreg
 
 
@@ -140,12 +142,12 @@ def jobs(check, warps_list):
             for direction in ("fwd", "bwd", "fused") if algorithm == "slide" else ("fwd", "bwd"):
                 for dtype in DTYPES:
                     for bins in (8, 32, 64):
-                        if check and algorithm != triton_kde.ALGORITHM and (dtype, bins) != ("float32", 32):
+                        if check and algorithm != DEFAULT_ALGORITHM and (dtype, bins) != ("float32", 32):
                             continue  # CI: the default algorithm whole, the other one at the target case
                         out.append((algorithm, direction, dtype, bins, "logistic", "kl", warps))
     if check:
         # The Gaussian kernel and Hellinger divergence branches compile too (the other constexprs).
-        out += [(triton_kde.ALGORITHM, d, "float32", 32, "gaussian", "hellinger", None) for d in ("fwd", "bwd", "fused")]
+        out += [(DEFAULT_ALGORITHM, d, "float32", 32, "gaussian", "hellinger", None) for d in ("fwd", "bwd", "fused")]
     return out
 
 
@@ -182,7 +184,7 @@ def main():
         print(" | ".join(str(row[k]) for k in FIELDS) + ("" if job[4:6] == ("logistic", "kl") else f" ({job[4]}, {job[5]})"))
         if args.loops:
             print(f"    loops: {row['loops']}")
-        launched = row["algorithm"] == triton_kde.ALGORITHM and job[6] is None
+        launched = row["algorithm"] == DEFAULT_ALGORITHM and job[6] is None
         if launched and row["dtype"] == "float32" and row["bins"] <= 32 and row["spill_st"]:
             problems.append(f"{job}: {row['spill_st']} spill stores")
     if args.check and problems:

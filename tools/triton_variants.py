@@ -65,13 +65,13 @@ def _contract_inputs(n, size, seed, dtype, device, bins):
             for _ in range(4)]
 
 
-def run(inputs, bins, window, with_grad, uniform=False):
+def run(inputs, bins, window, with_grad, variant, uniform=False):
     u_pred, m_pred, u_tgt, m_tgt = inputs
     if with_grad:
         u_pred = u_pred.detach().requires_grad_()
         m_pred = m_pred.detach().requires_grad_()
     d = triton_kde.local_divergence(u_pred, m_pred, u_tgt, m_tgt, window, window, False, bins, 1.0, "logistic",
-                                    "kl", 1e-10)
+                                    "kl", 1e-10, _variant=variant)
     if not with_grad:
         return d, None
     if uniform:  # as the loss's 'mean' reduction gives it: the fused forward's gradient is rescaled
@@ -97,13 +97,11 @@ def rms(a, b):
     return (a.double() - b.double()).norm().item() / max(b.numel(), 1) ** 0.5
 
 
-def apply(variant):
-    triton_kde.ALGORITHM = variant.get("algorithm", "slide")
-    triton_kde.DOT_PRECISION = variant.get("precision", "ieee")
-    triton_kde.PRECISE_MATH = variant.get("precise", True)
-    triton_kde.FUSE_FORWARD = variant.get("fuse", True)
-    triton_kde.LAUNCH_OVERRIDES.clear()
-    triton_kde.LAUNCH_OVERRIDES.update(variant.get("launch", {}))
+def launch_variant(changes):
+    """The triton_kde launch of one entry of VARIANTS (its changes to the default, precise math on)."""
+    return triton_kde._Variant(algorithm=changes.get("algorithm", "slide"), fuse_forward=changes.get("fuse", True),
+                               precision=changes.get("precision", "ieee"), precise_math=changes.get("precise", True),
+                               launch=tuple(changes.get("launch", {}).items()))
 
 
 def main():
@@ -145,23 +143,22 @@ def main():
             row["status"] = "skipped (time budget)"
             rows.append(row)
             continue
-        apply(variant)
+        launch = launch_variant(variant)
         try:
-            config = (triton_kde._slide_config(window, bins) if triton_kde.ALGORITHM == "slide"
-                      else triton_kde._launch_config(window, window, 128, bins))
-            row["config"] = triton_kde.ALGORITHM + " " + " ".join(f"{k}={v}" for k, v in config.items())
-            d, g = run([x.float() for x in small64], bins, window, True)
+            config = (triton_kde._slide_config(window, bins, launch) if launch.algorithm == "slide"
+                      else triton_kde._launch_config(window, window, 128, bins, launch))
+            row["config"] = launch.algorithm + " " + " ".join(f"{k}={v}" for k, v in config.items())
+            d, g = run([x.float() for x in small64], bins, window, True, launch)
             row["ratio_D"] = rms(d, exact_d) / max(ref_err[0], 1e-30)
             row["ratio_grad"] = rms(g, exact_g) / max(ref_err[1], 1e-30)
-            row["fwd_ms"] = bench(lambda: run(big, bins, window, False))
-            row["fwd_bwd_ms"] = bench(lambda: run(big, bins, window, True, uniform=True))
+            row["fwd_ms"] = bench(lambda: run(big, bins, window, False, launch))
+            row["fwd_bwd_ms"] = bench(lambda: run(big, bins, window, True, launch, uniform=True))
             row["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is a result too
             row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         rows.append(row)
         print("  ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
                         for k in FIELDS), flush=True)
-    apply({})
     with open(out / "triton_variants.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()

@@ -6,7 +6,7 @@ reaches global memory: a window's histogram A^T B (A, B the pixels x L separable
 a_p = K((u_p - i)/h)/h, b_p = K((m_p - j)/h)/h) is accumulated with ``tl.dot`` into an L x L
 register tile, for pred and target, and only the divergence D_c is written.
 
-Two algorithms (``ALGORITHM``), both tested against the float64 reference:
+Two algorithms (``_Variant.algorithm``), both tested against the float64 reference:
 
 - 'slide' (default): one program per output row. The joint sums of one column of the window's
   rows (a (LP x rows) x (rows x LP) ``tl.dot``) enter a float64 window state when the window
@@ -33,8 +33,12 @@ the operation counts and the floor.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -553,43 +557,69 @@ def _kde_divergence_bwd_slide(u_pred, m_pred, u_tgt, m_tgt, scalars, d_saved, gr
 _INTERPRETED = isinstance(_kde_divergence_fwd, InterpretedFunction)
 # libdevice expf/logf and IEEE division on the GPU (the interpreter has no libdevice).
 PRECISE_MATH = not _INTERPRETED
-# Benchmarks may pin launch parameters here (per_strip, BLOCK_P, num_warps; maxnreg for 'slide') to
-# compare variants.
-LAUNCH_OVERRIDES: dict = {}
-# 'slide' (default): one program per output row, windows slid along it; 'strip': the first design,
-# strips of windows each summed directly (measured at 109x the floor on an H100, docs/triton.md).
-ALGORITHM = "slide"
 ALGORITHMS = ("slide", "strip")
-# The forward computes the gradient for grad_output = 1 too when one will be needed ('slide' only;
-# see local_divergence). Benchmarks may switch it off to time the separate passes.
-FUSE_FORWARD = True
 
 
-def _slide_config(win_h: int, bins: int):
+@dataclass(frozen=True)
+class _Variant:
+    """How the kernels are launched. The defaults are the library's choice; the tools that time or
+    compile other launches (benchmarks/triton_variants.py, triton_static.py) pass another variant as
+    local_divergence's private `_variant` argument, so the library holds no state for them."""
+
+    # 'slide' (default): one program per output row, windows slid along it; 'strip': the first design,
+    # strips of windows each summed directly (measured at 109x the floor on an H100, docs/triton.md).
+    algorithm: str = "slide"
+    # The forward computes the gradient for grad_output = 1 too when one will be needed ('slide' only;
+    # see local_divergence); off, the two passes run separately.
+    fuse_forward: bool = True
+    precision: str = DOT_PRECISION  # the dots' input_precision
+    precise_math: bool = PRECISE_MATH  # libdevice exp/log and IEEE division, else Triton's fast ones
+    # Pinned launch parameters, as (name, value) pairs: per_strip, BLOCK_P, num_warps; maxnreg for 'slide'.
+    launch: Tuple[Tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"_Variant.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+
+    def key(self) -> str:
+        """The variant as the custom ops carry it ('' for the default), read back by _variant_of."""
+        return "" if self == _DEFAULT else json.dumps(dataclasses.asdict(self))
+
+
+_DEFAULT = _Variant()
+
+
+@functools.lru_cache(maxsize=16)
+def _variant_of(key: str) -> _Variant:
+    if not key:
+        return _DEFAULT
+    fields = json.loads(key)
+    return _Variant(**dict(fields, launch=tuple(tuple(pair) for pair in fields["launch"])))
+
+
+def _slide_config(win_h: int, bins: int, variant: _Variant = _DEFAULT):
     """Bins padded for tl.dot; pixel chunks of a column as short as tl.dot allows (16) for short windows."""
     lp = max(16, triton.next_power_of_2(bins))
     # 8 warps: the backward carries five float64 LP x LP tiles (two window states, T) in registers.
     config = dict(BLOCK_P=16 if win_h <= 16 else 32, LP=lp, num_warps=8)
-    # maxnreg (a register cap for ptxas, launch option) only when a benchmark sets it.
-    config.update({k: v for k, v in LAUNCH_OVERRIDES.items() if k in config or k == "maxnreg"})
+    # maxnreg (a register cap for ptxas, launch option) only when a variant sets it.
+    config.update({k: v for k, v in variant.launch if k in config or k == "maxnreg"})
     return config
 
 
-def _launch(fwd: bool, args, win_h, win_w, n, ho, wo, bins, constants):
-    """Runs the forward or backward kernel of ALGORITHM on (args..., geometry) with the constexprs."""
-    if ALGORITHM not in ALGORITHMS:
-        raise ValueError(f"triton_kde.ALGORITHM must be one of {ALGORITHMS}, got {ALGORITHM!r}")
-    if ALGORITHM == "slide":
+def _launch(fwd: bool, args, win_h, win_w, n, ho, wo, bins, constants, variant: _Variant = _DEFAULT):
+    """Runs the forward or backward kernel of the variant's algorithm on (args..., geometry) with the constexprs."""
+    if variant.algorithm == "slide":
         kernel = _kde_divergence_fwd_slide if fwd else _kde_divergence_bwd_slide
-        kernel[(n * ho,)](*args, **constants, **_slide_config(win_h, bins))
+        kernel[(n * ho,)](*args, **constants, **_slide_config(win_h, bins, variant))
     else:
-        config = _launch_config(win_h, win_w, wo, bins)
+        config = _launch_config(win_h, win_w, wo, bins, variant)
         kernel = _kde_divergence_fwd if fwd else _kde_divergence_bwd
         per_strip = config.pop("per_strip")
         kernel[(n * ho * triton.cdiv(wo, per_strip),)](*args, per_strip, **constants, **config)
 
 
-def _launch_config(win_h: int, win_w: int, wo: int, bins: int):
+def _launch_config(win_h: int, win_w: int, wo: int, bins: int, variant: _Variant = _DEFAULT):
     """Bins padded for tl.dot, and the strip length and pixel chunk with the fewest padded pixels.
 
     A strip of T windows reads its core (win_h x (win_w - T + 1) pixels) once and each window's
@@ -611,7 +641,7 @@ def _launch_config(win_h: int, win_w: int, wo: int, bins: int):
     # local stores forward, 133 backward; 8 warps: 0 and 2), and 8 warps ran the target case in 99.8 ms
     # against 144 ms on an H100 (docs/results.md).
     config = dict(per_strip=per_strip, BLOCK_P=block_p, LP=lp, num_warps=8 if lp >= 32 else 4)
-    config.update(LAUNCH_OVERRIDES)
+    config.update(variant.launch)
     config["per_strip"] = max(1, min(config["per_strip"], win_w, wo))  # a strip longer than a window has no core
     return config
 
@@ -622,10 +652,10 @@ def _reciprocal_h(bandwidth: float) -> bool:
     return bandwidth > 0 and math.frexp(bandwidth)[0] == 0.5 and 2.0**-125 <= bandwidth <= 2.0**125
 
 
-def _constants(bins, kernel, divergence, bandwidth):
+def _constants(bins, kernel, divergence, bandwidth, variant: _Variant = _DEFAULT):
     code = KERNEL_CODES[kernel] + (RECIPROCAL_H if _reciprocal_h(bandwidth) else 0)
     return dict(BINS=bins, KERNEL=code, DIVERGENCE=DIVERGENCE_CODES[divergence],
-                PRECISION=DOT_PRECISION, PRECISE_MATH=PRECISE_MATH and not _INTERPRETED)
+                PRECISION=variant.precision, PRECISE_MATH=variant.precise_math and not _INTERPRETED)
 
 
 def _geometry(height, width, win_h, win_w, valid):
@@ -657,43 +687,46 @@ def _check_maps(*maps):
                              f"{x.dtype} {x.device} and {tuple(first.shape)} {first.dtype} {first.device}")
 
 
-def _fuses(with_grad: bool, eps: float) -> bool:
+def _fuses(with_grad: bool, eps: float, variant: _Variant) -> bool:
     """Whether the forward also computes the gradient for grad_output = 1 (see local_divergence)."""
-    return bool(with_grad) and eps > 0 and FUSE_FORWARD and ALGORITHM == "slide"
+    return bool(with_grad) and eps > 0 and variant.fuse_forward and variant.algorithm == "slide"
 
 
 @torch.library.custom_op("entropy_kernels::triton_local_divergence", mutates_args=())
 def triton_local_divergence(
     u_pred: torch.Tensor, m_pred: torch.Tensor, u_tgt: torch.Tensor, m_tgt: torch.Tensor,
     win_h: int, win_w: int, valid: bool, bins: int, bandwidth: float, kernel: str, divergence: str, eps: float,
-    with_grad: bool,
+    with_grad: bool, variant: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(D, grad_u1, grad_m1): with a fused pass (_fuses) the gradients for grad_output = 1, else empty."""
+    """(D, grad_u1, grad_m1): with a fused pass (_fuses) the gradients for grad_output = 1, else empty.
+    variant: a _Variant's key ('' for the library's launch)."""
     _check_maps(u_pred, m_pred, u_tgt, m_tgt)
+    launch = _variant_of(variant)
     u_pred, m_pred, u_tgt, m_tgt = (x.contiguous() for x in (u_pred, m_pred, u_tgt, m_tgt))
     n, height, width = u_pred.shape
     ho, wo, off_h, off_w = _geometry(height, width, win_h, win_w, valid)
     d = torch.empty((n, ho, wo), dtype=u_pred.dtype, device=u_pred.device)
     params = _params(u_pred.device, u_pred.dtype, bandwidth, eps)
-    constants = _constants(bins, kernel, divergence, bandwidth)
-    if _fuses(with_grad, eps):
+    constants = _constants(bins, kernel, divergence, bandwidth, launch)
+    if _fuses(with_grad, eps, launch):
         grad_u = torch.zeros_like(u_pred)
         grad_m = torch.zeros_like(m_pred)
         # The backward kernel with FUSED: d receives D and stands in for grad_d, which it does not read.
         args = (u_pred, m_pred, u_tgt, m_tgt, params, d, d, grad_u, grad_m, height, width, ho, wo, win_h, win_w,
                 off_h, off_w)
-        _launch(False, args, win_h, win_w, n, ho, wo, bins, dict(constants, FUSED=True))
+        _launch(False, args, win_h, win_w, n, ho, wo, bins, dict(constants, FUSED=True), launch)
         return d, grad_u, grad_m
     args = (u_pred, m_pred, u_tgt, m_tgt, params, d, height, width, ho, wo, win_h, win_w, off_h, off_w)
-    _launch(True, args, win_h, win_w, n, ho, wo, bins, constants)
+    _launch(True, args, win_h, win_w, n, ho, wo, bins, constants, launch)
     return d, u_pred.new_empty((0,)), u_pred.new_empty((0,))
 
 
 @triton_local_divergence.register_fake
-def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad):
+def _(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad,
+      variant=""):
     n, height, width = u_pred.shape
     ho, wo, _, _ = _geometry(height, width, win_h, win_w, valid)
-    if _fuses(with_grad, eps):
+    if _fuses(with_grad, eps, _variant_of(variant)):
         return u_pred.new_empty((n, ho, wo)), torch.empty_like(u_pred), torch.empty_like(m_pred)
     return u_pred.new_empty((n, ho, wo)), u_pred.new_empty((0,)), u_pred.new_empty((0,))
 
@@ -711,6 +744,7 @@ def triton_local_divergence_backward(
     u_pred: torch.Tensor, m_pred: torch.Tensor, u_tgt: torch.Tensor, m_tgt: torch.Tensor,
     grad_u1: torch.Tensor, grad_m1: torch.Tensor,
     win_h: int, win_w: int, valid: bool, bins: int, bandwidth: float, kernel: str, divergence: str, eps: float,
+    variant: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients for grad_d: the forward's ones for grad_output = 1 (grad_u1, grad_m1, when not
     empty) scaled by grad_d's value when grad_d is uniform (the 'mean' and 'sum' reductions), else
@@ -729,19 +763,20 @@ def triton_local_divergence_backward(
     grad_m = torch.zeros_like(m_pred)
     args = (u_pred, m_pred, u_tgt, m_tgt, _params(u_pred.device, u_pred.dtype, bandwidth, eps), d.contiguous(),
             grad_d, grad_u, grad_m, height, width, ho, wo, win_h, win_w, off_h, off_w)
-    _launch(False, args, win_h, win_w, n, ho, wo, bins, _constants(bins, kernel, divergence, bandwidth))
+    launch = _variant_of(variant)
+    _launch(False, args, win_h, win_w, n, ho, wo, bins, _constants(bins, kernel, divergence, bandwidth, launch), launch)
     return grad_u, grad_m
 
 
 @triton_local_divergence_backward.register_fake
 def _(grad_d, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1, win_h, win_w, valid, bins, bandwidth, kernel,
-      divergence, eps):
+      divergence, eps, variant=""):
     return torch.empty_like(u_pred), torch.empty_like(m_pred)
 
 
 def _setup_context(ctx, inputs, output):
-    u_pred, m_pred, u_tgt, m_tgt, *options = inputs
-    ctx.options = options[:-1]  # without with_grad
+    u_pred, m_pred, u_tgt, m_tgt, *options, with_grad, variant = inputs
+    ctx.options = (*options, variant)
     ctx.save_for_backward(u_pred, m_pred, u_tgt, m_tgt, *output)
 
 
@@ -750,7 +785,7 @@ def _backward(ctx, grad_d, _grad_u1, _grad_m1):
     grad_u, grad_m = triton_local_divergence_backward(grad_d, d, u_pred, m_pred, u_tgt, m_tgt, grad_u1, grad_m1,
                                                       *ctx.options)
     # The target maps are constants of the loss (docs/spec.md): no gradient flows to them.
-    return (grad_u, grad_m, None, None) + (None,) * (len(ctx.options) + 1)
+    return (grad_u, grad_m, None, None) + (None,) * (len(ctx.options) + 1)  # options, with_grad
 
 
 triton_local_divergence.register_autograd(_backward, setup_context=_setup_context)
@@ -776,17 +811,19 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, bins: int):
     return reasons
 
 
-def local_divergence(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
+def local_divergence(u_pred, m_pred, u_tgt, m_tgt, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps,
+                     _variant: Optional[_Variant] = None):
     """The backend contract of entropy_kernels.reference, computed by the fused Triton kernels.
 
     When a gradient will be needed (and eps > 0), one pass computes D and the gradient for
     grad_output = 1 (the backward kernel's work, which a separate forward would repeat), and the
     backward only rescales it when grad_output is uniform, as the 'mean' and 'sum' reductions make
-    it; another grad_output runs the backward kernel. As the C++ CPU backend does.
+    it; another grad_output runs the backward kernel. As the C++ CPU backend does. `_variant` (private,
+    for the tools) launches the kernels another way than the library's default.
     """
     with_grad = torch.is_grad_enabled() and (u_pred.requires_grad or m_pred.requires_grad)
     d, _, _ = triton_local_divergence(
         u_pred, m_pred, u_tgt.detach(), m_tgt.detach(), int(win_h), int(win_w), bool(valid), int(bins),
-        float(bandwidth), kernel, divergence, float(eps), bool(with_grad),
+        float(bandwidth), kernel, divergence, float(eps), bool(with_grad), (_variant or _DEFAULT).key(),
     )
     return d
