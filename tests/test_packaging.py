@@ -191,7 +191,7 @@ def test_training_command_without_the_train_extra_names_it():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: the training commands need the train extra (pyyaml, safetensors not installed): "
-        "pip install 'entropy-kernels[train]'"]
+        "pip install 'entropy-kernels[train]' (from a checkout: pip install --no-build-isolation -e '.[train]')"]
 
 
 def test_train_extra_modules_are_the_extra_in_pyproject():

@@ -1,6 +1,6 @@
 """The `train` extra: what `model` and `train` import beyond torch, checked before they are imported.
 
-The core install (`pip install entropy-kernels`) is the loss alone and needs torch only; a training
+The core install (`entropy-kernels` without extras) is the loss alone and needs torch only; a training
 command run without the extra prints one line naming it instead of a traceback from deep inside.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 MODULES = {"numpy": "numpy", "yaml": "pyyaml", "tqdm": "tqdm", "PIL": "pillow", "scipy": "scipy",
            "skimage": "scikit-image", "safetensors": "safetensors", "png": "pypng",
            "tifffile": "tifffile"}
-INSTALL = "pip install 'entropy-kernels[train]'"
+INSTALL = "pip install 'entropy-kernels[train]' (from a checkout: pip install --no-build-isolation -e '.[train]')"
 
 
 def missing() -> list:
