@@ -20,11 +20,10 @@ from tqdm import tqdm
 
 from model import IRSDE, TiledNetwork, build_noise_network
 
+from .checkpoint import WEIGHTS_FORMAT
 from .data import IMAGE_SUFFIXES, DataError, image_bit_depth, list_images, output_format, read_image, write_image
 from .metrics import FID_UNAVAILABLE, optional_metrics, psnr, ssim
 
-# The `format` in the metadata of the weights files that `python -m train export` writes.
-WEIGHTS_FORMAT = "entropy-sde-weights/1"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
