@@ -161,14 +161,15 @@ def fit_request(args):
     from .config import load_config
 
     resume, overwrite = args.resume, args.overwrite
-    if resume == "auto":
-        checkpoints = Path(load_config(args.config, args.overrides)["out_dir"]) / "checkpoints"
+    if resume in (None, "auto"):
+        config = load_config(args.config, args.overrides)
+        if resume is None:
+            return config, None, overwrite
+        checkpoints = Path(config["out_dir"]) / "checkpoints"
         if not (checkpoints / "last.pt").is_file():
             # Without a checkpoint the folder's log and config describe steps nothing kept: start again.
-            return load_config(args.config, args.overrides), None, overwrite or not any(checkpoints.glob("*.pt"))
+            return config, None, overwrite or not any(checkpoints.glob("*.pt"))
         resume = checkpoints / "last.pt"
-    if resume is None:
-        return load_config(args.config, args.overrides), None, overwrite
     stored = load_training_state(resume, mmap=True)["config"]
     if Path(resume).parent.name == "checkpoints":
         stored = {**stored, "out_dir": str(Path(resume).parent.parent)}  # the run folder it sits in
