@@ -54,7 +54,7 @@ def _loss(pred: torch.Tensor, target: torch.Tensor, opts: LossOptions, _schedule
     for tools/cuda_variants.py; None: the library's policy."""
     pred, target, squeezed = check_inputs(pred, target, opts)
     warn_if_mostly_clamped(pred, opts)
-    dtype = compute_dtype(pred)
+    dtype = compute_dtype(pred.dtype)
     impl = backends.select(opts.backend, pred.device, dtype, opts.bins, opts.eps)
 
     ring = draw_neighbor_weights(opts, pred.device, dtype)
@@ -195,9 +195,8 @@ class SpatialEntropyLoss(nn.Module):
         >>> SpatialEntropyLoss(backend="reference").backend_for("cpu")
         'reference'
         """
-        device = torch.device(device)
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-        return backends.resolve(self.options.backend, device, compute, self.options.bins, self.options.eps)
+        return backends.resolve(self.options.backend, torch.device(device), compute_dtype(dtype),
+                                self.options.bins, self.options.eps)
 
     def extra_repr(self) -> str:
         given = dict(self._given, **({"seed": self.seed} if self.seed is not None else {}))

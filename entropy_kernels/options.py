@@ -254,9 +254,9 @@ def check_inputs(pred, target, opts: LossOptions):
     return pred, target, squeezed
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (gradcheck); everything else is computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def draw_neighbor_weights(opts: LossOptions, device, dtype) -> torch.Tensor:
