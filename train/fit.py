@@ -226,20 +226,20 @@ def say(text: str) -> None:
     tqdm.write(text, file=sys.stderr)
 
 
-# The order in which backend='auto' tries backends (README, "backend='auto' picks").
-def entropy_backend(entropy_cfg: dict, device: torch.device) -> str:
+def entropy_backend(entropy: SpatialEntropyLoss, device: torch.device) -> str:
     """The backend the entropy loss runs on for `device`, as the loss itself resolves it."""
     try:
-        name = SpatialEntropyLoss(**entropy_cfg).backend_for(device)
+        name = entropy.backend_for(device)
     except ValueError as exc:
         raise ConfigError("loss.entropy.backend", str(exc)) from None
-    return name + (" (auto)" if entropy_cfg.get("backend", "auto") == "auto" else "")
+    return name + (" (auto)" if entropy.options.backend == "auto" else "")
 
 
-def start_up_summary(config, device, world, network, train_pairs, val_pairs, resume_note) -> list:
+def start_up_summary(config, device, world, network, entropy, train_pairs, val_pairs, resume_note) -> list:
+    """`entropy`: the run's SpatialEntropyLoss, whose backend the summary names."""
     train_cfg, data_cfg, model_cfg = config["train"], config["data"], config["model"]
     weights = config["loss"]["weights"]
-    terms = "; ".join(f"{name} x{w:g}" + (f", backend {entropy_backend(config['loss']['entropy'], device)}"
+    terms = "; ".join(f"{name} x{w:g}" + (f", backend {entropy_backend(entropy, device)}"
                                             if name == "entropy" else "") for name, w in weights.items())
     preconditioning = (f", preconditioned (sigma_data {model_cfg['sigma_data']:g})"
                        if model_cfg.get("sigma_data") is not None else "")
@@ -358,7 +358,7 @@ def fit(config: dict, resume=None, overwrite: bool = False) -> dict:
     if rank == 0:
         note = (f"resuming {resume} at step {step} in {out_dir}" if resume is not None
                 else f"fresh run in {out_dir}" + (" (replacing the run it held)" if plan == "clear" else ""))
-        for line in start_up_summary(config, device, world, network, train_pairs, val_pairs, note):
+        for line in start_up_summary(config, device, world, network, criterion.entropy, train_pairs, val_pairs, note):
             say(line)
         for key, old, new in changes:
             say(f"  changed on resume: {key}: {old!r} -> {new!r}")
