@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import entropy_kernels as ek
-from entropy_kernels import options, reference
+from entropy_kernels import options
 from entropy_kernels.options import make_options, neighbor_value
 
 ROOT = Path(__file__).resolve().parents[1]

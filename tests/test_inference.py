@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 import train
 from test_train import data_root, tiny_config  # noqa: F401 - data_root: the tiny pairs fixture
-from train import inference
 from train.__main__ import main
 from train.data import DataError, read_image, write_image
 from train.fit import fit

@@ -11,7 +11,6 @@ import sys
 import time
 import types
 from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
 
 import pytest
 import torch
