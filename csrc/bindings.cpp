@@ -139,20 +139,23 @@ CudaProblem cuda_problem(const at::Tensor& u, int64_t win_h, int64_t win_w, bool
     pb.max_shared_for_ring = budget(schedule[0]);
     pb.max_shared_for_column_ring = budget(schedule[1]);
     pb.tensor_core_column_sums = schedule[2] != 0;
+    pb.tensor_core_step = schedule[3] != 0;
   }
   return pb;
 }
 #endif
 
 // schedule: empty (the library's policy), or the CUDA launch schedule (entropy_kernels/ops/cuda.py's
-// _Schedule) as {max_shared_for_ring, max_shared_for_column_ring, tensor_core_column_sums}, a
+// _Schedule) as {max_shared_for_ring, max_shared_for_column_ring, tensor_core_column_sums,
+// tensor_core_step}, a
 // budget of -1 meaning the default (CudaProblem).
 void check_schedule(const std::vector<int64_t>& schedule, bool cuda) {
   if (schedule.empty()) return;
   TORCH_CHECK(cuda, "a launch schedule applies to CUDA tensors only, got one for CPU tensors");
-  TORCH_CHECK(schedule.size() == 3 && schedule[0] >= -1 && schedule[1] >= -1 && schedule[2] >= 0 &&
-                  schedule[2] <= 1,
-              "schedule must be {ring bytes >= -1, column ring bytes >= -1, tensor cores 0 or 1}, got ", schedule);
+  TORCH_CHECK(schedule.size() == 4 && schedule[0] >= -1 && schedule[1] >= -1 && schedule[2] >= 0 &&
+                  schedule[2] <= 1 && schedule[3] >= 0 && schedule[3] <= 1,
+              "schedule must be {ring bytes >= -1, column ring bytes >= -1, tensor cores 0 or 1, tensor-core step 0 "
+              "or 1}, got ", schedule);
 }
 
 }  // namespace

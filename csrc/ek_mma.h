@@ -105,6 +105,26 @@ EK_MMA_HD void split_tf32(float x, float* hi, float* lo) {
   *hi = to_tf32(x);
   *lo = to_tf32(x - *hi);
 }
+
+// to_tf32 in two integer operations on the bits (half an ulp of TF32 added to the magnitude, the 13
+// low bits dropped): the value cvt.rna gives for every float but NaN, whose payload may differ (a
+// NaN stays a NaN), where the compiler makes four instructions of cvt.rna.
+EK_MMA_HD float to_tf32_bits(float x) {
+#if defined(EK_SIMT_EMULATION)
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&x, &u, sizeof u);
+  return x;
+#else
+  return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+#endif
+}
+// split_tf32 with to_tf32_bits: the same parts for every float but NaN.
+EK_MMA_HD void split_tf32_bits(float x, float* hi, float* lo) {
+  *hi = to_tf32_bits(x);
+  *lo = to_tf32_bits(x - *hi);
+}
 EK_MMA_HD void mma_3xtf32_m16n8k8(float d[4], const float a_hi[4], const float a_lo[4], const float b_hi[2],
                                   const float b_lo[2]) {
   // The small terms first, so that they are not lost below the large one's rounding.

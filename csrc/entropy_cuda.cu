@@ -248,12 +248,24 @@ struct ColumnSum {
   }
 
   __device__ __forceinline__ void load(int col, const Geometry& g) {
-    const T* s = slot(g, col);
     x = col;
+    fetch(g, col, q, p);
+  }
+  // Column col's sums of this thread's cells from the ring, and into it.
+  __device__ __forceinline__ static void fetch(const Geometry& g, int col, double q[CPT], double p[CPT]) {
+    const T* s = slot(g, col);
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
       q[k] = (double)s[k * kThreads];
       p[k] = (double)s[(CPT + k) * kThreads];
+    }
+  }
+  __device__ __forceinline__ static void store(const Geometry& g, int col, const double q[CPT], const double p[CPT]) {
+    T* s = slot(g, col);
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      s[k * kThreads] = (T)q[k];
+      s[(CPT + k) * kThreads] = (T)p[k];
     }
   }
 
@@ -310,14 +322,7 @@ struct ColumnSum {
         }
       }
     }
-    if (g.column_ring_at >= 0) {  // one chunk: q[k] and p[k] are values of T, stored exactly
-      T* s = slot(g, col);
-#pragma unroll
-      for (int k = 0; k < CPT; ++k) {
-        s[k * kThreads] = (T)q[k];
-        s[(CPT + k) * kThreads] = (T)p[k];
-      }
-    }
+    if (g.column_ring_at >= 0) store(g, col, q, p);  // one chunk: q[k] and p[k] are values of T, stored exactly
   }
 };
 
@@ -625,6 +630,386 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// The tensor-core training step (docs/tensor_cores.md): the fused pass (D and the gradient for
+// grad_output = 1) for float at bins <= 32 and windows of at most 16 rows, on devices with TF32
+// tensor cores. One block per (plane, row r of windows), sliding along the row as backward_kernel
+// does with both rings, but:
+// - a column's kernel values are evaluated once per column sum, each thread one (row, pair of
+//   bins) from one load of each map (loaded a column ahead), computed without branches;
+// - the column sums are 3xTF32 tensor-core products on the accumulator fragments (Cells<4>), and
+//   so are the pixel gradients: with T the sum of G over the windows of row r covering column x,
+//   R = T [B | B'] (M = 32 bins i, N = 16 rows of b then 16 of b', K = 32 bins j) is one 16 x 8
+//   tile per warp, and grad_u(y) = sum_i a'(y, i) R(i, y), grad_m(y) = sum_i a(y, i) R(i, 16 + y)
+//   are a product and a sum over the tile's rows;
+// - leaving column sums come from the column ring where it fits (else they are computed again,
+//   the same bits), leaving windows' G from the G ring;
+// - the staged column-sum values are double-buffered (by column parity) and the gradient's have
+//   their own area, so that five barriers per window order the phases.
+// Precision: the column sums as the tensor-core column sums; T, b and b' in TF32 parts (3xTF32,
+// float accumulation), a and a' multiplying in float; reciprocals as rcp.approx refined by one
+// Newton step (within an ulp of the quotient; the emulator divides exactly, as its expf is the
+// host's). The float32 error rule holds (tests/test_cuda_emulated.py).
+constexpr int kStepStride = 36;  // row stride of T and of the gradient's staged rows: conflict-free fragments
+constexpr int kSumStride = 32;   // row stride of the column sums' staged rows (tensor_core_column_sum's)
+
+// Built with EK_STATIC_PATH (tools/cuda_static.py --target-path, never for use), the step takes the
+// target case's branches as constants (logistic kernel, kl, bandwidth 0.5, the column ring), so
+// that its static instruction count is the path that case runs.
+#if defined(EK_STATIC_PATH)
+constexpr bool kStaticPath = true;
+#else
+constexpr bool kStaticPath = false;
+#endif
+
+// Dynamic shared memory of the tensor-core step, byte offsets.
+struct StepLayout {
+  size_t t_at, sums_at, grads_at, partial_at, g_ring_at, column_ring_at, total;  // column_ring_at: 0 without
+};
+__host__ __device__ inline StepLayout step_layout(int win_w, bool column_ring) {
+  StepLayout s;
+  s.t_at = 0;                                                              // T's hi and lo parts, 32 rows
+  s.sums_at = s.t_at + 2 * 32 * kStepStride * sizeof(float);               // 2 buffers x 4 maps x hi, lo
+  s.grads_at = s.sums_at + 2 * 2 * 4 * kChunk * kSumStride * sizeof(float);  // a, a', b and b' hi, lo
+  s.partial_at = s.grads_at + 6 * kChunk * kStepStride * sizeof(float);
+  s.g_ring_at = s.partial_at + 2 * 2 * kChunk * sizeof(float);  // per half of the bins, grad_u and grad_m rows
+  s.column_ring_at = 0;
+  s.total = s.g_ring_at + (size_t)win_w * 4 * kThreads * sizeof(float);
+  if (column_ring) {
+    s.column_ring_at = s.total;
+    s.total += (size_t)(win_w + 1) * 2 * 4 * kThreads * sizeof(float);
+  }
+  return s;
+}
+
+// 1 / d for a normal d: rcp.approx refined by one Newton step (within an ulp of the quotient).
+__device__ __forceinline__ float step_recip(float d) {
+#if defined(EK_SIMT_EMULATION)
+  return 1.0f / d;
+#else
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  return fmaf(r, fmaf(-d, r, 1.0f), r);
+#endif
+}
+
+// K(z) and, with DERIV, K'(z) (csrc/entropy_math.h's kde_kernel_and_deriv) without branches, the
+// logistic's division as step_recip (1 + e is in [1, 2]).
+template <bool DERIV>
+__device__ __forceinline__ void step_kernel(float z, int kind, float* k, float* dk) {
+  if (kind == kLogistic) {
+    const float e = expf(-fabsf(z)), r = step_recip(1.0f + e), v = e * (r * r);
+    *k = v;
+    if (DERIV) *dk = (z > 0.0f ? -v : v) * ((1.0f - e) * r);
+  } else {
+    const float g = expf(-0.5f * z * z) * 0.398942280401432677939946f;
+    *k = g;
+    if (DERIV) *dk = -z * g;
+  }
+}
+
+// at[0] = a, at[1] = b in one 8-byte store (at 8-byte aligned, in shared memory).
+__device__ __forceinline__ void store_pair(float* at, float a, float b) {
+#if defined(EK_SIMT_EMULATION)
+  at[0] = a;
+  at[1] = b;
+#else
+  *reinterpret_cast<float2*>(at) = make_float2(a, b);
+#endif
+}
+
+// The pixel values of column col one thread stages: row t of [y0, y0 + n) (0 past n).
+struct StepPixels {
+  float v[4];  // u_pred, m_pred, u_tgt, m_tgt (the gradient's staging reads the first two)
+  __device__ __forceinline__ void load(const float* const maps[4], int count, int64_t at, bool live) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = live && e < count ? maps[e][at] : 0.0f;
+  }
+};
+
+// Stages the column sums' kernel values of the pixels px (this thread's row t, bins i0, i0 + 1):
+// the hi parts at dst[map][t * 32 + i], the lo parts 4 kChunk rows further on; zeros past n and L.
+__device__ __forceinline__ void step_stage_sums(const StepPixels& px, bool live, int t, int i0, const Geometry& g,
+                                                float* dst) {
+  constexpr int lo_at = 4 * kChunk * kSumStride;
+  const bool ok_p = live && finite(px.v[0]) && finite(px.v[1]), ok_t = live && finite(px.v[2]) && finite(px.v[3]);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    float hi[2], lo[2];
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      float k, dk;
+      step_kernel<false>(over_h(px.v[e] - float(i0 + b), g), g.kernel, &k, &dk);
+      split_tf32_bits((e < 2 ? ok_p : ok_t) && i0 + b < g.bins ? over_h(k, g) : 0.0f, &hi[b], &lo[b]);
+    }
+    float* at = dst + e * kChunk * kSumStride + t * kSumStride + i0;
+    store_pair(at, hi[0], hi[1]);
+    store_pair(at + lo_at, lo[0], lo[1]);
+  }
+}
+
+// The column sums of the staged rows (ks k-steps of 8; the rows past n are zeros) for this warp's
+// tile: tensor_core_column_sum without its checks of rows past n.
+__device__ __forceinline__ void step_sum_products(const float* sa, const float* sb, int ks, float acc[4]) {
+  constexpr int ls = kSumStride, lo_at = 4 * kChunk * kSumStride;
+  const int lane = (int)threadIdx.x % 32, g = lane / 4, c = lane % 4, warp = (int)threadIdx.x / 32;
+  const int ia = 16 * (warp / 4) + g, jb = 8 * (warp % 4) + g;
+#pragma unroll
+  for (int s = 0; s < kChunk / 8; ++s) {
+    if (s >= ks) break;  // the same in every lane
+    const float* r0 = sa + (8 * s + c) * ls + ia;
+    const float* q0 = sb + (8 * s + c) * ls + jb;
+    const float a_hi[4] = {r0[0], r0[8], r0[4 * ls], r0[4 * ls + 8]};
+    const float a_lo[4] = {r0[lo_at], r0[lo_at + 8], r0[lo_at + 4 * ls], r0[lo_at + 4 * ls + 8]};
+    const float b_hi[2] = {q0[0], q0[4 * ls]};
+    const float b_lo[2] = {q0[lo_at], q0[lo_at + 4 * ls]};
+    mma_3xtf32_m16n8k8(acc, a_hi, a_lo, b_hi, b_lo);
+  }
+}
+
+// The column sums of the staged column (buffer sums) into q and p (this thread's cells), and into
+// the column ring when it is kept. A barrier first: the staging is complete.
+__device__ __forceinline__ void step_column_sum(int col, int n, const Geometry& g, const float* sums, double q[4],
+                                                double p[4]) {
+  __syncthreads();
+  float sq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const Cells<4> cells;
+  if (cells.group_active(g.bins)) {  // a warp whose tile is wholly past L reads nothing
+    const int ks = (n + 7) / 8;
+    step_sum_products(sums, sums + kChunk * kSumStride, ks, sq);
+    step_sum_products(sums + 2 * kChunk * kSumStride, sums + 3 * kChunk * kSumStride, ks, sp);
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    q[k] = (double)sq[k];
+    p[k] = (double)sp[k];
+  }
+  if (kStaticPath || g.column_ring_at >= 0) ColumnSum<float, 4, true>::store(g, col, q, p);
+}
+
+// D of the window in lead (every thread gets it; NaN when bad) and its G = dD/dQ / N in this
+// thread's cells, added to t and kept in slot (cell k at slot[k * kThreads]); G is zero for a
+// window whose D is not finite (the poison table marks its pixels). One reciprocal per cell
+// serves the kl value and dD/dQ.
+__device__ __forceinline__ float step_window(const WindowState<float, 4, true>& lead, double inv_n, bool bad,
+                                             const Geometry& g, double* scratch, double t[4], float* slot) {
+  const Cells<4> cells;
+  const float eps = (float)g.eps, coef = (float)inv_n;
+  float dq[4];
+  double part = 0.0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float p = (float)(lead.p[k] * inv_n), q = (float)(lead.q[k] * inv_n);
+    float term;
+    if (g.divergence == kKL) {
+      const float pe = p + eps, r = step_recip(q + eps), diff = q - p;
+      dq[k] = diff * r;
+      term = pe * logf(pe * r) + diff;
+    } else {
+      term = hellinger_term(p, q, eps);
+      dq[k] = 0.0f;
+    }
+    part += cells.valid(k, g.bins) ? (double)term : 0.0;
+  }
+  const double total = block_sum(part, scratch);
+  const float value = g.divergence == kKL ? (float)total : hellinger_finish((float)total, eps);
+  const float dval = bad ? NAN : value;
+  const bool skip = !finite(dval);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    float gk = 0.0f;
+    if (!skip && cells.valid(k, g.bins)) {
+      if (g.divergence != kKL)
+        dq[k] = hellinger_dq((float)(lead.p[k] * inv_n), (float)(lead.q[k] * inv_n), eps, dval);
+      gk = coef * dq[k];
+      t[k] += (double)gk;
+    }
+    slot[k * kThreads] = gk;
+  }
+  return dval;
+}
+
+// Stages the gradient's values of column x's pixels px (pred's u and m): a, a' at grads (rows of
+// kStepStride), b and b' as TF32 parts; zeros past n and L. T's parts from t (this thread's cells).
+__device__ __forceinline__ void step_stage_gradient(const StepPixels& px, bool live, int r, int i0, const double t[4],
+                                                    const Geometry& g, float* s_t, float* grads) {
+  constexpr int ts = kStepStride, t_lo = 32 * ts, lo_rows = 2 * kChunk * ts;
+  const Cells<4> cells;  // T's cells past L are 0 (step_window adds only cells below L)
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    split_tf32_bits((float)t[k], s_t + cells.i(k) * ts + cells.j(k), s_t + t_lo + cells.i(k) * ts + cells.j(k));
+  const bool ok = live && finite(px.v[0]) && finite(px.v[1]);
+  float a[2], da[2], bh[2], bl[2], dbh[2], dbl[2];
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
+    const bool on = ok && i0 + b < g.bins;
+    float ku, dku, km, dkm;
+    step_kernel<true>(over_h(px.v[0] - float(i0 + b), g), g.kernel, &ku, &dku);
+    step_kernel<true>(over_h(px.v[1] - float(i0 + b), g), g.kernel, &km, &dkm);
+    a[b] = on ? over_h(ku, g) : 0.0f;
+    da[b] = on ? over_h(over_h(dku, g), g) : 0.0f;
+    split_tf32_bits(on ? over_h(km, g) : 0.0f, &bh[b], &bl[b]);
+    split_tf32_bits(on ? over_h(over_h(dkm, g), g) : 0.0f, &dbh[b], &dbl[b]);
+  }
+  float* at = grads + r * ts + i0;
+  store_pair(at, a[0], a[1]);
+  store_pair(at + kChunk * ts, da[0], da[1]);
+  store_pair(at + 2 * kChunk * ts, bh[0], bh[1]);
+  store_pair(at + 2 * kChunk * ts + lo_rows, bl[0], bl[1]);
+  store_pair(at + 3 * kChunk * ts, dbh[0], dbh[1]);
+  store_pair(at + 3 * kChunk * ts + lo_rows, dbl[0], dbl[1]);
+}
+
+// The pixel gradients of column x (rows [y0, y0 + n)) from the staged T and values, added to gu and
+// gm (NaN where poisoned). Two barriers: the staging is complete; the partial sums are.
+__device__ __forceinline__ void step_gradient_products(int x, int y0, int n, bool poisoned, const Geometry& g,
+                                                       const float* s_t, const float* grads, float* partial,
+                                                       float* gu, float* gm) {
+  constexpr int ts = kStepStride, t_lo = 32 * ts, lo_rows = 2 * kChunk * ts;
+  const int L = g.bins, lane = (int)threadIdx.x % 32, warp = (int)threadIdx.x / 32;
+  __syncthreads();
+  // Warp w: rows 16 (w / 4) of R (bins i), columns 8 (w % 4): rows y = 8 (w % 2) + .. of b (w % 4 < 2,
+  // for grad_u) or of b' (grad_m).
+  const int i_base = 16 * (warp / 4), col = warp % 4, y_base = 8 * (col % 2), which = col / 2;
+  const int gq = lane / 4, c = lane % 4;
+  if (i_base < L && y_base < n) {  // the same in every lane of the warp
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const float* bop = grads + (2 + which) * kChunk * ts + (y_base + gq) * ts + c;
+    const float* ta = s_t + (i_base + gq) * ts + c;
+#pragma unroll
+    for (int k0 = 0; k0 < 32; k0 += 8) {
+      if (k0 >= L) break;  // the same in every lane
+      const float a_hi[4] = {ta[k0], ta[k0 + 8 * ts], ta[k0 + 4], ta[k0 + 8 * ts + 4]};
+      const float a_lo[4] = {ta[t_lo + k0], ta[t_lo + k0 + 8 * ts], ta[t_lo + k0 + 4], ta[t_lo + k0 + 8 * ts + 4]};
+      const float b_hi[2] = {bop[k0], bop[k0 + 4]};
+      const float b_lo[2] = {bop[lo_rows + k0], bop[lo_rows + k0 + 4]};
+      mma_3xtf32_m16n8k8(acc, a_hi, a_lo, b_hi, b_lo);
+    }
+    // acc[e] = R(i_base + gq + 8 (e / 2), y_base + 2c + e % 2), weighted by a' (grad_u) or a (grad_m)
+    // of that row y and bin i, then summed over the tile's 16 bins (the lanes of one c).
+    const float* weight = grads + (which == 0 ? kChunk * ts : 0) + (y_base + 2 * c) * ts + i_base + gq;
+    float v0 = acc[0] * weight[0] + acc[2] * weight[8], v1 = acc[1] * weight[ts] + acc[3] * weight[ts + 8];
+    for (int off = 16; off >= 4; off >>= 1) {
+      v0 += __shfl_down_sync(0xffffffffu, v0, off);
+      v1 += __shfl_down_sync(0xffffffffu, v1, off);
+    }
+    if (lane < 4) {
+      float* out = partial + (warp / 4) * 2 * kChunk + which * kChunk + y_base + 2 * c;
+      out[0] = v0;
+      out[1] = v1;
+    }
+  }
+  __syncthreads();
+  if ((int)threadIdx.x < 2 * n) {
+    const int which_out = (int)threadIdx.x / n, y = (int)threadIdx.x % n;
+    float value = partial[which_out * kChunk + y];
+    if (L > 16) value += partial[2 * kChunk + which_out * kChunk + y];
+    const int64_t at = (int64_t)(y0 + y) * g.width + x;
+    atomicAdd((which_out == 0 ? gu : gm) + at, poisoned ? NAN : value);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    tensor_core_step_kernel(Geometry g, const float* up, const float* mp, const float* ut, const float* mt, float* d,
+                            const int32_t* bad_sat, const int32_t* poison_sat, float* gu, float* gm) {
+  EK_DYNAMIC_SHARED(smem);
+  if (kStaticPath) {
+    g.kernel = kLogistic;
+    g.divergence = kKL;
+    g.h_pow2 = true;
+    g.inv_h = 2.0;
+  }
+  const StepLayout lay = step_layout(g.cols.side, g.column_ring_at >= 0);
+  float* s_t = reinterpret_cast<float*>(smem + lay.t_at);
+  float* sums = reinterpret_cast<float*>(smem + lay.sums_at);  // buffer col % 2 for column col
+  float* grads = reinterpret_cast<float*>(smem + lay.grads_at);
+  float* partial = reinterpret_cast<float*>(smem + lay.partial_at);
+  float* ring = reinterpret_cast<float*>(smem + lay.g_ring_at) + threadIdx.x;
+  const auto ring_slot = [&](int c) { return ring + (c % g.cols.side) * 4 * kThreads; };
+  constexpr int kSumsBuffer = 4 * 2 * kChunk * kSumStride;  // floats per buffer
+  __shared__ double scratch[kWarps];
+  const int r = blockIdx.x, plane = blockIdx.y;
+  const int64_t in = (int64_t)plane * g.height * g.width;
+  up += in; mp += in; ut += in; mt += in; gu += in; gm += in;
+  d += ((int64_t)plane * g.rows.out + r) * g.cols.out;
+  bad_sat += (int64_t)plane * (g.height + 1) * (g.width + 1);
+  poison_sat += (int64_t)plane * (g.rows.out + 1) * (g.cols.out + 1);
+  const int y0 = g.rows.lo(r), y1 = g.rows.hi(r), n = y1 - y0;
+  const float* const maps[4] = {up, mp, ut, mt};
+  // This thread's pixel (row t of the window's rows) and pair of bins i0, i0 + 1 in both stagings.
+  const int t_row = (int)threadIdx.x / 16, i0 = 2 * ((int)threadIdx.x % 16);
+  const bool live = t_row < n;
+  const int64_t row_at = (int64_t)(y0 + (live ? t_row : 0)) * g.width;
+  // The pixels of the next column to enter a column sum, and of the next column of the gradient,
+  // loaded ahead (columns are taken in order, except leaving ones computed again without the ring).
+  StepPixels next_sum, next_grad;
+  next_sum.load(maps, 4, row_at, live);
+  next_grad.load(maps, 2, row_at, live);
+
+  WindowState<float, 4, true> lead;  // the window entering T: its P and Q, columns [lo, hi)
+  lead.reset(g.cols.lo(0));
+  double t[4] = {0.0, 0.0, 0.0, 0.0};
+  int t_lo = g.cols.out_lo(0), t_hi = t_lo;
+#pragma unroll 1
+  for (int x = 0; x < g.width; ++x) {
+    const int new_lo = g.cols.out_lo(x), new_hi = g.cols.out_hi(x);
+#pragma unroll 1
+    for (int c = t_lo; c < new_lo; ++c) {  // the leaving windows first: an entering one may take the same slot
+      const float* slot = ring_slot(c);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) t[k] -= (double)slot[k * kThreads];
+    }
+#pragma unroll 1
+    for (int c = t_hi; c < new_hi; ++c) {
+      const int x0 = g.cols.lo(c), x1 = g.cols.hi(c);
+      double q[4], p[4];
+#pragma unroll 1
+      for (int xc = lead.hi; xc < x1; ++xc) {  // entering columns: computed (and kept in the column ring)
+        float* buffer = sums + (xc % 2) * kSumsBuffer;
+        const StepPixels px = next_sum;
+        next_sum.load(maps, 4, row_at + (xc + 1 < g.width ? xc + 1 : xc), live);
+        step_stage_sums(px, live, t_row, i0, g, buffer);
+        step_column_sum(xc, n, g, buffer, q, p);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          lead.q[k] += q[k];
+          lead.p[k] += p[k];
+        }
+      }
+#pragma unroll 1
+      for (int xc = lead.lo; xc < x0; ++xc) {  // leaving columns: read back, or computed again (the same bits)
+        if (kStaticPath || g.column_ring_at >= 0) {
+          ColumnSum<float, 4, true>::fetch(g, xc, q, p);
+        } else {
+          float* buffer = sums + (xc % 2) * kSumsBuffer;
+          StepPixels px;
+          px.load(maps, 4, row_at + xc, live);
+          __syncthreads();  // the buffer's last readers (column xc - 2 or xc + s - 1) are done
+          step_stage_sums(px, live, t_row, i0, g, buffer);
+          step_column_sum(xc, n, g, buffer, q, p);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          lead.q[k] -= q[k];
+          lead.p[k] -= p[k];
+        }
+      }
+      lead.lo = x0 > lead.lo ? x0 : lead.lo;
+      lead.hi = x1 > lead.hi ? x1 : lead.hi;
+      const bool bad = rect_count(bad_sat, g.width + 1, y0, y1, x0, x1) > 0;
+      const float dval = step_window(lead, 1.0 / ((double)n * (x1 - x0)), bad, g, scratch, t, ring_slot(c));
+      if (threadIdx.x == 0) d[c] = dval;
+    }
+    t_lo = new_lo > t_lo ? new_lo : t_lo;
+    t_hi = new_hi > t_hi ? new_hi : t_hi;
+    const StepPixels px = next_grad;
+    next_grad.load(maps, 2, row_at + (x + 1 < g.width ? x + 1 : x), live);
+    step_stage_gradient(px, live, t_row, i0, t, g, s_t, grads);
+    const bool poisoned = rect_count(poison_sat, g.cols.out + 1, r, r + 1, new_lo, new_hi) > 0;
+    step_gradient_products(x, y0, n, poisoned, g, s_t, grads, partial, gu, gm);
+  }
+}
+
 // Cells of the L*L histograms per thread: two instantiations cover bins <= 32 and <= 64.
 int cells_per_thread(int bins) { return bins * bins <= 4 * kThreads ? 4 : 16; }
 
@@ -671,6 +1056,61 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
                            : cudaSuccess;
 }
 
+// The device's most dynamic shared memory per block (opt-in), 0 if it cannot be read.
+size_t shared_optin() {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();  // not sticky
+    return 0;
+  }
+  return (size_t)optin;
+}
+
+// Why the tensor-core step does not serve a fused float pass of pb, or nullptr when it does; then
+// *column_ring tells whether its column ring fits. Budgets as in shared_budgets, except that the
+// policy (kTwoBlocksPerSm) lets the step take what one block may opt in to: it plans one block
+// of 8 warps per SM (164 KiB at window 11 with both rings).
+const char* tensor_core_step_refusal(const CudaProblem& pb, bool* column_ring) {
+  if (!pb.tensor_core_step) return "turned off by the schedule";
+  if (pb.bins > 32) return "it serves bins <= 32";
+  if (pb.win_h > kChunk) return "it serves windows of at most 16 rows";
+  int device = 0, major = 0;
+  const bool sm80 = cudaGetDevice(&device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                    major >= 8;
+  cudaGetLastError();
+  if (!sm80) return "it needs a device of compute capability 8.0 or later (TF32 tensor cores)";
+  const size_t optin = shared_optin();
+  const auto allowed = [&](size_t knob) { return knob == kTwoBlocksPerSm ? optin : std::min(knob, optin); };
+  if (step_layout(pb.win_w, false).total > allowed(pb.max_shared_for_ring))
+    return "its G ring does not fit the shared memory allowed";
+  *column_ring = step_layout(pb.win_w, true).total <= allowed(pb.max_shared_for_column_ring);
+  return nullptr;
+}
+
+// The fused float pass on the tensor-core step, if it serves pb; *launched says whether it did.
+template <typename T>
+cudaError_t launch_tensor_core_step(const CudaProblem& pb, const T* up, const T* mp, const T* ut, const T* mt, T* d,
+                                    const int32_t* bad_sat, const int32_t* poison_sat, T* gu, T* gm,
+                                    cudaStream_t stream, bool* launched) {
+  *launched = false;
+  bool column_ring = false;
+  if constexpr (std::is_same<T, float>::value) {
+    if (tensor_core_step_refusal(pb, &column_ring) != nullptr) return cudaSuccess;
+    Geometry g = geometry(pb);
+    const StepLayout lay = step_layout(pb.win_w, column_ring);
+    g.column_ring_at = column_ring ? (int)lay.column_ring_at : -1;
+    const cudaError_t err = allow_shared(tensor_core_step_kernel, lay.total);
+    if (err != cudaSuccess) return err;
+    *launched = true;
+    EK_LAUNCH_KERNEL(tensor_core_step_kernel, dim3(g.rows.out, pb.planes), kThreads, lay.total, stream)(
+        g, up, mp, ut, mt, d, bad_sat, poison_sat, gu, gm);
+    return cudaGetLastError();
+  }
+  return cudaSuccess;
+}
+
 template <typename T, bool FUSED>
 cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_pred, const T* u_tgt, const T* m_tgt,
                             T* d, const T* grad, const int32_t* bad_sat, const int32_t* poison_sat, T* grad_u,
@@ -678,6 +1118,12 @@ cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_p
   Geometry g = geometry(pb);
   if (g.rows.out <= 0 || g.cols.out <= 0 || pb.planes <= 0) return cudaSuccess;
   if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
+  if (FUSED) {
+    bool launched = false;
+    const cudaError_t err = launch_tensor_core_step(pb, u_pred, m_pred, u_tgt, m_tgt, d, bad_sat, poison_sat, grad_u,
+                                                    grad_m, stream, &launched);
+    if (launched || err != cudaSuccess) return err;
+  }
   const dim3 grid(g.rows.out, pb.planes);
   const int cpt = cells_per_thread(pb.bins);
   const size_t base = backward_ring_offset<T>(pb.bins, cpt), with_ring = base + ring_bytes<T>(pb.win_w, cpt),

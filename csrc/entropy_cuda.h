@@ -33,6 +33,12 @@ struct CudaProblem {
   // capability 8.0 and later; elsewhere, and by default, FMA products. Opt-in: their static count
   // is no lower than the FMA path's (docs/tensor_cores.md), and no GPU has timed them yet.
   bool tensor_core_column_sums = false;
+  // The fused float pass (D and the gradient for grad_output = 1) on the tensor-core training
+  // step (docs/tensor_cores.md) where it serves the problem: bins <= 32, windows of at most 16
+  // rows, compute capability 8.0 or later, its G ring within max_shared_for_ring (its column ring
+  // kept when within max_shared_for_column_ring; for both, kTwoBlocksPerSm means what one block
+  // may opt in to). Elsewhere, or when false, the kernels above.
+  bool tensor_core_step = true;
 };
 
 // Largest bins the CUDA kernels serve (each thread keeps at most 16 of the L*L cells).

@@ -71,13 +71,13 @@ class EmulatedCuda:
 
     def _problem(self, u, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps):
         n, height, width = u.shape
-        *ring_and_column_ring, tensor_cores = self.schedule.op_argument()
+        *ring_and_column_ring, tensor_cores, step = self.schedule.op_argument()
         return (
             0 if u.dtype == torch.float32 else 1, n, height, width, bins, win_h, win_w, int(valid),
             ctypes.c_double(bandwidth), ctypes.c_double(eps), _extension.KERNEL_IDS[kernel],
             _extension.DIVERGENCE_IDS[divergence],
             *(ctypes.c_size_t(TWO_BLOCKS_PER_SM if budget < 0 else budget) for budget in ring_and_column_ring),
-            tensor_cores,
+            tensor_cores, step,
         )
 
     def forward(self, maps, win_h, win_w, valid, bins, bandwidth, kernel, divergence, eps, with_grad=False):

@@ -42,8 +42,12 @@ SM_SHARED = 227 * 1024  # an sm_90 block's most dynamic shared memory
 # memory wherever they fit an SM (at bins 32 / window 11 the library's policy keeps only the G ring
 # there, the column ring in the forward); the G ring alone (every column sum computed twice);
 # neither (a second window state slides behind the first to recompute G).
+# These are the sliding kernels' schedules: the fused float pass stays on them (tensor_core_step=False);
+# the tensor-core step has its own tests below.
+SLIDING = dict(tensor_core_step=False)
 SCHEDULES = {
-    "rings": _Schedule(SM_SHARED, SM_SHARED), "g-ring": _Schedule(SM_SHARED, 0), "two-states": _Schedule(0, 0),
+    "rings": _Schedule(SM_SHARED, SM_SHARED, **SLIDING), "g-ring": _Schedule(SM_SHARED, 0, **SLIDING),
+    "two-states": _Schedule(0, 0, **SLIDING),
 }
 
 
@@ -134,11 +138,15 @@ def test_fused_forward_is_the_forward_and_the_backward(cuda_emulated, dtype, div
 # 32 / window 11 (docs/cuda.md): staged kernel values 16 (+ T, 8, in the backward), the G ring 44,
 # the column ring 96 (the backward's only together with the G ring).
 SCHEDULE_SHARED_KIB = {
-    "policy": (_Schedule(), (112, 68, 68)),
+    "policy": (_Schedule(**SLIDING), (112, 68, 68)),
     "rings": (SCHEDULES["rings"], (112, 164, 164)),
     "g-ring": (SCHEDULES["g-ring"], (16, 68, 68)),
     "two-states": (SCHEDULES["two-states"], (16, 24, 24)),
-    "column-ring-alone": (_Schedule(0, SM_SHARED), (112, 24, 24)),
+    "column-ring-alone": (_Schedule(0, SM_SHARED, **SLIDING), (112, 24, 24)),
+    # the fused pass on the tensor-core step: T 9, the column sums' staging 32, the gradient's 13.5,
+    # the G ring 44, the column ring 96 (one block per SM); its policy takes what a block may have
+    "step": (_Schedule(), (112, 194.75, 68)),
+    "step-without-column-ring": (_Schedule(None, 0), (16, 98.75, 68)),
 }
 
 
@@ -176,7 +184,7 @@ def test_column_ring_changes_no_bit(lib, dtype, tensor_cores):
     grad = torch.rand(2, 12, 14, dtype=dtype) - 0.25
     outs = []
     for column_ring in (SM_SHARED, 0):
-        impl = EmulatedCuda(lib, schedule=_Schedule(SM_SHARED, column_ring, tensor_cores))
+        impl = EmulatedCuda(lib, schedule=_Schedule(SM_SHARED, column_ring, tensor_cores, **SLIDING))
         d, _ = impl.forward(maps, *args)
         d_fused, grads1 = impl.forward(maps, *args, with_grad=True)
         outs.append((d, d_fused, *grads1, *impl.backward(maps, d, grad, *args)))
@@ -196,7 +204,7 @@ def test_rings_fit_the_device(lib, per_sm_kib, optin_kib, gen):
     args = (11, 11, False, bins, 0.5, "logistic", "kl", 1e-10)
     lib.ek_emulated_set_device_shared(ctypes.c_size_t(per_sm_kib * 1024), ctypes.c_size_t(optin_kib * 1024))
     try:
-        for schedule in (_Schedule(), SCHEDULES["rings"]):
+        for schedule in (_Schedule(), _Schedule(**SLIDING), SCHEDULES["rings"]):
             # float64 (about twice the bytes) and float32, through the forward and backward
             # kernels and through the fused pass
             for impl in (EmulatedCuda(lib, schedule=schedule), EmulatedCuda(lib, fused=True, schedule=schedule)):
@@ -260,7 +268,7 @@ TENSOR_CORE_CASES = [
 
 @pytest.fixture(scope="module")
 def cuda_emulated_tensor_cores(lib):
-    return EmulatedCuda(lib, fused=True, schedule=_Schedule(tensor_core_column_sums=True))
+    return EmulatedCuda(lib, fused=True, schedule=_Schedule(tensor_core_column_sums=True, **SLIDING))
 
 
 @pytest.mark.parametrize("grad_out", [None, -0.75], ids=["random-grad", "uniform-grad"])
@@ -269,6 +277,12 @@ def test_tensor_core_column_sums_keep_the_float32_rule(cuda_emulated_tensor_core
     """D and both gradients in float32 err against float64 at most twice as much as the reference
     run in float32 (plus 4 float ulps of the largest value, for cases where the reference's own float32
     error is next to nothing). One TF32 product per column sum instead of three fails this at bins 32."""
+    check_float32_rule_with_floor(cuda_emulated_tensor_cores, case, grad_out)
+
+
+def check_float32_rule_with_floor(impl, case, grad_out):
+    """The float32 rule on D and both gradients of one call (case: n, h, w, bins, win_h, win_w, valid,
+    kernel, divergence), with a floor of 4 float ulps of the largest value."""
     n, h, w, bins, win_h, win_w, valid, kernel, divergence = case
     args = (win_h, win_w, valid, bins, 0.5, kernel, divergence, 1e-10)
     maps64 = random_maps(n, h, w, bins)
@@ -277,9 +291,126 @@ def test_tensor_core_column_sums_keep_the_float32_rule(cuda_emulated_tensor_core
     exact = values_and_grads(reference, maps64, args, grad_out)
     g = exact[3]
     ref32 = values_and_grads(reference, maps32, args, g.float())
-    ours = values_and_grads(cuda_emulated_tensor_cores, maps32, args, g.float())
+    ours = values_and_grads(impl, maps32, args, g.float())
     for name, o, r, e in zip(("D", "grad_u", "grad_m"), ours[:3], ref32[:3], exact[:3]):
         assert o.dtype == torch.float32
         floor = 4 * torch.finfo(torch.float32).eps * e.abs().max().item()
         err, ref_err = (o.double() - e).abs().max().item(), (r.double() - e).abs().max().item()
         assert err <= 2 * ref_err + floor, (name, err, ref_err, floor)
+
+
+# ---- the tensor-core training step (tensor_core_step_kernel) ------------------------------------
+
+# Odd shapes; bins 2, 5, 12, 17, 32 (warps whose tiles lie past L, one or four k-steps of the
+# gradient's product); windows of 1, 3, 11 and 15 rows (one or two k-steps of the column sums, rows
+# past n), wider and narrower than tall; 'same' and 'valid'; both kernels and divergences.
+STEP_CASES = [
+    (2, 13, 15, 32, 11, 11, False, "logistic", "kl"),
+    (1, 17, 19, 32, 11, 11, True, "gaussian", "hellinger"),
+    (1, 9, 10, 12, 5, 3, True, "gaussian", "hellinger"),
+    (1, 7, 20, 17, 15, 5, False, "logistic", "hellinger"),
+    (1, 18, 9, 32, 15, 7, True, "gaussian", "kl"),
+    (1, 6, 30, 5, 3, 13, False, "logistic", "kl"),
+    (1, 5, 6, 2, 1, 3, False, "gaussian", "kl"),
+]
+STEP_SCHEDULES = {"column-ring": _Schedule(), "no-column-ring": _Schedule(None, 0)}
+
+
+def step_id(case):
+    return "x".join(map(str, case[:6])) + f"-{'valid' if case[6] else 'same'}-{case[7]}-{case[8]}"
+
+
+@pytest.fixture(scope="module", params=list(STEP_SCHEDULES))
+def cuda_emulated_step(lib, request):
+    return EmulatedCuda(lib, fused=True, schedule=STEP_SCHEDULES[request.param])
+
+
+@pytest.mark.parametrize("grad_out", [None, -0.75], ids=["random-grad", "uniform-grad"])
+@pytest.mark.parametrize("case", STEP_CASES, ids=step_id)
+def test_tensor_core_step_keeps_the_float32_rule(lib, cuda_emulated_step, case, grad_out):
+    """The fused float pass runs on the step (a uniform grad_output takes its gradient; a random one
+    its D, with the gradient from the backward kernel) and keeps the float32 rule."""
+    check_float32_rule_with_floor(cuda_emulated_step, case, grad_out)
+    cuda_emulated_step.forward([t.float() for t in random_maps(*case[:4])], *case[4:6], *case[6:7], case[3], 0.5,
+                               *case[7:9], 1e-10, with_grad=True)
+    assert lib.ek_emulated_last_launch_was_step()
+
+
+def step_outputs(lib, maps, args, schedule, reverse=False):
+    lib.ek_emulated_set_reverse_order(int(reverse))
+    try:
+        d, (gu, gm) = EmulatedCuda(lib, fused=True, schedule=schedule).forward(maps, *args, with_grad=True)
+    finally:
+        lib.ek_emulated_set_reverse_order(0)
+    assert lib.ek_emulated_last_launch_was_step()
+    return d, gu, gm
+
+
+def same_bits(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("case", [STEP_CASES[0], STEP_CASES[2]], ids=step_id)
+def test_tensor_core_step_has_no_race_between_barriers(lib, case):
+    """The block's threads run in index order and in reverse between barriers: a thread reading what
+    another wrote without a barrier between them would see the other outcome (removing the barrier
+    between the gradient's staging and its products changes the gradients). Both orders, with and
+    without the column ring, give the same bits, NaN pixels of pred and target included."""
+    n, h, w, bins = case[:4]
+    args = (*case[4:6], case[6], bins, 0.5, *case[7:9], 1e-10)
+    maps = [t.float() for t in random_maps(n, h, w, bins)]
+    maps[0][0, 3, 4] = float("nan")
+    maps[3][-1, 1, -2] = float("inf")
+    runs = [step_outputs(lib, maps, args, schedule, reverse)
+            for schedule in STEP_SCHEDULES.values() for reverse in (False, True)]
+    for run in runs[1:]:
+        assert all(same_bits(a, b) for a, b in zip(runs[0], run))
+
+
+def test_tensor_core_step_nan_bookkeeping_is_the_sliding_kernels(lib):
+    """Non-finite pixels give NaN in exactly the windows that hold them and NaN gradients in exactly
+    the pixels under those windows, as in the sliding kernels; everything else is finite."""
+    bins = 9
+    maps = [t.float() for t in random_maps(2, 11, 13, bins)]
+    maps[2][1, 4, 6] = float("nan")  # a target pixel
+    maps[1][0, 0, 12] = float("-inf")  # a corner of pred's neighbour map
+    args = (5, 3, False, bins, 0.5, "gaussian", "kl", 1e-10)
+    d, gu, gm = step_outputs(lib, maps, args, _Schedule())
+    d_s, (gu_s, gm_s) = EmulatedCuda(lib, fused=True, schedule=_Schedule(**SLIDING)).forward(maps, *args,
+                                                                                             with_grad=True)
+    assert torch.isnan(d).sum() == 15 + 2 * 3 and torch.isnan(gu).sum() == 9 * 5 + 5 * 3  # and a corner's
+    for ours, theirs in ((d, d_s), (gu, gu_s), (gm, gm_s)):
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.isfinite(ours[~ours.isnan()]).all()
+
+
+REFUSALS = {  # (bins, win_h, win_w, ring budget, column ring budget, step, device optin KiB): the reason
+    "bins 33": ((33, 11, 11, -1, -1, 1, 227), "it serves bins <= 32"),
+    "17 rows": ((32, 17, 3, -1, -1, 1, 227), "it serves windows of at most 16 rows"),
+    "off": ((32, 11, 11, -1, -1, 0, 227), "turned off by the schedule"),
+    "no G ring": ((32, 11, 11, 0, -1, 1, 227), "its G ring does not fit the shared memory allowed"),
+    "small device": ((32, 11, 11, -1, -1, 1, 90), "its G ring does not fit the shared memory allowed"),
+    "served": ((32, 15, 43, -1, -1, 1, 227), ""),  # the widest (226.75 KiB)
+    "too wide": ((32, 15, 45, -1, -1, 1, 227), "its G ring does not fit the shared memory allowed"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_tensor_core_step_serves_only_what_it_can(lib, name, gen):
+    """What the step does not serve falls back to the sliding kernels, with the reason the launcher
+    gives (csrc/entropy_cuda.cu's tensor_core_step_refusal), and the result is the same contract."""
+    (bins, win_h, win_w, ring, column_ring, step, optin_kib), reason = REFUSALS[name]
+    lib.ek_emulated_step_refusal.restype = ctypes.c_char_p
+    budget = [ctypes.c_size_t(2**64 - 1 if b < 0 else b) for b in (ring, column_ring)]
+    lib.ek_emulated_set_device_shared(ctypes.c_size_t(228 * 1024), ctypes.c_size_t(optin_kib * 1024))
+    try:
+        got = lib.ek_emulated_step_refusal(1, 20, 50, bins, win_h, win_w, 0, *budget, step).decode()
+        assert got == reason
+        schedule = _Schedule(None if ring < 0 else ring, None if column_ring < 0 else column_ring,
+                             tensor_core_step=bool(step))
+        case = Case(1, win_h + 2, win_w + 1, bins, (win_h, win_w))
+        contract.check_float32_rule("cuda", EmulatedCuda(lib, fused=True, schedule=schedule), "cpu", case,
+                                    case.maps(gen), torch.full(case.out_shape, 0.5, dtype=torch.float64))
+        assert lib.ek_emulated_last_launch_was_step() == (reason == "")
+    finally:
+        lib.ek_emulated_set_device_shared(ctypes.c_size_t(228 * 1024), ctypes.c_size_t(SM_SHARED))

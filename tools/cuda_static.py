@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 import sass  # noqa: E402
 
 
-def compile_cubin(source: Path, arch: int, out: Path):
+def compile_cubin(source: Path, arch: int, out: Path, defines=()):
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    sass.run(nvcc, "-cubin", "-std=c++17", "-O3", f"-arch=sm_{arch}", f"-I{ROOT / 'csrc'}", source, "-o", out)
+    sass.run(nvcc, "-cubin", "-std=c++17", "-O3", f"-arch=sm_{arch}", f"-I{ROOT / 'csrc'}",
+             *(f"-D{d}" for d in defines), source, "-o", out)
 
 
 def kernels(cubin: Path):
@@ -66,12 +67,16 @@ def main():
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--kernel", help="print this kernel's SASS (a short name as in the table)")
     parser.add_argument("--sass", action="store_true")
+    parser.add_argument("--target-path", action="store_true",
+                        help="build with EK_STATIC_PATH: the tensor-core step takes the target case's branches "
+                             "(logistic, kl, bandwidth 0.5, column ring) as constants, so that its static count "
+                             "is the path that case runs")
     args = parser.parse_args()
     if sass.TOOLS is None or not (sass.TOOLS / "cuobjdump").exists():
         sys.exit(f"cuobjdump not found under {sass.TOOLS} (it comes with the triton wheel)")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
-        compile_cubin(args.source, args.arch, cubin)
+        compile_cubin(args.source, args.arch, cubin, ["EK_STATIC_PATH"] if args.target_path else [])
         found = kernels(cubin)
     if args.kernel:
         print(found[args.kernel]["text"] if args.sass else found[args.kernel]["loops"])

@@ -24,16 +24,20 @@ class _Schedule(NamedTuple):
     the backward keeps each window's G in shared memory (the G ring) and both kernels the last
     column sums (the column ring) where they fit their budget; None: the library's policy (two
     blocks per SM, within what the device allows), 0: never. tensor_core_column_sums: float column
-    sums at bins <= 32 as 3xTF32 tensor-core products on sm_80 and later (docs/tensor_cores.md)."""
+    sums at bins <= 32 as 3xTF32 tensor-core products on sm_80 and later, in the kernels that are not
+    the tensor-core step (docs/tensor_cores.md). tensor_core_step: the fused float pass on the
+    tensor-core training step where it serves the problem (the policy), else on those kernels."""
 
     max_shared_for_ring: Optional[int] = None
     max_shared_for_column_ring: Optional[int] = None
     tensor_core_column_sums: bool = False
+    tensor_core_step: bool = True
 
     def op_argument(self):
-        """As the op takes it: [ring, column ring, tensor cores], -1 for a budget left to the policy."""
+        """As the op takes it: [ring, column ring, tensor cores, tensor-core step], -1 for a budget
+        left to the policy."""
         budgets = [-1 if b is None else int(b) for b in (self.max_shared_for_ring, self.max_shared_for_column_ring)]
-        return budgets + [int(bool(self.tensor_core_column_sums))]
+        return budgets + [int(bool(self.tensor_core_column_sums)), int(bool(self.tensor_core_step))]
 
 
 def not_supported_reasons(device: torch.device, dtype: torch.dtype, bins: int):

@@ -20,10 +20,12 @@
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) up to
 // 227 KiB. cudaDeviceGetAttribute reports one device's shared memory per SM and per block
 // (sm_90's 228 and 227 KiB unless a test sets others with simt::device(); the opt-in limit
-// above follows it).
+// above follows it). Threads run in index order between barriers, or in reverse
+// (Device::reverse_order), which is how the tests look for races between barriers.
 //
 // What it cannot show: speed, memory coalescing, bank conflicts, races between threads that do
-// not meet at a barrier (fibers run one at a time, so such a race always resolves the same way),
+// not meet at a barrier beyond what running them in both orders shows (fibers run one at a time,
+// so such a race resolves the same way in each order),
 // and the device's own rounding of expf/logf (the host's math functions run instead).
 #pragma once
 
@@ -84,6 +86,11 @@ constexpr size_t kDefaultDynamicShared = 48 * 1024;
 struct Device {
   size_t shared_per_sm = 228 * 1024, shared_optin = 227 * 1024;
   size_t last_launch_shared = 0;  // the last launch's dynamic shared memory: the schedule it chose
+  const void* last_launch_kernel = nullptr;  // the last launch's kernel
+  // Run a block's threads in reverse order between barriers: a thread that reads what another
+  // wrote without a barrier between them then sees the other outcome, so comparing the results
+  // of both orders shows such a race (tests/test_cuda_emulated.py).
+  bool reverse_order = false;
 };
 inline Device& device() {
   static Device d;
@@ -269,7 +276,9 @@ inline bool run_block(Block& b) {
   }
   for (;;) {
     bool live = false;
-    for (size_t i = 0; i < b.fibers.size(); ++i) {
+    const size_t count = b.fibers.size();
+    for (size_t k = 0; k < count; ++k) {
+      const size_t i = device().reverse_order ? count - 1 - k : k;
       if (b.fibers[i].wait != Wait::none) continue;
       b.current = (int)i;
       switch_context(b.scheduler, b.fibers[i].context);
@@ -323,6 +332,7 @@ template <typename... Params>
 auto launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t) {
   return [=](auto... args) {
     device().last_launch_shared = shared;
+    device().last_launch_kernel = reinterpret_cast<const void*>(kernel);
     const cudaError_t e = run(reinterpret_cast<const void*>(kernel), grid, block, shared, [=] { kernel(args...); });
     if (e != cudaSuccess) last_error() = e;
   };
