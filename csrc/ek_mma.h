@@ -94,6 +94,25 @@ __device__ __forceinline__ void mma_tf32_m16n8k8(float d[4], const float a[4], c
 }
 #endif
 
+// d += A B in place (the accumulators tied to the instruction's C and D operands, so that the
+// compiler needs no register moves between products).
+#if defined(EK_SIMT_EMULATION)
+inline void mma_tf32_m16n8k8_acc(float d[4], const float a[4], const float b[2]) { mma_tf32_m16n8k8(d, a, b, d); }
+#else
+__device__ __forceinline__ void mma_tf32_m16n8k8_acc(float d[4], const float a[4], const float b[2]) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+        "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
+#else
+  __trap();  // never launched below sm_80 (the launcher checks the device)
+#endif
+}
+#endif
+
 // d += A B with both operands split into TF32 high and low parts (see above): three products.
 // a_hi, a_lo, b_hi, b_lo are the parts of the fragments, as split_tf32 makes them.
 #if defined(EK_SIMT_EMULATION)
@@ -128,9 +147,9 @@ EK_MMA_HD void split_tf32_bits(float x, float* hi, float* lo) {
 EK_MMA_HD void mma_3xtf32_m16n8k8(float d[4], const float a_hi[4], const float a_lo[4], const float b_hi[2],
                                   const float b_lo[2]) {
   // The small terms first, so that they are not lost below the large one's rounding.
-  mma_tf32_m16n8k8(d, a_lo, b_hi, d);
-  mma_tf32_m16n8k8(d, a_hi, b_lo, d);
-  mma_tf32_m16n8k8(d, a_hi, b_hi, d);
+  mma_tf32_m16n8k8_acc(d, a_lo, b_hi);
+  mma_tf32_m16n8k8_acc(d, a_hi, b_lo);
+  mma_tf32_m16n8k8_acc(d, a_hi, b_hi);
 }
 #undef EK_MMA_HD
 

@@ -135,6 +135,7 @@ struct Geometry {
   int column_ring_at;  // bytes into dynamic shared memory of the column ring (see ColumnSum), or -1
   int kernel, divergence;
   bool tensor_cores;  // launch the tensor-core column sums' kernels (CudaProblem::tensor_core_column_sums, sm_80+)
+  int sum_buffers;    // the tensor-core step: buffers of staged column-sum values (2, or 1 where 2 do not fit)
 };
 
 // x / h, as a product with the exact 1 / h where h is a power of two (the same float: both
@@ -636,22 +637,26 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
 // tensor cores. One block per (plane, row r of windows), sliding along the row as backward_kernel
 // does with both rings, but:
 // - a column's kernel values are evaluated once per column sum, each thread one (row, pair of
-//   bins) from one load of each map (loaded a column ahead), computed without branches;
+//   bins) from one load of each map (loaded a column ahead), without branches;
 // - the column sums are 3xTF32 tensor-core products on the accumulator fragments (Cells<4>), and
 //   so are the pixel gradients: with T the sum of G over the windows of row r covering column x,
 //   R = T [B | B'] (M = 32 bins i, N = 16 rows of b then 16 of b', K = 32 bins j) is one 16 x 8
 //   tile per warp, and grad_u(y) = sum_i a'(y, i) R(i, y), grad_m(y) = sum_i a(y, i) R(i, 16 + y)
-//   are a product and a sum over the tile's rows;
+//   are a product and a sum over the tile's rows; every TF32 operand is stored as its (hi, lo)
+//   pair, one 8-byte load;
 // - leaving column sums come from the column ring where it fits (else they are computed again,
 //   the same bits), leaving windows' G from the G ring;
+// - which columns and windows hold a non-finite pixel is counted at the column sums' barrier
+//   (__syncthreads_count), so that the block reads no summed-area table;
 // - the staged column-sum values are double-buffered (by column parity) and the gradient's have
 //   their own area, so that five barriers per window order the phases.
 // Precision: the column sums as the tensor-core column sums; T, b and b' in TF32 parts (3xTF32,
-// float accumulation), a and a' multiplying in float; reciprocals as rcp.approx refined by one
-// Newton step (within an ulp of the quotient; the emulator divides exactly, as its expf is the
-// host's). The float32 error rule holds (tests/test_cuda_emulated.py).
-constexpr int kStepStride = 36;  // row stride of T and of the gradient's staged rows: conflict-free fragments
-constexpr int kSumStride = 32;   // row stride of the column sums' staged rows (tensor_core_column_sum's)
+// float accumulation), a and a' multiplying in float. On the device, exp(x) is ex2.approx of the
+// rounded x log2(e) (the rounding of the product is the larger error, and the emulator makes it
+// too, with the host's exp2) and reciprocals rcp.approx refined by one Newton step (within an ulp;
+// the emulator divides). The float32 error rule holds (tests/test_cuda_emulated.py).
+constexpr int kStepStride = 36;  // row stride of a and a' (floats), and of the (hi, lo) pairs of T, b, b'
+constexpr int kPairStride = 2 * kStepStride;  // the same rows of (hi, lo) pairs, in floats: conflict-free LDS.64
 
 // Built with EK_STATIC_PATH (tools/cuda_static.py --target-path, never for use), the step takes the
 // target case's branches as constants (logistic kernel, kl, bandwidth 0.5, the column ring), so
@@ -666,12 +671,13 @@ constexpr bool kStaticPath = false;
 struct StepLayout {
   size_t t_at, sums_at, grads_at, partial_at, g_ring_at, column_ring_at, total;  // column_ring_at: 0 without
 };
-__host__ __device__ inline StepLayout step_layout(int win_w, bool column_ring) {
+constexpr int kSumsBuffer = 4 * kChunk * kPairStride;  // floats: 4 maps' rows of (hi, lo) pairs
+__host__ __device__ inline StepLayout step_layout(int win_w, bool column_ring, int sum_buffers) {
   StepLayout s;
-  s.t_at = 0;                                                              // T's hi and lo parts, 32 rows
-  s.sums_at = s.t_at + 2 * 32 * kStepStride * sizeof(float);               // 2 buffers x 4 maps x hi, lo
-  s.grads_at = s.sums_at + 2 * 2 * 4 * kChunk * kSumStride * sizeof(float);  // a, a', b and b' hi, lo
-  s.partial_at = s.grads_at + 6 * kChunk * kStepStride * sizeof(float);
+  s.t_at = 0;                                                         // T's (hi, lo) pairs, 32 rows
+  s.sums_at = s.t_at + 32 * kPairStride * sizeof(float);              // 1 or 2 buffers (column parity)
+  s.grads_at = s.sums_at + sum_buffers * kSumsBuffer * sizeof(float);  // a, a', then b and b' pairs
+  s.partial_at = s.grads_at + (2 * kStepStride + 2 * kPairStride) * kChunk * sizeof(float);
   s.g_ring_at = s.partial_at + 2 * 2 * kChunk * sizeof(float);  // per half of the bins, grad_u and grad_m rows
   s.column_ring_at = 0;
   s.total = s.g_ring_at + (size_t)win_w * 4 * kThreads * sizeof(float);
@@ -693,23 +699,44 @@ __device__ __forceinline__ float step_recip(float d) {
 #endif
 }
 
-// K(z) and, with DERIV, K'(z) (csrc/entropy_math.h's kde_kernel_and_deriv) without branches, the
-// logistic's division as step_recip (1 + e is in [1, 2]).
+// exp(x) as 2^(x log2 e) with the product rounded to float (ex2.approx on the device).
+__device__ __forceinline__ float step_exp(float x) {
+  const float y = x * 1.44269504088896340736f;
+#if defined(EK_SIMT_EMULATION)
+  return std::exp2(y);
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
+#endif
+}
+
+// K(z) and, with DERIV, K'(z) (csrc/entropy_math.h's kde_kernel_and_deriv) without branches.
 template <bool DERIV>
 __device__ __forceinline__ void step_kernel(float z, int kind, float* k, float* dk) {
   if (kind == kLogistic) {
-    const float e = expf(-fabsf(z)), r = step_recip(1.0f + e), v = e * (r * r);
+    const float e = step_exp(-fabsf(z)), r = step_recip(1.0f + e), v = e * (r * r);
     *k = v;
     if (DERIV) *dk = (z > 0.0f ? -v : v) * ((1.0f - e) * r);
   } else {
-    const float g = expf(-0.5f * z * z) * 0.398942280401432677939946f;
+    const float g = step_exp(-0.5f * z * z) * 0.398942280401432677939946f;
     *k = g;
     if (DERIV) *dk = -z * g;
   }
 }
 
-// at[0] = a, at[1] = b in one 8-byte store (at 8-byte aligned, in shared memory).
-__device__ __forceinline__ void store_pair(float* at, float a, float b) {
+// at[0..3] = a, b, c, d in one 16-byte store, at[0..1] = a, b in one 8-byte store (at aligned).
+__device__ __forceinline__ void store4(float* at, float a, float b, float c, float d) {
+#if defined(EK_SIMT_EMULATION)
+  at[0] = a;
+  at[1] = b;
+  at[2] = c;
+  at[3] = d;
+#else
+  *reinterpret_cast<float4*>(at) = make_float4(a, b, c, d);
+#endif
+}
+__device__ __forceinline__ void store2(float* at, float a, float b) {
 #if defined(EK_SIMT_EMULATION)
   at[0] = a;
   at[1] = b;
@@ -717,8 +744,19 @@ __device__ __forceinline__ void store_pair(float* at, float a, float b) {
   *reinterpret_cast<float2*>(at) = make_float2(a, b);
 #endif
 }
+// The (hi, lo) pair at at (8-byte aligned) as one 8-byte load.
+__device__ __forceinline__ void load_pair(const float* at, float* hi, float* lo) {
+#if defined(EK_SIMT_EMULATION)
+  *hi = at[0];
+  *lo = at[1];
+#else
+  const float2 v = *reinterpret_cast<const float2*>(at);
+  *hi = v.x;
+  *lo = v.y;
+#endif
+}
 
-// The pixel values of column col one thread stages: row t of [y0, y0 + n) (0 past n).
+// The pixel values one thread stages: of its row t of the window's rows (0 for rows past n).
 struct StepPixels {
   float v[4];  // u_pred, m_pred, u_tgt, m_tgt (the gradient's staging reads the first two)
   __device__ __forceinline__ void load(const float* const maps[4], int count, int64_t at, bool live) {
@@ -727,12 +765,11 @@ struct StepPixels {
   }
 };
 
-// Stages the column sums' kernel values of the pixels px (this thread's row t, bins i0, i0 + 1):
-// the hi parts at dst[map][t * 32 + i], the lo parts 4 kChunk rows further on; zeros past n and L.
-__device__ __forceinline__ void step_stage_sums(const StepPixels& px, bool live, int t, int i0, const Geometry& g,
+// Stages the column sums' kernel values of the pixels px (this thread's row t, bins i0, i0 + 1) as
+// (hi, lo) pairs at dst[map][t][i]; zeros past n and L. Returns whether the pixel is not finite.
+__device__ __forceinline__ bool step_stage_sums(const StepPixels& px, bool live, int t, int i0, const Geometry& g,
                                                 float* dst) {
-  constexpr int lo_at = 4 * kChunk * kSumStride;
-  const bool ok_p = live && finite(px.v[0]) && finite(px.v[1]), ok_t = live && finite(px.v[2]) && finite(px.v[3]);
+  const bool ok_p = finite(px.v[0]) && finite(px.v[1]), ok_t = finite(px.v[2]) && finite(px.v[3]);
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     float hi[2], lo[2];
@@ -740,56 +777,64 @@ __device__ __forceinline__ void step_stage_sums(const StepPixels& px, bool live,
     for (int b = 0; b < 2; ++b) {
       float k, dk;
       step_kernel<false>(over_h(px.v[e] - float(i0 + b), g), g.kernel, &k, &dk);
-      split_tf32_bits((e < 2 ? ok_p : ok_t) && i0 + b < g.bins ? over_h(k, g) : 0.0f, &hi[b], &lo[b]);
+      split_tf32_bits(live && (e < 2 ? ok_p : ok_t) && i0 + b < g.bins ? over_h(k, g) : 0.0f, &hi[b], &lo[b]);
     }
-    float* at = dst + e * kChunk * kSumStride + t * kSumStride + i0;
-    store_pair(at, hi[0], hi[1]);
-    store_pair(at + lo_at, lo[0], lo[1]);
+    store4(dst + (e * kChunk + t) * kPairStride + 2 * i0, hi[0], lo[0], hi[1], lo[1]);
   }
+  return live && !(ok_p && ok_t);
 }
 
-// The column sums of the staged rows (ks k-steps of 8; the rows past n are zeros) for this warp's
-// tile: tensor_core_column_sum without its checks of rows past n.
+// The column sums of the staged rows (ks k-steps of 8; the rows past n are zeros) for this warp's tile.
 __device__ __forceinline__ void step_sum_products(const float* sa, const float* sb, int ks, float acc[4]) {
-  constexpr int ls = kSumStride, lo_at = 4 * kChunk * kSumStride;
   const int lane = (int)threadIdx.x % 32, g = lane / 4, c = lane % 4, warp = (int)threadIdx.x / 32;
-  const int ia = 16 * (warp / 4) + g, jb = 8 * (warp % 4) + g;
+  const float* ra = sa + c * kPairStride + 2 * (16 * (warp / 4) + g);
+  const float* rb = sb + c * kPairStride + 2 * (8 * (warp % 4) + g);
 #pragma unroll
   for (int s = 0; s < kChunk / 8; ++s) {
     if (s >= ks) break;  // the same in every lane
-    const float* r0 = sa + (8 * s + c) * ls + ia;
-    const float* q0 = sb + (8 * s + c) * ls + jb;
-    const float a_hi[4] = {r0[0], r0[8], r0[4 * ls], r0[4 * ls + 8]};
-    const float a_lo[4] = {r0[lo_at], r0[lo_at + 8], r0[lo_at + 4 * ls], r0[lo_at + 4 * ls + 8]};
-    const float b_hi[2] = {q0[0], q0[4 * ls]};
-    const float b_lo[2] = {q0[lo_at], q0[lo_at + 4 * ls]};
+    const int k = 8 * s * kPairStride, k4 = k + 4 * kPairStride;
+    float a_hi[4], a_lo[4], b_hi[2], b_lo[2];
+    load_pair(ra + k, &a_hi[0], &a_lo[0]);
+    load_pair(ra + k + 16, &a_hi[1], &a_lo[1]);
+    load_pair(ra + k4, &a_hi[2], &a_lo[2]);
+    load_pair(ra + k4 + 16, &a_hi[3], &a_lo[3]);
+    load_pair(rb + k, &b_hi[0], &b_lo[0]);
+    load_pair(rb + k4, &b_hi[1], &b_lo[1]);
     mma_3xtf32_m16n8k8(acc, a_hi, a_lo, b_hi, b_lo);
   }
 }
 
 // The column sums of the staged column (buffer sums) into q and p (this thread's cells), and into
-// the column ring when it is kept. A barrier first: the staging is complete.
-__device__ __forceinline__ void step_column_sum(int col, int n, const Geometry& g, const float* sums, double q[4],
-                                                double p[4]) {
-  __syncthreads();
+// its slot of the column ring when the ring is kept. A barrier first (the staging is complete), which also counts the
+// threads that staged a non-finite pixel: returns whether the column holds one.
+__device__ __forceinline__ bool step_column_sum(int n, bool bad_pixel, const Geometry& g, const float* sums,
+                                                float* ring_slot, double q[4], double p[4]) {
+  const bool bad = __syncthreads_count(bad_pixel) > 0;
   float sq[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   const Cells<4> cells;
   if (cells.group_active(g.bins)) {  // a warp whose tile is wholly past L reads nothing
     const int ks = (n + 7) / 8;
-    step_sum_products(sums, sums + kChunk * kSumStride, ks, sq);
-    step_sum_products(sums + 2 * kChunk * kSumStride, sums + 3 * kChunk * kSumStride, ks, sp);
+    step_sum_products(sums, sums + kChunk * kPairStride, ks, sq);
+    step_sum_products(sums + 2 * kChunk * kPairStride, sums + 3 * kChunk * kPairStride, ks, sp);
   }
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     q[k] = (double)sq[k];
     p[k] = (double)sp[k];
   }
-  if (kStaticPath || g.column_ring_at >= 0) ColumnSum<float, 4, true>::store(g, col, q, p);
+  if (kStaticPath || g.column_ring_at >= 0) {  // one chunk of rows: the float sums, exactly
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      ring_slot[k * kThreads] = sq[k];
+      ring_slot[(4 + k) * kThreads] = sp[k];
+    }
+  }
+  return bad;
 }
 
 // D of the window in lead (every thread gets it; NaN when bad) and its G = dD/dQ / N in this
 // thread's cells, added to t and kept in slot (cell k at slot[k * kThreads]); G is zero for a
-// window whose D is not finite (the poison table marks its pixels). One reciprocal per cell
+// window whose D is not finite (the gradients under it are made NaN). One reciprocal per cell
 // serves the kl value and dD/dQ.
 __device__ __forceinline__ float step_window(const WindowState<float, 4, true>& lead, double inv_n, bool bad,
                                              const Geometry& g, double* scratch, double t[4], float* slot) {
@@ -829,43 +874,45 @@ __device__ __forceinline__ float step_window(const WindowState<float, 4, true>& 
   return dval;
 }
 
-// Stages the gradient's values of column x's pixels px (pred's u and m): a, a' at grads (rows of
-// kStepStride), b and b' as TF32 parts; zeros past n and L. T's parts from t (this thread's cells).
+// Stages the gradient's values of column x's pixels px (pred's u and m): a, a' (rows of
+// kStepStride floats), b and b' as (hi, lo) pairs; zeros past n and L. T's pairs from t.
 __device__ __forceinline__ void step_stage_gradient(const StepPixels& px, bool live, int r, int i0, const double t[4],
                                                     const Geometry& g, float* s_t, float* grads) {
-  constexpr int ts = kStepStride, t_lo = 32 * ts, lo_rows = 2 * kChunk * ts;
-  const Cells<4> cells;  // T's cells past L are 0 (step_window adds only cells below L)
+  constexpr int ts = kStepStride, ps = kPairStride;
+  const Cells<4> cells;  // this thread's cells (i, j), (i, j + 1), (i + 8, j), (i + 8, j + 1); past L 0
 #pragma unroll
-  for (int k = 0; k < 4; ++k)
-    split_tf32_bits((float)t[k], s_t + cells.i(k) * ts + cells.j(k), s_t + t_lo + cells.i(k) * ts + cells.j(k));
-  const bool ok = live && finite(px.v[0]) && finite(px.v[1]);
-  float a[2], da[2], bh[2], bl[2], dbh[2], dbl[2];
-#pragma unroll
-  for (int b = 0; b < 2; ++b) {
-    const bool on = ok && i0 + b < g.bins;
-    float ku, dku, km, dkm;
-    step_kernel<true>(over_h(px.v[0] - float(i0 + b), g), g.kernel, &ku, &dku);
-    step_kernel<true>(over_h(px.v[1] - float(i0 + b), g), g.kernel, &km, &dkm);
-    a[b] = on ? over_h(ku, g) : 0.0f;
-    da[b] = on ? over_h(over_h(dku, g), g) : 0.0f;
-    split_tf32_bits(on ? over_h(km, g) : 0.0f, &bh[b], &bl[b]);
-    split_tf32_bits(on ? over_h(over_h(dkm, g), g) : 0.0f, &dbh[b], &dbl[b]);
+  for (int e = 0; e < 2; ++e) {
+    float h0, l0, h1, l1;
+    split_tf32_bits((float)t[2 * e], &h0, &l0);
+    split_tf32_bits((float)t[2 * e + 1], &h1, &l1);
+    store4(s_t + cells.ri(e) * ps + 2 * cells.cj(0), h0, l0, h1, l1);
   }
-  float* at = grads + r * ts + i0;
-  store_pair(at, a[0], a[1]);
-  store_pair(at + kChunk * ts, da[0], da[1]);
-  store_pair(at + 2 * kChunk * ts, bh[0], bh[1]);
-  store_pair(at + 2 * kChunk * ts + lo_rows, bl[0], bl[1]);
-  store_pair(at + 3 * kChunk * ts, dbh[0], dbh[1]);
-  store_pair(at + 3 * kChunk * ts + lo_rows, dbl[0], dbl[1]);
+  const bool ok = live && finite(px.v[0]) && finite(px.v[1]);
+  float a[2], da[2], b[4], db[4];  // b, db: (hi, lo) of bin i0, then of i0 + 1
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const bool on = ok && i0 + e < g.bins;
+    float ku, dku, km, dkm;
+    step_kernel<true>(over_h(px.v[0] - float(i0 + e), g), g.kernel, &ku, &dku);
+    step_kernel<true>(over_h(px.v[1] - float(i0 + e), g), g.kernel, &km, &dkm);
+    a[e] = on ? over_h(ku, g) : 0.0f;
+    da[e] = on ? over_h(over_h(dku, g), g) : 0.0f;
+    split_tf32_bits(on ? over_h(km, g) : 0.0f, &b[2 * e], &b[2 * e + 1]);
+    split_tf32_bits(on ? over_h(over_h(dkm, g), g) : 0.0f, &db[2 * e], &db[2 * e + 1]);
+  }
+  store2(grads + r * ts + i0, a[0], a[1]);
+  store2(grads + (kChunk + r) * ts + i0, da[0], da[1]);
+  float* pairs = grads + 2 * kChunk * ts;
+  store4(pairs + r * ps + 2 * i0, b[0], b[1], b[2], b[3]);
+  store4(pairs + (kChunk + r) * ps + 2 * i0, db[0], db[1], db[2], db[3]);
 }
 
 // The pixel gradients of column x (rows [y0, y0 + n)) from the staged T and values, added to gu and
 // gm (NaN where poisoned). Two barriers: the staging is complete; the partial sums are.
-__device__ __forceinline__ void step_gradient_products(int x, int y0, int n, bool poisoned, const Geometry& g,
-                                                       const float* s_t, const float* grads, float* partial,
-                                                       float* gu, float* gm) {
-  constexpr int ts = kStepStride, t_lo = 32 * ts, lo_rows = 2 * kChunk * ts;
+__device__ __forceinline__ void step_gradient_products(int x, int y0, int n, int out_which, int out_y, bool poisoned,
+                                                       const Geometry& g, const float* s_t, const float* grads,
+                                                       float* partial, float* gu, float* gm) {
+  constexpr int ts = kStepStride, ps = kPairStride;
   const int L = g.bins, lane = (int)threadIdx.x % 32, warp = (int)threadIdx.x / 32;
   __syncthreads();
   // Warp w: rows 16 (w / 4) of R (bins i), columns 8 (w % 4): rows y = 8 (w % 2) + .. of b (w % 4 < 2,
@@ -874,15 +921,18 @@ __device__ __forceinline__ void step_gradient_products(int x, int y0, int n, boo
   const int gq = lane / 4, c = lane % 4;
   if (i_base < L && y_base < n) {  // the same in every lane of the warp
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const float* bop = grads + (2 + which) * kChunk * ts + (y_base + gq) * ts + c;
-    const float* ta = s_t + (i_base + gq) * ts + c;
+    const float* bop = grads + 2 * kChunk * ts + (which * kChunk + y_base + gq) * ps + 2 * c;
+    const float* ta = s_t + (i_base + gq) * ps + 2 * c;
 #pragma unroll
     for (int k0 = 0; k0 < 32; k0 += 8) {
       if (k0 >= L) break;  // the same in every lane
-      const float a_hi[4] = {ta[k0], ta[k0 + 8 * ts], ta[k0 + 4], ta[k0 + 8 * ts + 4]};
-      const float a_lo[4] = {ta[t_lo + k0], ta[t_lo + k0 + 8 * ts], ta[t_lo + k0 + 4], ta[t_lo + k0 + 8 * ts + 4]};
-      const float b_hi[2] = {bop[k0], bop[k0 + 4]};
-      const float b_lo[2] = {bop[lo_rows + k0], bop[lo_rows + k0 + 4]};
+      float a_hi[4], a_lo[4], b_hi[2], b_lo[2];
+      load_pair(ta + 2 * k0, &a_hi[0], &a_lo[0]);
+      load_pair(ta + 8 * ps + 2 * k0, &a_hi[1], &a_lo[1]);
+      load_pair(ta + 2 * k0 + 8, &a_hi[2], &a_lo[2]);
+      load_pair(ta + 8 * ps + 2 * k0 + 8, &a_hi[3], &a_lo[3]);
+      load_pair(bop + 2 * k0, &b_hi[0], &b_lo[0]);
+      load_pair(bop + 2 * k0 + 8, &b_hi[1], &b_lo[1]);
       mma_3xtf32_m16n8k8(acc, a_hi, a_lo, b_hi, b_lo);
     }
     // acc[e] = R(i_base + gq + 8 (e / 2), y_base + 2c + e % 2), weighted by a' (grad_u) or a (grad_m)
@@ -893,25 +943,28 @@ __device__ __forceinline__ void step_gradient_products(int x, int y0, int n, boo
       v0 += __shfl_down_sync(0xffffffffu, v0, off);
       v1 += __shfl_down_sync(0xffffffffu, v1, off);
     }
-    if (lane < 4) {
-      float* out = partial + (warp / 4) * 2 * kChunk + which * kChunk + y_base + 2 * c;
-      out[0] = v0;
-      out[1] = v1;
-    }
+    if (lane < 4) store2(partial + (warp / 4) * 2 * kChunk + which * kChunk + y_base + 2 * c, v0, v1);
   }
   __syncthreads();
-  if ((int)threadIdx.x < 2 * n) {
-    const int which_out = (int)threadIdx.x / n, y = (int)threadIdx.x % n;
-    float value = partial[which_out * kChunk + y];
-    if (L > 16) value += partial[2 * kChunk + which_out * kChunk + y];
-    const int64_t at = (int64_t)(y0 + y) * g.width + x;
-    atomicAdd((which_out == 0 ? gu : gm) + at, poisoned ? NAN : value);
+  if (out_which < 2) {  // thread out_which * n + out_y adds grad_u (0) or grad_m (1) of row out_y
+    float value = partial[out_which * kChunk + out_y];
+    if (L > 16) value += partial[2 * kChunk + out_which * kChunk + out_y];
+    const int64_t at = (int64_t)(y0 + out_y) * g.width + x;
+    atomicAdd((out_which == 0 ? gu : gm) + at, poisoned ? NAN : value);
   }
+}
+
+// Bit i % 64 of a mask: whether column or window i holds a non-finite pixel (at most 64 of either
+// are live at once: windows are at most 64 columns wide where the step serves them).
+__device__ __forceinline__ bool mask_bit(uint64_t mask, int i) { return (mask >> (i % 64)) & 1u; }
+__device__ __forceinline__ uint64_t with_bit(uint64_t mask, int i, bool on) {
+  const uint64_t bit = (uint64_t)1 << (i % 64);
+  return on ? mask | bit : mask & ~bit;
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
     tensor_core_step_kernel(Geometry g, const float* up, const float* mp, const float* ut, const float* mt, float* d,
-                            const int32_t* bad_sat, const int32_t* poison_sat, float* gu, float* gm) {
+                            float* gu, float* gm) {
   EK_DYNAMIC_SHARED(smem);
   if (kStaticPath) {
     g.kernel = kLogistic;
@@ -919,26 +972,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     g.h_pow2 = true;
     g.inv_h = 2.0;
   }
-  const StepLayout lay = step_layout(g.cols.side, g.column_ring_at >= 0);
+  const StepLayout lay = step_layout(g.cols.side, g.column_ring_at >= 0, g.sum_buffers);
   float* s_t = reinterpret_cast<float*>(smem + lay.t_at);
   float* sums = reinterpret_cast<float*>(smem + lay.sums_at);  // buffer col % 2 for column col
   float* grads = reinterpret_cast<float*>(smem + lay.grads_at);
   float* partial = reinterpret_cast<float*>(smem + lay.partial_at);
+  // The rings, this thread's entries: window c's G at slot c % s of the G ring, column col's sums
+  // at slot col % (s + 1) of the column ring (cell k of Q at [k * kThreads], of P at [(4 + k) *
+  // kThreads], as ColumnSum::slot); the slots of what enters and leaves next are kept as counters
+  // rather than computed with a division each time.
   float* ring = reinterpret_cast<float*>(smem + lay.g_ring_at) + threadIdx.x;
-  const auto ring_slot = [&](int c) { return ring + (c % g.cols.side) * 4 * kThreads; };
-  constexpr int kSumsBuffer = 4 * 2 * kChunk * kSumStride;  // floats per buffer
+  float* column_ring = reinterpret_cast<float*>(smem + (g.column_ring_at >= 0 ? g.column_ring_at : 0)) + threadIdx.x;
+  const int s = g.cols.side;
+  const auto next_slot = [](int& slot, int slots) { slot = slot + 1 == slots ? 0 : slot + 1; };
   __shared__ double scratch[kWarps];
   const int r = blockIdx.x, plane = blockIdx.y;
   const int64_t in = (int64_t)plane * g.height * g.width;
   up += in; mp += in; ut += in; mt += in; gu += in; gm += in;
   d += ((int64_t)plane * g.rows.out + r) * g.cols.out;
-  bad_sat += (int64_t)plane * (g.height + 1) * (g.width + 1);
-  poison_sat += (int64_t)plane * (g.rows.out + 1) * (g.cols.out + 1);
   const int y0 = g.rows.lo(r), y1 = g.rows.hi(r), n = y1 - y0;
   const float* const maps[4] = {up, mp, ut, mt};
   // This thread's pixel (row t of the window's rows) and pair of bins i0, i0 + 1 in both stagings.
   const int t_row = (int)threadIdx.x / 16, i0 = 2 * ((int)threadIdx.x % 16);
   const bool live = t_row < n;
+  const int out_which = (int)threadIdx.x / n, out_y = (int)threadIdx.x % n;  // the gradient this thread adds
   const int64_t row_at = (int64_t)(y0 + (live ? t_row : 0)) * g.width;
   // The pixels of the next column to enter a column sum, and of the next column of the gradient,
   // loaded ahead (columns are taken in order, except leaving ones computed again without the ring).
@@ -950,14 +1007,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   lead.reset(g.cols.lo(0));
   double t[4] = {0.0, 0.0, 0.0, 0.0};
   int t_lo = g.cols.out_lo(0), t_hi = t_lo;
+  int g_in = t_hi % s, g_out = t_lo % s, col_in = lead.hi % (s + 1), col_out = lead.lo % (s + 1);
+  int inv_n_width = 0;  // the window width inv_n was computed for
+  double inv_n = 0.0;
+  uint64_t bad_columns = 0, bad_windows = 0;  // bits of the columns in lead and of the windows in T
+  int bad_in_lead = 0, bad_in_t = 0;          // how many of them hold a non-finite pixel
 #pragma unroll 1
   for (int x = 0; x < g.width; ++x) {
     const int new_lo = g.cols.out_lo(x), new_hi = g.cols.out_hi(x);
 #pragma unroll 1
     for (int c = t_lo; c < new_lo; ++c) {  // the leaving windows first: an entering one may take the same slot
-      const float* slot = ring_slot(c);
+      const float* slot = ring + g_out * 4 * kThreads;
+      next_slot(g_out, s);
 #pragma unroll
       for (int k = 0; k < 4; ++k) t[k] -= (double)slot[k * kThreads];
+      bad_in_t -= mask_bit(bad_windows, c);
     }
 #pragma unroll 1
     for (int c = t_hi; c < new_hi; ++c) {
@@ -965,11 +1029,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       double q[4], p[4];
 #pragma unroll 1
       for (int xc = lead.hi; xc < x1; ++xc) {  // entering columns: computed (and kept in the column ring)
-        float* buffer = sums + (xc % 2) * kSumsBuffer;
+        float* buffer = sums + (g.sum_buffers == 2 && xc % 2 ? kSumsBuffer : 0);
+        if (!kStaticPath && g.sum_buffers == 1) __syncthreads();  // the buffer's last readers are done
         const StepPixels px = next_sum;
         next_sum.load(maps, 4, row_at + (xc + 1 < g.width ? xc + 1 : xc), live);
-        step_stage_sums(px, live, t_row, i0, g, buffer);
-        step_column_sum(xc, n, g, buffer, q, p);
+        float* slot = column_ring + col_in * 8 * kThreads;
+        next_slot(col_in, s + 1);
+        const bool bad = step_column_sum(n, step_stage_sums(px, live, t_row, i0, g, buffer), g, buffer, slot, q, p);
+        bad_columns = with_bit(bad_columns, xc, bad);
+        bad_in_lead += bad;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           lead.q[k] += q[k];
@@ -978,16 +1046,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 #pragma unroll 1
       for (int xc = lead.lo; xc < x0; ++xc) {  // leaving columns: read back, or computed again (the same bits)
+        float* slot = column_ring + col_out * 8 * kThreads;
+        next_slot(col_out, s + 1);
         if (kStaticPath || g.column_ring_at >= 0) {
-          ColumnSum<float, 4, true>::fetch(g, xc, q, p);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            q[k] = (double)slot[k * kThreads];
+            p[k] = (double)slot[(4 + k) * kThreads];
+          }
         } else {
-          float* buffer = sums + (xc % 2) * kSumsBuffer;
+          float* buffer = sums + (g.sum_buffers == 2 && xc % 2 ? kSumsBuffer : 0);
           StepPixels px;
           px.load(maps, 4, row_at + xc, live);
           __syncthreads();  // the buffer's last readers (column xc - 2 or xc + s - 1) are done
-          step_stage_sums(px, live, t_row, i0, g, buffer);
-          step_column_sum(xc, n, g, buffer, q, p);
+          step_column_sum(n, step_stage_sums(px, live, t_row, i0, g, buffer), g, buffer, slot, q, p);
         }
+        bad_in_lead -= mask_bit(bad_columns, xc);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           lead.q[k] -= q[k];
@@ -996,8 +1070,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       lead.lo = x0 > lead.lo ? x0 : lead.lo;
       lead.hi = x1 > lead.hi ? x1 : lead.hi;
-      const bool bad = rect_count(bad_sat, g.width + 1, y0, y1, x0, x1) > 0;
-      const float dval = step_window(lead, 1.0 / ((double)n * (x1 - x0)), bad, g, scratch, t, ring_slot(c));
+      const bool bad = bad_in_lead > 0;
+      bad_windows = with_bit(bad_windows, c, bad);
+      bad_in_t += bad;
+      if (x1 - x0 != inv_n_width) {  // steady: the same width window after window
+        inv_n_width = x1 - x0;
+        inv_n = 1.0 / ((double)n * inv_n_width);
+      }
+      float* slot = ring + g_in * 4 * kThreads;
+      next_slot(g_in, s);
+      const float dval = step_window(lead, inv_n, bad, g, scratch, t, slot);
       if (threadIdx.x == 0) d[c] = dval;
     }
     t_lo = new_lo > t_lo ? new_lo : t_lo;
@@ -1005,8 +1087,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const StepPixels px = next_grad;
     next_grad.load(maps, 2, row_at + (x + 1 < g.width ? x + 1 : x), live);
     step_stage_gradient(px, live, t_row, i0, t, g, s_t, grads);
-    const bool poisoned = rect_count(poison_sat, g.cols.out + 1, r, r + 1, new_lo, new_hi) > 0;
-    step_gradient_products(x, y0, n, poisoned, g, s_t, grads, partial, gu, gm);
+    step_gradient_products(x, y0, n, out_which, out_y, bad_in_t > 0, g, s_t, grads, partial, gu, gm);
   }
 }
 
@@ -1026,6 +1107,7 @@ Geometry geometry(const CudaProblem& pb) {
   g.inv_h = 1.0 / pb.bandwidth;
   g.ring = false;
   g.column_ring_at = -1;
+  g.sum_buffers = 2;
   int device = 0, major = 0;
   g.tensor_cores = pb.tensor_core_column_sums && cudaGetDevice(&device) == cudaSuccess &&
                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
@@ -1071,10 +1153,11 @@ size_t shared_optin() {
 // *column_ring tells whether its column ring fits. Budgets as in shared_budgets, except that the
 // policy (kTwoBlocksPerSm) lets the step take what one block may opt in to: it plans one block
 // of 8 warps per SM (164 KiB at window 11 with both rings).
-const char* tensor_core_step_refusal(const CudaProblem& pb, bool* column_ring) {
+const char* tensor_core_step_refusal(const CudaProblem& pb, bool* column_ring, int* sum_buffers) {
   if (!pb.tensor_core_step) return "turned off by the schedule";
   if (pb.bins > 32) return "it serves bins <= 32";
   if (pb.win_h > kChunk) return "it serves windows of at most 16 rows";
+  if (pb.win_w > 63) return "it serves windows of at most 63 columns";
   int device = 0, major = 0;
   const bool sm80 = cudaGetDevice(&device) == cudaSuccess &&
                     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
@@ -1083,29 +1166,38 @@ const char* tensor_core_step_refusal(const CudaProblem& pb, bool* column_ring) {
   if (!sm80) return "it needs a device of compute capability 8.0 or later (TF32 tensor cores)";
   const size_t optin = shared_optin();
   const auto allowed = [&](size_t knob) { return knob == kTwoBlocksPerSm ? optin : std::min(knob, optin); };
-  if (step_layout(pb.win_w, false).total > allowed(pb.max_shared_for_ring))
-    return "its G ring does not fit the shared memory allowed";
-  *column_ring = step_layout(pb.win_w, true).total <= allowed(pb.max_shared_for_column_ring);
-  return nullptr;
+  // The column ring first (it saves a column sum per window), then the second buffer (a barrier).
+  for (const bool ring : {true, false}) {
+    for (const int buffers : {2, 1}) {
+      const size_t bytes = step_layout(pb.win_w, ring, buffers).total;
+      if (bytes <= allowed(pb.max_shared_for_ring) && (!ring || bytes <= allowed(pb.max_shared_for_column_ring))) {
+        *column_ring = ring;
+        *sum_buffers = buffers;
+        return nullptr;
+      }
+    }
+  }
+  return "its G ring does not fit the shared memory allowed";
 }
 
 // The fused float pass on the tensor-core step, if it serves pb; *launched says whether it did.
 template <typename T>
 cudaError_t launch_tensor_core_step(const CudaProblem& pb, const T* up, const T* mp, const T* ut, const T* mt, T* d,
-                                    const int32_t* bad_sat, const int32_t* poison_sat, T* gu, T* gm,
-                                    cudaStream_t stream, bool* launched) {
+                                    T* gu, T* gm, cudaStream_t stream, bool* launched) {
   *launched = false;
   bool column_ring = false;
+  int sum_buffers = 2;
   if constexpr (std::is_same<T, float>::value) {
-    if (tensor_core_step_refusal(pb, &column_ring) != nullptr) return cudaSuccess;
+    if (tensor_core_step_refusal(pb, &column_ring, &sum_buffers) != nullptr) return cudaSuccess;
     Geometry g = geometry(pb);
-    const StepLayout lay = step_layout(pb.win_w, column_ring);
+    const StepLayout lay = step_layout(pb.win_w, column_ring, sum_buffers);
     g.column_ring_at = column_ring ? (int)lay.column_ring_at : -1;
+    g.sum_buffers = sum_buffers;
     const cudaError_t err = allow_shared(tensor_core_step_kernel, lay.total);
     if (err != cudaSuccess) return err;
     *launched = true;
     EK_LAUNCH_KERNEL(tensor_core_step_kernel, dim3(g.rows.out, pb.planes), kThreads, lay.total, stream)(
-        g, up, mp, ut, mt, d, bad_sat, poison_sat, gu, gm);
+        g, up, mp, ut, mt, d, gu, gm);
     return cudaGetLastError();
   }
   return cudaSuccess;
@@ -1120,8 +1212,8 @@ cudaError_t launch_backward(const CudaProblem& pb, const T* u_pred, const T* m_p
   if (pb.bins < 2 || pb.bins > kCudaMaxBins) return cudaErrorInvalidValue;
   if (FUSED) {
     bool launched = false;
-    const cudaError_t err = launch_tensor_core_step(pb, u_pred, m_pred, u_tgt, m_tgt, d, bad_sat, poison_sat, grad_u,
-                                                    grad_m, stream, &launched);
+    const cudaError_t err =
+        launch_tensor_core_step(pb, u_pred, m_pred, u_tgt, m_tgt, d, grad_u, grad_m, stream, &launched);
     if (launched || err != cudaSuccess) return err;
   }
   const dim3 grid(g.rows.out, pb.planes);

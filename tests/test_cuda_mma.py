@@ -80,17 +80,21 @@ def sum_bound(A, B, C):
     return 16 * np.finfo(np.float32).eps * (np.abs(A) @ np.abs(B) + np.abs(C))
 
 
-def test_to_tf32_rounds_to_nearest_ties_away(mma):
+@pytest.mark.parametrize("form", [0, 1], ids=["cvt.rna", "integer-form"])
+def test_to_tf32_rounds_to_nearest_ties_away(mma, form):
+    """to_tf32 and to_tf32_bits (the two integer operations the tensor-core step splits with) give the
+    nearest TF32 value, ties away from zero, for finite values and keep infinities."""
     lib, device = mma
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(4096) * 2.0 ** rng.integers(-20, 20, 4096)).astype(np.float32)
     bits = x.view(np.uint32)
     # Exact ties (low 13 bits 0x1000) of both signs, and values just below and above them.
     ties = (bits[:64] & np.uint32(0xFFFFE000)) | np.uint32(0x1000)
-    x = np.concatenate([x, ties.view(np.float32), (ties - 1).view(np.float32), (ties + 1).view(np.float32)])
+    x = np.concatenate([x, ties.view(np.float32), (ties - 1).view(np.float32), (ties + 1).view(np.float32),
+                        np.array([np.inf, -np.inf, 0.0, -0.0, np.finfo(np.float32).tiny], dtype=np.float32)])
     xs = torch.from_numpy(x).to(device)
     out = torch.empty_like(xs)
-    assert lib.simt_to_tf32(_ptr(xs), _ptr(out), xs.numel()) == 0
+    assert lib.simt_to_tf32(_ptr(xs), _ptr(out), xs.numel(), form) == 0
     if device.type == "cuda":
         torch.cuda.synchronize()
     np.testing.assert_array_equal(out.cpu().numpy().astype(np.float64), tf32_nearest(x))

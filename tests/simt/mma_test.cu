@@ -42,8 +42,9 @@ __global__ void mma_kernel(const float* A, const float* B, const float* C, float
   D[(g + 8) * 8 + 2 * c + 1] = d[3];
 }
 
-__global__ void to_tf32_kernel(const float* in, float* out, int n) {
-  for (int i = (int)threadIdx.x; i < n; i += 32) out[i] = to_tf32(in[i]);
+// bits 0: to_tf32 (cvt.rna on a device), 1: to_tf32_bits (the integer form the training step uses).
+__global__ void to_tf32_kernel(const float* in, float* out, int n, int bits) {
+  for (int i = (int)threadIdx.x; i < n; i += 32) out[i] = bits ? entropy_kernels::to_tf32_bits(in[i]) : to_tf32(in[i]);
 }
 
 }  // namespace
@@ -55,8 +56,8 @@ int simt_mma(const float* A, const float* B, const float* C, float* D, int mode,
   return cudaGetLastError();
 }
 
-int simt_to_tf32(const float* in, float* out, int n) {
-  EK_LAUNCH_KERNEL(to_tf32_kernel, 1, 32, 0, nullptr)(in, out, n);
+int simt_to_tf32(const float* in, float* out, int n, int bits) {
+  EK_LAUNCH_KERNEL(to_tf32_kernel, 1, 32, 0, nullptr)(in, out, n, bits);
   return cudaGetLastError();
 }
 

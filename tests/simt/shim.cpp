@@ -82,7 +82,8 @@ const char* ek_emulated_step_refusal(int planes, int height, int width, int bins
   const auto pb = problem(planes, height, width, bins, win_h, win_w, valid, 0.5, 1e-10, 0, 0, ring, column_ring, 0,
                           step);
   bool column_ring_kept = false;
-  const char* why = entropy_kernels::tensor_core_step_refusal(pb, &column_ring_kept);
+  int sum_buffers = 0;
+  const char* why = entropy_kernels::tensor_core_step_refusal(pb, &column_ring_kept, &sum_buffers);
   return why ? why : "";
 }
 

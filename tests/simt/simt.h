@@ -20,7 +20,8 @@
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) up to
 // 227 KiB. cudaDeviceGetAttribute reports one device's shared memory per SM and per block
 // (sm_90's 228 and 227 KiB unless a test sets others with simt::device(); the opt-in limit
-// above follows it). Threads run in index order between barriers, or in reverse
+// above follows it). __syncthreads_count counts the live threads' predicates. Threads run in index
+// order between barriers, or in reverse
 // (Device::reverse_order), which is how the tests look for races between barriers.
 //
 // What it cannot show: speed, memory coalescing, bank conflicts, races between threads that do
@@ -171,6 +172,7 @@ struct Block {
   std::vector<unsigned char> shared;  // dynamic shared memory (16-byte aligned by vector's allocator)
   std::vector<uint64_t> warp_slots;   // a shuffle's values, one per lane
   std::vector<std::array<unsigned char, 64>> warp_exchange;  // a warp-collective instruction's operands, per lane
+  std::vector<int> block_votes;  // __syncthreads_count's predicates, per thread
   std::function<void()> body;
 };
 
@@ -311,6 +313,7 @@ inline cudaError_t run(const void* kernel, dim3 grid, dim3 block, size_t shared,
   b.fibers.resize(threads);
   b.warp_slots.assign(threads, 0);
   b.warp_exchange.resize(threads);
+  b.block_votes.assign(threads, 0);
   for (size_t i = 0; i < threads; ++i) {
     b.fibers[i].stack.resize(kStackBytes);
     b.fibers[i].thread = dim3((unsigned)(i % block.x), (unsigned)(i / block.x % block.y),
@@ -356,6 +359,16 @@ auto launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cud
 #define EK_LAUNCH_KERNEL(kernel, grid, block, shared, stream) ::simt::launch(kernel, grid, block, shared, stream)
 
 inline void __syncthreads() { ::simt::sync_block(); }
+// The barrier, returning how many of the block's live threads passed a nonzero predicate.
+inline int __syncthreads_count(int predicate) {
+  ::simt::Block& b = *::simt::active();
+  b.block_votes[::simt::linear_thread()] = predicate != 0;
+  ::simt::sync_block();
+  int count = 0;
+  for (size_t i = 0; i < b.fibers.size(); ++i) count += b.fibers[i].wait != ::simt::Wait::done && b.block_votes[i];
+  ::simt::sync_block();  // every thread has counted before a later vote overwrites
+  return count;
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { ::simt::sync_warp(); }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
