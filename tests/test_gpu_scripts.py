@@ -57,10 +57,11 @@ def test_cuda_variants_schedules_parity_and_budgets(fake_cuda, monkeypatch, caps
     monkeypatch.setattr(sys, "argv", ["cuda_variants.py", "--batch", "1", "--size", "20"])
     runpy.run_path(str(ROOT / "tools" / "cuda_variants.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert "budgets (G ring, column ring) by default: two blocks per SM" in out
+    assert "budgets (G ring, column ring) by default: what a block may have for the tensor-core step" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.count(" | ") == 4 and "parity" not in line]
-    assert [row[0] for row in rows] == ["fused, defaults", "fused, both rings", "fused, two states",
-                                        "fused, tensor cores", "unfused, defaults", "forward, defaults",
+    assert [row[0] for row in rows] == ["fused, defaults", "fused, step without column ring", "fused, sliding",
+                                        "fused, sliding, both rings", "fused, sliding, two states",
+                                        "fused, sliding, tensor cores", "unfused, defaults", "forward, defaults",
                                         "forward, no column ring"]
     for name, f64, f32, ms, _ in rows:
         # against the float64 reference with the same neighbour weights: rounding only
@@ -69,8 +70,10 @@ def test_cuda_variants_schedules_parity_and_budgets(fake_cuda, monkeypatch, caps
     # each schedule reached the backend as its private argument: the timed ones as given, the
     # parity runs with each ring they use allowed an SM
     sm = 227 * 1024
-    for schedule in (_Schedule(), _Schedule(sm, sm), _Schedule(0, 0), _Schedule(tensor_core_column_sums=True),
-                     _Schedule(None, 0), _Schedule(sm, 0), _Schedule(sm, sm, True)):
+    off = dict(tensor_core_step=False)
+    for schedule in (_Schedule(), _Schedule(None, 0), _Schedule(**off), _Schedule(sm, sm, **off),
+                     _Schedule(0, 0, **off), _Schedule(tensor_core_column_sums=True, **off), _Schedule(sm, 0),
+                     _Schedule(sm, sm), _Schedule(sm, sm, True, False)):
         assert schedule in fake_cuda, schedule
     assert None not in fake_cuda
 

@@ -5,17 +5,20 @@ bins 32, window 11).
     python tools/cuda_variants.py                 # after `python setup.py build_ext --inplace`
     python tools/cuda_variants.py --size 256 --batch 4
 
-Schedules (docs/cuda.md, Algorithm), each a pass and the kernels' launch schedule (the cuda
-backend's private _schedule argument: the two shared-memory budgets, the G ring's and the column
-ring's, and the column sums' products):
-  fused, defaults           the training step: a 'mean' loss, so the forward is the backward kernel
-                            with grad_output = 1 and the backward a rescale; each window's G kept in
-                            shared memory (two blocks per SM at the default case)
-  fused, both rings         the same with the last column sums kept too (one column sum per window
-                            instead of two) at the price of one block per SM (164 KiB at the default case)
-  fused, two states         neither ring (a second window state recomputes G)
-  fused, tensor cores       the defaults with the float column sums as 3xTF32 tensor-core products
-                            (opt-in, sm_80+; docs/tensor_cores.md)
+Schedules (docs/cuda.md, Algorithm; docs/tensor_cores.md), each a pass and the kernels' launch
+schedule (the cuda backend's private _schedule argument: the two shared-memory budgets, the G ring's
+and the column ring's, the column sums' products and whether the tensor-core step may run):
+  fused, defaults           the training step: a 'mean' loss, so the forward computes the gradient for
+                            grad_output = 1 and the backward rescales it; float at bins <= 32 on
+                            sm_80+: the tensor-core step, with its column ring where a block may have
+                            it (199 KiB at the default case, one block per SM)
+  fused, step without column ring   the step computing each leaving column sum again (103 KiB)
+  fused, sliding            the sliding kernels' training step (the step turned off): the backward
+                            kernel with grad_output = 1, each window's G kept in shared memory (two
+                            blocks per SM at the default case)
+  fused, sliding, both rings / two states / tensor cores: the sliding kernels with the last column
+                            sums kept too (164 KiB), with neither ring (a second window state
+                            recomputes G), with the float column sums as 3xTF32 tensor-core products
   unfused, defaults         a non-uniform grad_output (reduction 'none', random weights): the forward
                             kernel (with its column ring where it fits two blocks per SM), then the backward kernel
   forward, defaults / forward, no column ring: D alone (no gradient), the evaluation's pass
@@ -104,13 +107,16 @@ def main():
     pred, target = make_inputs(args.batch, args.channels, args.size, args.size, seed=1)
     print(f"{torch.cuda.get_device_name()}; B={args.batch} C={args.channels} {args.size}^2 bins {args.bins} "
           f"window {args.window}, float32; shared-memory budgets (G ring, column ring) by default: "
-          "two blocks per SM")
+          "what a block may have for the tensor-core step, two blocks per SM for the sliding kernels")
     print("schedule | parity float64 | parity float32 (max error / max value vs float64 reference) | ms | peak extra MiB")
     defaults = _Schedule()
+    sliding = dict(tensor_core_step=False)
     schedules = (
-        ("fused, defaults", "fused", defaults), ("fused, both rings", "fused", _Schedule(SM_SHARED, SM_SHARED)),
-        ("fused, two states", "fused", _Schedule(0, 0)),
-        ("fused, tensor cores", "fused", _Schedule(tensor_core_column_sums=True)),
+        ("fused, defaults", "fused", defaults), ("fused, step without column ring", "fused", _Schedule(None, 0)),
+        ("fused, sliding", "fused", _Schedule(**sliding)),
+        ("fused, sliding, both rings", "fused", _Schedule(SM_SHARED, SM_SHARED, **sliding)),
+        ("fused, sliding, two states", "fused", _Schedule(0, 0, **sliding)),
+        ("fused, sliding, tensor cores", "fused", _Schedule(tensor_core_column_sums=True, **sliding)),
         ("unfused, defaults", "unfused", defaults),
         ("forward, defaults", "forward", defaults), ("forward, no column ring", "forward", _Schedule(None, 0)),
     )

@@ -2,7 +2,8 @@
 # One call on a lent GPU (about 9 minutes): build the extensions in place while the Triton variants
 # ('slide' against 'strip') are timed, then the tensor-core instruction against its CPU emulation
 # (tests/test_cuda_mma.py on the device), the CUDA backend's schedules (tools/cuda_variants.py:
-# parity and time of its fused, unfused and forward-only schedules with and without its rings), the
+# parity and time of the tensor-core step, the default training step, beside the sliding kernels'
+# fused, unfused and forward-only schedules with and without their rings), the
 # sweep for reference / triton / cuda (parity at each case, then time and memory), the largest
 # training crop of the fused backends and a Refusion-size step's loss share, Nsight Compute's view
 # of one training step's kernel (where ncu is installed), the GPU-side tests, the parity grid,
