@@ -655,8 +655,23 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
 // rounded x log2(e) (the rounding of the product is the larger error, and the emulator makes it
 // too, with the host's exp2) and reciprocals rcp.approx refined by one Newton step (within an ulp;
 // the emulator divides). The float32 error rule holds (tests/test_cuda_emulated.py).
-constexpr int kStepStride = 36;  // row stride of a and a' (floats), and of the (hi, lo) pairs of T, b, b'
-constexpr int kPairStride = 2 * kStepStride;  // the same rows of (hi, lo) pairs, in floats: conflict-free LDS.64
+constexpr int kStepStride = 36;  // row stride of the staged a and a' (floats): conflict-free weight loads
+
+// The tensor-core operands are staged in fragment order: each lane's values of one k-step are
+// contiguous, so that a lane loads its A fragment's four hi values, its four lo values and its B
+// fragment's (hi, hi, lo, lo) with three 16-byte loads and hands them to the instruction as they
+// lie in registers (a layout of (hi, lo) pairs cost ~11 register moves per product).
+// A (rows r = 16 rb + g + 8 e1, columns k = 8 ks + c + 4 e2; a[e1 + 2 e2]) and B (rows k, columns
+// n = 8 nb + g; b[e2], its lo part two floats on), k_steps k-steps of 8, lane 4 g + c:
+__device__ __forceinline__ int a_fragment_at(int r, int k, int k_steps) {
+  return (((r / 16) * k_steps + k / 8) * 32 + 4 * (r % 8) + k % 4) * 4 + (r / 8) % 2 + 2 * ((k / 4) % 2);
+}
+__device__ __forceinline__ int b_fragment_at(int n, int k, int k_steps) {
+  return (((n / 8) * k_steps + k / 8) * 32 + 4 * (n % 8) + k % 4) * 4 + (k / 4) % 2;
+}
+constexpr int kAFragments = 2 * 4 * 32 * 4;  // floats of a 32-row A operand of 4 k-steps, or of 2 for
+                                             // its hi and lo parts together (a 16-row column of sums)
+constexpr int kBFragments = 4 * 4 * 32 * 4;  // floats of a 32-column B operand of 4 k-steps, hi and lo
 
 // Built with EK_STATIC_PATH (tools/cuda_static.py --target-path, never for use), the step takes the
 // target case's branches as constants (logistic kernel, kl, bandwidth 0.5, the column ring), so
@@ -671,13 +686,16 @@ constexpr bool kStaticPath = false;
 struct StepLayout {
   size_t t_at, sums_at, grads_at, partial_at, g_ring_at, column_ring_at, total;  // column_ring_at: 0 without
 };
-constexpr int kSumsBuffer = 4 * kChunk * kPairStride;  // floats: 4 maps' rows of (hi, lo) pairs
+// A buffer of staged column-sum values: a of pred, b of pred, a of target, b of target, each 16 rows
+// t (2 k-steps) by 32 bins in fragment order: A hi, A lo (kAFragments / 2 each), B hi and lo.
+constexpr int kSumsMap = kAFragments / 2 * 2;  // floats per map (A: hi then lo; B: interleaved)
+constexpr int kSumsBuffer = 4 * kSumsMap;
 __host__ __device__ inline StepLayout step_layout(int win_w, bool column_ring, int sum_buffers) {
   StepLayout s;
-  s.t_at = 0;                                                         // T's (hi, lo) pairs, 32 rows
-  s.sums_at = s.t_at + 32 * kPairStride * sizeof(float);              // 1 or 2 buffers (column parity)
-  s.grads_at = s.sums_at + sum_buffers * kSumsBuffer * sizeof(float);  // a, a', then b and b' pairs
-  s.partial_at = s.grads_at + (2 * kStepStride + 2 * kPairStride) * kChunk * sizeof(float);
+  s.t_at = 0;                                                         // T: A fragments, hi then lo
+  s.sums_at = s.t_at + 2 * kAFragments * sizeof(float);               // 1 or 2 buffers (column parity)
+  s.grads_at = s.sums_at + sum_buffers * kSumsBuffer * sizeof(float);  // a, a' rows, then [B | B']
+  s.partial_at = s.grads_at + (2 * kChunk * kStepStride + kBFragments) * sizeof(float);
   s.g_ring_at = s.partial_at + 2 * 2 * kChunk * sizeof(float);  // per half of the bins, grad_u and grad_m rows
   s.column_ring_at = 0;
   s.total = s.g_ring_at + (size_t)win_w * 4 * kThreads * sizeof(float);
@@ -711,6 +729,38 @@ __device__ __forceinline__ float step_exp(float x) {
 #endif
 }
 
+// log(x) for a positive normal finite x (what the kl term's ratio of eps-floored densities is):
+// CUDA's logf without its cases for zero, subnormals, infinities and NaN. x = m 2^e with m in
+// [2/3, 4/3), log(x) = e log(2) + log1p(m - 1), the latter f + f^2 P(f) with P of degree 8 (the
+// coefficients of CUDA 13's logf, read from its SASS; within an ulp).
+__device__ __forceinline__ float step_log(float x) {
+  uint32_t bits;
+#if defined(EK_SIMT_EMULATION)
+  std::memcpy(&bits, &x, sizeof bits);
+#else
+  bits = __float_as_uint(x);
+#endif
+  const uint32_t exponent = (bits - 0x3f2aaaabu) & 0xff800000u;
+  const uint32_t m_bits = bits - exponent;
+  float m;
+#if defined(EK_SIMT_EMULATION)
+  std::memcpy(&m, &m_bits, sizeof m);
+#else
+  m = __uint_as_float(m_bits);
+#endif
+  const float f = m - 1.0f;
+  float p = fmaf(f, -0.13018856942653656f, 0.14084610342979431f);
+  p = fmaf(f, p, -0.12148627638816833f);
+  p = fmaf(f, p, 0.13980610668659210f);
+  p = fmaf(f, p, -0.16684235632419586f);
+  p = fmaf(f, p, 0.20012299716472626f);
+  p = fmaf(f, p, -0.24999669194221497f);
+  p = fmaf(f, p, 0.33333182334899902f);
+  p = fmaf(f, p, -0.5f);
+  const float r = fmaf(f, f * p, f);
+  return fmaf((float)(int32_t)exponent, 0.693147182f * 1.1920928955078125e-07f, r);
+}
+
 // K(z) and, with DERIV, K'(z) (csrc/entropy_math.h's kde_kernel_and_deriv) without branches.
 template <bool DERIV>
 __device__ __forceinline__ void step_kernel(float z, int kind, float* k, float* dk) {
@@ -725,7 +775,8 @@ __device__ __forceinline__ void step_kernel(float z, int kind, float* k, float* 
   }
 }
 
-// at[0..3] = a, b, c, d in one 16-byte store, at[0..1] = a, b in one 8-byte store (at aligned).
+// at[0..3] = a, b, c, d in one 16-byte store, at[0..1] = a, b in one 8-byte store (at aligned);
+// at[0..3] in one 16-byte load.
 __device__ __forceinline__ void store4(float* at, float a, float b, float c, float d) {
 #if defined(EK_SIMT_EMULATION)
   at[0] = a;
@@ -744,16 +795,25 @@ __device__ __forceinline__ void store2(float* at, float a, float b) {
   *reinterpret_cast<float2*>(at) = make_float2(a, b);
 #endif
 }
-// The (hi, lo) pair at at (8-byte aligned) as one 8-byte load.
-__device__ __forceinline__ void load_pair(const float* at, float* hi, float* lo) {
+__device__ __forceinline__ void load4(const float* at, float out[4]) {
 #if defined(EK_SIMT_EMULATION)
-  *hi = at[0];
-  *lo = at[1];
+  for (int e = 0; e < 4; ++e) out[e] = at[e];
 #else
-  const float2 v = *reinterpret_cast<const float2*>(at);
-  *hi = v.x;
-  *lo = v.y;
+  const float4 v = *reinterpret_cast<const float4*>(at);
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
 #endif
+}
+// One k-step of a 3xTF32 product from fragment-ordered operands: a at A (hi) and A + lo_at (lo),
+// b at B (hi, hi, lo, lo).
+__device__ __forceinline__ void fragment_product(const float* a, int lo_at, const float* b, float acc[4]) {
+  float a_hi[4], a_lo[4], bv[4];
+  load4(a, a_hi);
+  load4(a + lo_at, a_lo);
+  load4(b, bv);
+  mma_3xtf32_m16n8k8(acc, a_hi, a_lo, bv, bv + 2);
 }
 
 // The pixel values one thread stages: of its row t of the window's rows (0 for rows past n).
@@ -765,8 +825,9 @@ struct StepPixels {
   }
 };
 
-// Stages the column sums' kernel values of the pixels px (this thread's row t, bins i0, i0 + 1) as
-// (hi, lo) pairs at dst[map][t][i]; zeros past n and L. Returns whether the pixel is not finite.
+// Stages the column sums' kernel values of the pixels px (this thread's row t, bins i0, i0 + 1) in
+// fragment order (a as the A operand, rows i and k-steps over t; b as the B operand, columns j);
+// zeros past n and L. Returns whether the pixel is not finite.
 __device__ __forceinline__ bool step_stage_sums(const StepPixels& px, bool live, int t, int i0, const Geometry& g,
                                                 float* dst) {
   const bool ok_p = finite(px.v[0]) && finite(px.v[1]), ok_t = finite(px.v[2]) && finite(px.v[3]);
@@ -779,28 +840,33 @@ __device__ __forceinline__ bool step_stage_sums(const StepPixels& px, bool live,
       step_kernel<false>(over_h(px.v[e] - float(i0 + b), g), g.kernel, &k, &dk);
       split_tf32_bits(live && (e < 2 ? ok_p : ok_t) && i0 + b < g.bins ? over_h(k, g) : 0.0f, &hi[b], &lo[b]);
     }
-    store4(dst + (e * kChunk + t) * kPairStride + 2 * i0, hi[0], lo[0], hi[1], lo[1]);
+    float* map = dst + e * kSumsMap;
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      if (e % 2 == 0) {  // a: A(i, t)
+        const int at = a_fragment_at(i0 + b, t, 2);
+        map[at] = hi[b];
+        map[kAFragments / 2 + at] = lo[b];
+      } else {  // b: B(t, j)
+        const int at = b_fragment_at(i0 + b, t, 2);
+        map[at] = hi[b];
+        map[at + 2] = lo[b];
+      }
+    }
   }
   return live && !(ok_p && ok_t);
 }
 
-// The column sums of the staged rows (ks k-steps of 8; the rows past n are zeros) for this warp's tile.
+// The column sums of the staged rows (ks k-steps of 8; the rows past n are zeros) for this warp's
+// tile (rows 16 (w / 4), columns 8 (w % 4)) from the fragment-ordered a (sa) and b (sb).
 __device__ __forceinline__ void step_sum_products(const float* sa, const float* sb, int ks, float acc[4]) {
-  const int lane = (int)threadIdx.x % 32, g = lane / 4, c = lane % 4, warp = (int)threadIdx.x / 32;
-  const float* ra = sa + c * kPairStride + 2 * (16 * (warp / 4) + g);
-  const float* rb = sb + c * kPairStride + 2 * (8 * (warp % 4) + g);
+  const int lane = (int)threadIdx.x % 32, warp = (int)threadIdx.x / 32;
+  const float* fa = sa + ((warp / 4) * 2 * 32 + lane) * 4;
+  const float* fb = sb + ((warp % 4) * 2 * 32 + lane) * 4;
 #pragma unroll
   for (int s = 0; s < kChunk / 8; ++s) {
     if (s >= ks) break;  // the same in every lane
-    const int k = 8 * s * kPairStride, k4 = k + 4 * kPairStride;
-    float a_hi[4], a_lo[4], b_hi[2], b_lo[2];
-    load_pair(ra + k, &a_hi[0], &a_lo[0]);
-    load_pair(ra + k + 16, &a_hi[1], &a_lo[1]);
-    load_pair(ra + k4, &a_hi[2], &a_lo[2]);
-    load_pair(ra + k4 + 16, &a_hi[3], &a_lo[3]);
-    load_pair(rb + k, &b_hi[0], &b_lo[0]);
-    load_pair(rb + k4, &b_hi[1], &b_lo[1]);
-    mma_3xtf32_m16n8k8(acc, a_hi, a_lo, b_hi, b_lo);
+    fragment_product(fa + s * 128, kAFragments / 2, fb + s * 128, acc);
   }
 }
 
@@ -814,8 +880,8 @@ __device__ __forceinline__ bool step_column_sum(int n, bool bad_pixel, const Geo
   const Cells<4> cells;
   if (cells.group_active(g.bins)) {  // a warp whose tile is wholly past L reads nothing
     const int ks = (n + 7) / 8;
-    step_sum_products(sums, sums + kChunk * kPairStride, ks, sq);
-    step_sum_products(sums + 2 * kChunk * kPairStride, sums + 3 * kChunk * kPairStride, ks, sp);
+    step_sum_products(sums, sums + kSumsMap, ks, sq);
+    step_sum_products(sums + 2 * kSumsMap, sums + 3 * kSumsMap, ks, sp);
   }
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
@@ -849,7 +915,7 @@ __device__ __forceinline__ float step_window(const WindowState<float, 4, true>& 
     if (g.divergence == kKL) {
       const float pe = p + eps, r = step_recip(q + eps), diff = q - p;
       dq[k] = diff * r;
-      term = pe * logf(pe * r) + diff;
+      term = pe * step_log(pe * r) + diff;
     } else {
       term = hellinger_term(p, q, eps);
       dq[k] = 0.0f;
@@ -875,20 +941,22 @@ __device__ __forceinline__ float step_window(const WindowState<float, 4, true>& 
 }
 
 // Stages the gradient's values of column x's pixels px (pred's u and m): a, a' (rows of
-// kStepStride floats), b and b' as (hi, lo) pairs; zeros past n and L. T's pairs from t.
-__device__ __forceinline__ void step_stage_gradient(const StepPixels& px, bool live, int r, int i0, const double t[4],
-                                                    const Geometry& g, float* s_t, float* grads) {
-  constexpr int ts = kStepStride, ps = kPairStride;
-  const Cells<4> cells;  // this thread's cells (i, j), (i, j + 1), (i + 8, j), (i + 8, j + 1); past L 0
+// kStepStride floats) and [B | B'] in fragment order (B(j, y) = b_y(j), B(j, 16 + y) = b'_y(j)),
+// zeros past n and L, in the warps that hold a row below n (staging_warp); T as A fragments, from
+// t, in every thread.
+__device__ __forceinline__ void step_stage_gradient(const StepPixels& px, bool live, bool staging_warp, int r, int i0,
+                                                    const double t[4], const Geometry& g, float* s_t, float* grads) {
+  constexpr int ts = kStepStride;
+  const Cells<4> cells;  // T's cells past L are 0 (step_window adds only cells below L)
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    float h0, l0, h1, l1;
-    split_tf32_bits((float)t[2 * e], &h0, &l0);
-    split_tf32_bits((float)t[2 * e + 1], &h1, &l1);
-    store4(s_t + cells.ri(e) * ps + 2 * cells.cj(0), h0, l0, h1, l1);
+  for (int k = 0; k < 4; ++k) {
+    const int at = a_fragment_at(cells.i(k), cells.j(k), 4);
+    split_tf32_bits((float)t[k], s_t + at, s_t + kAFragments + at);
   }
+  if (!staging_warp) return;  // its rows are zeros from the start
   const bool ok = live && finite(px.v[0]) && finite(px.v[1]);
-  float a[2], da[2], b[4], db[4];  // b, db: (hi, lo) of bin i0, then of i0 + 1
+  float a[2], da[2];
+  float* fb = grads + 2 * kChunk * ts;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const bool on = ok && i0 + e < g.bins;
@@ -897,14 +965,12 @@ __device__ __forceinline__ void step_stage_gradient(const StepPixels& px, bool l
     step_kernel<true>(over_h(px.v[1] - float(i0 + e), g), g.kernel, &km, &dkm);
     a[e] = on ? over_h(ku, g) : 0.0f;
     da[e] = on ? over_h(over_h(dku, g), g) : 0.0f;
-    split_tf32_bits(on ? over_h(km, g) : 0.0f, &b[2 * e], &b[2 * e + 1]);
-    split_tf32_bits(on ? over_h(over_h(dkm, g), g) : 0.0f, &db[2 * e], &db[2 * e + 1]);
+    const int at_b = b_fragment_at(r, i0 + e, 4), at_db = b_fragment_at(kChunk + r, i0 + e, 4);
+    split_tf32_bits(on ? over_h(km, g) : 0.0f, fb + at_b, fb + at_b + 2);
+    split_tf32_bits(on ? over_h(over_h(dkm, g), g) : 0.0f, fb + at_db, fb + at_db + 2);
   }
   store2(grads + r * ts + i0, a[0], a[1]);
   store2(grads + (kChunk + r) * ts + i0, da[0], da[1]);
-  float* pairs = grads + 2 * kChunk * ts;
-  store4(pairs + r * ps + 2 * i0, b[0], b[1], b[2], b[3]);
-  store4(pairs + (kChunk + r) * ps + 2 * i0, db[0], db[1], db[2], db[3]);
 }
 
 // The pixel gradients of column x (rows [y0, y0 + n)) from the staged T and values, added to gu and
@@ -912,7 +978,7 @@ __device__ __forceinline__ void step_stage_gradient(const StepPixels& px, bool l
 __device__ __forceinline__ void step_gradient_products(int x, int y0, int n, int out_which, int out_y, bool poisoned,
                                                        const Geometry& g, const float* s_t, const float* grads,
                                                        float* partial, float* gu, float* gm) {
-  constexpr int ts = kStepStride, ps = kPairStride;
+  constexpr int ts = kStepStride;
   const int L = g.bins, lane = (int)threadIdx.x % 32, warp = (int)threadIdx.x / 32;
   __syncthreads();
   // Warp w: rows 16 (w / 4) of R (bins i), columns 8 (w % 4): rows y = 8 (w % 2) + .. of b (w % 4 < 2,
@@ -921,19 +987,12 @@ __device__ __forceinline__ void step_gradient_products(int x, int y0, int n, int
   const int gq = lane / 4, c = lane % 4;
   if (i_base < L && y_base < n) {  // the same in every lane of the warp
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const float* bop = grads + 2 * kChunk * ts + (which * kChunk + y_base + gq) * ps + 2 * c;
-    const float* ta = s_t + (i_base + gq) * ps + 2 * c;
+    const float* fa = s_t + ((warp / 4) * 4 * 32 + lane) * 4;
+    const float* fb = grads + 2 * kChunk * ts + (col * 4 * 32 + lane) * 4;
 #pragma unroll
-    for (int k0 = 0; k0 < 32; k0 += 8) {
-      if (k0 >= L) break;  // the same in every lane
-      float a_hi[4], a_lo[4], b_hi[2], b_lo[2];
-      load_pair(ta + 2 * k0, &a_hi[0], &a_lo[0]);
-      load_pair(ta + 8 * ps + 2 * k0, &a_hi[1], &a_lo[1]);
-      load_pair(ta + 2 * k0 + 8, &a_hi[2], &a_lo[2]);
-      load_pair(ta + 8 * ps + 2 * k0 + 8, &a_hi[3], &a_lo[3]);
-      load_pair(bop + 2 * k0, &b_hi[0], &b_lo[0]);
-      load_pair(bop + 2 * k0 + 8, &b_hi[1], &b_lo[1]);
-      mma_3xtf32_m16n8k8(acc, a_hi, a_lo, b_hi, b_lo);
+    for (int ks = 0; ks < 4; ++ks) {
+      if (8 * ks >= L) break;  // the same in every lane
+      fragment_product(fa + ks * 128, kAFragments, fb + ks * 128, acc);
     }
     // acc[e] = R(i_base + gq + 8 (e / 2), y_base + 2c + e % 2), weighted by a' (grad_u) or a (grad_m)
     // of that row y and bin i, then summed over the tile's 16 bins (the lanes of one c).
@@ -995,6 +1054,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // This thread's pixel (row t of the window's rows) and pair of bins i0, i0 + 1 in both stagings.
   const int t_row = (int)threadIdx.x / 16, i0 = 2 * ((int)threadIdx.x % 16);
   const bool live = t_row < n;
+  // Warps whose two rows are both past n stage nothing: their rows stay the zeros written here.
+  const bool staging_warp = 2 * ((int)threadIdx.x / 32) < n;
+  for (int at = 4 * (int)threadIdx.x; at < (int)((lay.partial_at - lay.sums_at) / sizeof(float)); at += 4 * kThreads)
+    store4(sums + at, 0.0f, 0.0f, 0.0f, 0.0f);  // the staging areas, the gradient's included
+  __syncthreads();
   const int out_which = (int)threadIdx.x / n, out_y = (int)threadIdx.x % n;  // the gradient this thread adds
   const int64_t row_at = (int64_t)(y0 + (live ? t_row : 0)) * g.width;
   // The pixels of the next column to enter a column sum, and of the next column of the gradient,
@@ -1035,7 +1099,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         next_sum.load(maps, 4, row_at + (xc + 1 < g.width ? xc + 1 : xc), live);
         float* slot = column_ring + col_in * 8 * kThreads;
         next_slot(col_in, s + 1);
-        const bool bad = step_column_sum(n, step_stage_sums(px, live, t_row, i0, g, buffer), g, buffer, slot, q, p);
+        const bool bad_pixel = staging_warp && step_stage_sums(px, live, t_row, i0, g, buffer);
+        const bool bad = step_column_sum(n, bad_pixel, g, buffer, slot, q, p);
         bad_columns = with_bit(bad_columns, xc, bad);
         bad_in_lead += bad;
 #pragma unroll
@@ -1059,7 +1124,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           StepPixels px;
           px.load(maps, 4, row_at + xc, live);
           __syncthreads();  // the buffer's last readers (column xc - 2 or xc + s - 1) are done
-          step_column_sum(n, step_stage_sums(px, live, t_row, i0, g, buffer), g, buffer, slot, q, p);
+          step_column_sum(n, staging_warp && step_stage_sums(px, live, t_row, i0, g, buffer), g, buffer, slot, q, p);
         }
         bad_in_lead -= mask_bit(bad_columns, xc);
 #pragma unroll
@@ -1086,7 +1151,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     t_hi = new_hi > t_hi ? new_hi : t_hi;
     const StepPixels px = next_grad;
     next_grad.load(maps, 2, row_at + (x + 1 < g.width ? x + 1 : x), live);
-    step_stage_gradient(px, live, t_row, i0, t, g, s_t, grads);
+    step_stage_gradient(px, live, staging_warp, t_row, i0, t, g, s_t, grads);
     step_gradient_products(x, y0, n, out_which, out_y, bad_in_t > 0, g, s_t, grads, partial, gu, gm);
   }
 }
