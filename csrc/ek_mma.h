@@ -125,20 +125,30 @@ EK_MMA_HD void split_tf32(float x, float* hi, float* lo) {
   *lo = to_tf32(x - *hi);
 }
 
-// to_tf32 in two integer operations on the bits (half an ulp of TF32 added to the magnitude, the 13
-// low bits dropped): the value cvt.rna gives for every float but NaN, whose payload may differ (a
-// NaN stays a NaN), where the compiler makes four instructions of cvt.rna.
-EK_MMA_HD float to_tf32_bits(float x) {
+// A float's bits and back (on the device the register reinterpreted; in the emulator memcpy).
+EK_MMA_HD uint32_t float_bits(float x) {
 #if defined(EK_SIMT_EMULATION)
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
-  u = (u + 0x1000u) & 0xffffe000u;
-  std::memcpy(&x, &u, sizeof u);
-  return x;
+  return u;
 #else
-  return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+  return __float_as_uint(x);
 #endif
 }
+EK_MMA_HD float bits_float(uint32_t u) {
+#if defined(EK_SIMT_EMULATION)
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#else
+  return __uint_as_float(u);
+#endif
+}
+
+// to_tf32 in two integer operations on the bits (half an ulp of TF32 added to the magnitude, the 13
+// low bits dropped): the value cvt.rna gives for every float but NaN, whose payload may differ (a
+// NaN stays a NaN), where the compiler makes four instructions of cvt.rna.
+EK_MMA_HD float to_tf32_bits(float x) { return bits_float((float_bits(x) + 0x1000u) & 0xffffe000u); }
 // split_tf32 with to_tf32_bits: the same parts for every float but NaN.
 EK_MMA_HD void split_tf32_bits(float x, float* hi, float* lo) {
   *hi = to_tf32_bits(x);

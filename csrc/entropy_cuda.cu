@@ -734,21 +734,8 @@ __device__ __forceinline__ float step_exp(float x) {
 // [2/3, 4/3), log(x) = e log(2) + log1p(m - 1), the latter f + f^2 P(f) with P of degree 8 (the
 // coefficients of CUDA 13's logf, read from its SASS; within an ulp).
 __device__ __forceinline__ float step_log(float x) {
-  uint32_t bits;
-#if defined(EK_SIMT_EMULATION)
-  std::memcpy(&bits, &x, sizeof bits);
-#else
-  bits = __float_as_uint(x);
-#endif
-  const uint32_t exponent = (bits - 0x3f2aaaabu) & 0xff800000u;
-  const uint32_t m_bits = bits - exponent;
-  float m;
-#if defined(EK_SIMT_EMULATION)
-  std::memcpy(&m, &m_bits, sizeof m);
-#else
-  m = __uint_as_float(m_bits);
-#endif
-  const float f = m - 1.0f;
+  const uint32_t bits = float_bits(x), exponent = (bits - 0x3f2aaaabu) & 0xff800000u;
+  const float f = bits_float(bits - exponent) - 1.0f;
   float p = fmaf(f, -0.13018856942653656f, 0.14084610342979431f);
   p = fmaf(f, p, -0.12148627638816833f);
   p = fmaf(f, p, 0.13980610668659210f);
