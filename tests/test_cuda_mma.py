@@ -64,10 +64,12 @@ def tf32_nearest(x: np.ndarray) -> np.ndarray:
     """The TF32 value nearest each float, ties away from zero, chosen by comparing distances in
     float64 between the two TF32 neighbours (not by the bit trick the emulator uses)."""
     bits = x.astype(np.float32).view(np.uint32)
-    toward_zero = (bits & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
-    away = ((bits & np.uint32(0xFFFFE000)) + np.uint32(0x2000)).view(np.float32).astype(np.float64)
     x64 = x.astype(np.float64)
-    return np.where(np.abs(away - x64) <= np.abs(x64 - toward_zero), away, toward_zero)
+    with np.errstate(invalid="ignore"):  # infinities (kept as they are) have a NaN neighbour
+        toward_zero = (bits & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
+        away = ((bits & np.uint32(0xFFFFE000)) + np.uint32(0x2000)).view(np.float32).astype(np.float64)
+        nearest = np.where(np.abs(away - x64) <= np.abs(x64 - toward_zero), away, toward_zero)
+    return np.where(np.isfinite(x64), nearest, x64)
 
 
 def tf32_truncated(x: np.ndarray) -> np.ndarray:
