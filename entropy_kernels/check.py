@@ -13,7 +13,10 @@ For each backend, on fresh random images (odd sizes by default) through the publ
   relative to the reference's largest value, and the share of the tolerance it uses);
 - **gradcheck**: `torch.autograd.gradcheck` of the float64 loss through the backend, on a small image;
 - **float32**: the float32 rule: on float32 inputs, the backend's float32 error against the float64
-  reference at most twice the reference's own float32 error.
+  reference at most twice the reference's own float32 error;
+- **float32 mean**: the same rule on the gradient of a 'mean' loss, whose uniform grad_output takes
+  the backends' training step (on CUDA the tensor-core step where it serves) rather than their
+  backward pass.
 
 The tolerances and the rule are entropy_kernels.testing's, the ones the test suite holds every
 backend to.
@@ -51,10 +54,10 @@ def _reduction(opts) -> str:
     return "sum" if opts["padding"] == "valid" and isinstance(opts["window"], tuple) else "none"
 
 
-def _loss_and_grad(backend: str, pred, target, ring, weight, opts) -> Tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_grad(backend: str, pred, target, ring, weight, opts, reduction=None) -> Tuple[torch.Tensor, torch.Tensor]:
     pred = pred.detach().clone().requires_grad_(True)
-    loss_map = spatial_entropy_loss(pred, target, neighbor_weights=ring.to(pred.dtype), reduction=_reduction(opts),
-                                    backend=backend, **opts)
+    loss_map = spatial_entropy_loss(pred, target, neighbor_weights=ring.to(pred.dtype),
+                                    reduction=reduction or _reduction(opts), backend=backend, **opts)
     (grad,) = torch.autograd.grad((loss_map * weight.to(loss_map.dtype)).sum(), pred)
     return loss_map.detach(), grad
 
@@ -96,20 +99,23 @@ def check_gradcheck(backend, device, args, opts, generator) -> Tuple[bool, str]:
     return ok, f"passed on {tuple(pred.shape)}"
 
 
-def check_float32(backend, device, args, opts, generator) -> Tuple[bool, str]:
+def check_float32(backend, device, args, opts, generator, reduction=None) -> Tuple[bool, str]:
     # every input float32-representable, so that only the arithmetic differs
     pred, target, ring = (t.float().double() for t in _case(args, "cpu", torch.float64, args.size, generator))
-    weight = _random_weight(pred, target, ring, opts, generator).float().double()
-    exact = _loss_and_grad("reference", pred, target, ring, weight, opts)
+    if reduction == "mean":  # a uniform grad_output, not 1
+        weight = (torch.rand((), generator=generator, dtype=torch.float64) + 0.5).float().double()
+    else:
+        weight = _random_weight(pred, target, ring, opts, generator).float().double()
+    exact = _loss_and_grad("reference", pred, target, ring, weight, opts, reduction)
     single = [pred.float(), target.float(), ring]
-    ref32 = _loss_and_grad("reference", *single, weight, opts)
-    got32 = _loss_and_grad(backend, *(t.to(device) for t in single), weight.to(device), opts)
+    ref32 = _loss_and_grad("reference", *single, weight, opts, reduction)
+    got32 = _loss_and_grad(backend, *(t.to(device) for t in single), weight.to(device), opts, reduction)
     lines, ok = [], True
     for name, g, r, e in zip(("loss", "gradient"), got32, ref32, exact):
         err_backend = float((g.cpu().double() - e).abs().max())
         err_reference = float((r.double() - e).abs().max())
         if e.dim() == 0:
-            # A summed loss (_reduction): its error is mostly the float32 sum's own rounding, noise to
+            # A summed or averaged loss: its error is mostly the float32 sum's own rounding, noise to
             # the rule; the maps it sums are judged through the gradient.
             lines.append(f"{name} {err_backend:.1e} (reference {err_reference:.1e}; a sum, not judged)")
             continue
@@ -118,7 +124,12 @@ def check_float32(backend, device, args, opts, generator) -> Tuple[bool, str]:
     return ok, ", ".join(lines)
 
 
-CHECKS: Dict[str, Callable] = {"float64 parity": check_parity, "gradcheck": check_gradcheck, "float32": check_float32}
+def check_float32_mean(backend, device, args, opts, generator) -> Tuple[bool, str]:
+    return check_float32(backend, device, args, opts, generator, reduction="mean")
+
+
+CHECKS: Dict[str, Callable] = {"float64 parity": check_parity, "gradcheck": check_gradcheck, "float32": check_float32,
+                               "float32 mean": check_float32_mean}
 
 
 def loss_options(args) -> dict:
@@ -139,7 +150,7 @@ def run(backend_names: Sequence[str], device: torch.device, args, opts: dict, ou
             out(f"{name:9s} skipped: {'; '.join(reasons)}")
             continue
         for check, fn in CHECKS.items():
-            if check == "float32" and backends.not_supported_reasons(name, device, torch.float32, args.bins):
+            if check.startswith("float32") and backends.not_supported_reasons(name, device, torch.float32, args.bins):
                 out(f"{name:9s} {check:15s} skipped: float32 not served")
                 continue
             generator = torch.Generator().manual_seed(args.seed)

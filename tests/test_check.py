@@ -17,9 +17,29 @@ def cpp_module():
 def test_cpp_passes_every_check(cpp_module, capsys):
     assert check.main(["--backends", "cpp", *SMALL, "--window", "3", "5", "--seed", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[:4] for line in lines[:3]] == [
-        ["cpp", "float64", "parity", "ok"], ["cpp", "gradcheck", "ok", "passed"], ["cpp", "float32", "ok", "loss"]]
+    assert [line.split()[:4] for line in lines[:4]] == [
+        ["cpp", "float64", "parity", "ok"], ["cpp", "gradcheck", "ok", "passed"], ["cpp", "float32", "ok", "loss"],
+        ["cpp", "float32", "mean", "ok"]]
     assert lines[-1] == "all checks passed"
+
+
+def test_float32_mean_judges_the_training_steps_gradient(cpp_module, monkeypatch, capsys):
+    """A backend whose gradient is wrong only for a uniform grad_output (its training step; the
+    backward pass of a weighted map is right) fails the 'float32 mean' check alone."""
+    monkeypatch.setattr(check, "_loss_and_grad", _wrong_mean(check._loss_and_grad))
+    assert check.main(["--backends", "cpp", *SMALL, "--window", "3"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:4] for line in lines[:4]] == [
+        ["cpp", "float64", "parity", "ok"], ["cpp", "gradcheck", "ok", "passed"], ["cpp", "float32", "ok", "loss"],
+        ["cpp", "float32", "mean", "FAIL"]]
+
+
+def _wrong_mean(loss_and_grad):
+    """_loss_and_grad whose cpp gradient of a 'mean' loss is off by a relative 1e-3."""
+    def wrong(backend, pred, target, ring, weight, opts, reduction=None):
+        loss, grad = loss_and_grad(backend, pred, target, ring, weight, opts, reduction)
+        return loss, grad * (1 + 1e-3) if backend == "cpp" and reduction == "mean" else grad
+    return wrong
 
 
 @pytest.mark.parametrize("scale", [1.001, 1 + 1e-5])
