@@ -417,3 +417,42 @@ def test_tensor_core_step_serves_only_what_it_can(lib, name, gen):
         assert lib.ek_emulated_last_launch_was_step() == (reason == "")
     finally:
         lib.ek_emulated_set_device_shared(ctypes.c_size_t(228 * 1024), ctypes.c_size_t(SM_SHARED))
+
+
+def test_python_rule_is_the_launchers(lib):
+    """entropy_kernels.ops.cuda.tensor_core_step_refusal (what a user or a benchmark asks) gives the
+    launcher's reason for every problem of a grid of bins, window sides, budgets and devices."""
+    from entropy_kernels.ops.cuda import tensor_core_step_refusal
+
+    lib.ek_emulated_step_refusal.restype = ctypes.c_char_p
+    checked = 0
+    try:
+        for optin_kib in (80, 99, 163, 227):
+            lib.ek_emulated_set_device_shared(ctypes.c_size_t(228 * 1024), ctypes.c_size_t(optin_kib * 1024))
+            for bins, win_h, win_w in [(32, 11, 11), (33, 3, 3), (2, 17, 3), (32, 15, 13), (32, 15, 14 * 2 + 1),
+                                       (32, 5, 47), (32, 5, 49), (17, 1, 63), (17, 1, 65), (32, 16, 40)]:
+                for ring, column_ring, step in [(None, None, True), (None, 0, True), (90 * 1024, 0, True),
+                                                (0, None, True), (None, None, False), (150 * 1024, 120 * 1024, True)]:
+                    budgets = [ctypes.c_size_t(2**64 - 1 if b is None else b) for b in (ring, column_ring)]
+                    launcher = lib.ek_emulated_step_refusal(1, 20, 70, bins, win_h, win_w, 0, *budgets,
+                                                            int(step)).decode()
+                    ours = tensor_core_step_refusal(bins, win_h, win_w, (9, 0), optin_kib * 1024,
+                                                    _Schedule(ring, column_ring, tensor_core_step=step))
+                    assert ours == launcher, (optin_kib, bins, win_h, win_w, ring, column_ring, step)
+                    checked += 1
+    finally:
+        lib.ek_emulated_set_device_shared(ctypes.c_size_t(228 * 1024), ctypes.c_size_t(SM_SHARED))
+    assert checked == 240
+    assert "compute capability 8.0" in tensor_core_step_refusal(32, 11, 11, (7, 5), 64 * 1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_training_step_kernel_names_the_devices_kernel():
+    from entropy_kernels.ops.cuda import training_step_kernel
+
+    major = torch.cuda.get_device_capability()[0]
+    assert training_step_kernel("cuda", 32, 11, 11) == ("tensor-core step" if major >= 8 else
+                                                        "sliding kernels: it needs a device of compute capability "
+                                                        "8.0 or later (TF32 tensor cores)")
+    assert training_step_kernel("cuda", 40, 11, 11) == "sliding kernels: it serves bins <= 32"
+

@@ -44,6 +44,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *args: types.SimpleNamespace(
+        major=9, minor=0, shared_memory_per_block_optin=227 * 1024))
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *args: None)
     for name in ("memory_allocated", "max_memory_allocated"):
@@ -58,6 +60,7 @@ def test_cuda_variants_schedules_parity_and_budgets(fake_cuda, monkeypatch, caps
     runpy.run_path(str(ROOT / "tools" / "cuda_variants.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "budgets (G ring, column ring) by default: what a block may have for the tensor-core step" in out
+    assert "float training step at this case: tensor-core step" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.count(" | ") == 4 and "parity" not in line]
     assert [row[0] for row in rows] == ["fused, defaults", "fused, step without column ring", "fused, sliding",
                                         "fused, sliding, both rings", "fused, sliding, two states",

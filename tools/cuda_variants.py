@@ -108,6 +108,9 @@ def main():
     print(f"{torch.cuda.get_device_name()}; B={args.batch} C={args.channels} {args.size}^2 bins {args.bins} "
           f"window {args.window}, float32; shared-memory budgets (G ring, column ring) by default: "
           "what a block may have for the tensor-core step, two blocks per SM for the sliding kernels")
+    from entropy_kernels.ops.cuda import training_step_kernel
+
+    print(f"float training step at this case: {training_step_kernel('cuda', args.bins, args.window, args.window)}")
     print("schedule | parity float64 | parity float32 (max error / max value vs float64 reference) | ms | peak extra MiB")
     defaults = _Schedule()
     sliding = dict(tensor_core_step=False)
