@@ -1216,6 +1216,13 @@ const char* tensor_core_step_refusal(const CudaProblem& pb, bool* column_ring, i
                     major >= 8;
   cudaGetLastError();
   if (!sm80) return "it needs a device of compute capability 8.0 or later (TF32 tensor cores)";
+  // The code the device runs must have the tensor-core instructions too: an extension built only for
+  // older targets (its sm_80+ branch compiled out to a trap) reports an older binary version.
+  cudaFuncAttributes attributes;
+  const bool built = cudaFuncGetAttributes(&attributes, tensor_core_step_kernel) == cudaSuccess &&
+                     attributes.binaryVersion >= 80;
+  cudaGetLastError();
+  if (!built) return "the extension was not built for compute capability 8.0 or later";
   const size_t optin = shared_optin();
   const auto allowed = [&](size_t knob) { return knob == kTwoBlocksPerSm ? optin : std::min(knob, optin); };
   // The column ring first (it saves a column sum per window), then the second buffer (a barrier).

@@ -56,7 +56,9 @@ def tensor_core_step_refusal(bins: int, win_h: int, win_w: int, capability: Tupl
     win_w window does not run on the tensor-core step on a device of this compute capability whose
     blocks may have shared_optin bytes, or '' when it does (docs/tensor_cores.md). What it refuses
     runs on the sliding kernels. The launcher's own rule (tensor_core_step_refusal in
-    csrc/entropy_cuda.cu), which tests/test_cuda_emulated.py checks this against."""
+    csrc/entropy_cuda.cu), which tests/test_cuda_emulated.py checks this against, except one test
+    only the launcher can make: that the extension holds code for compute capability 8.0 or later
+    (as it does when built for the device or for torch's default targets)."""
     schedule = schedule or _Schedule()
     if not schedule.tensor_core_step:
         return "turned off by the schedule"

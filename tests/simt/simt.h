@@ -394,6 +394,16 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute at
   return cudaSuccess;
 }
 
+// A kernel's attributes: the emulated code is sm_90's (the binary version the launchers check).
+struct cudaFuncAttributes {
+  int binaryVersion, ptxVersion;
+};
+template <typename... Params>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, void (*)(Params...)) {
+  attributes->binaryVersion = attributes->ptxVersion = 90;
+  return cudaSuccess;
+}
+
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
