@@ -395,6 +395,7 @@ REFUSALS = {  # (bins, win_h, win_w, ring budget, column ring budget, step, devi
     "small device": ((32, 11, 11, -1, -1, 1, 80), "its G ring does not fit the shared memory allowed"),
     "served": ((32, 15, 47, -1, -1, 1, 227), ""),  # the widest: 224.75 KiB with one staging buffer
     "too wide": ((32, 15, 49, -1, -1, 1, 227), "its G ring does not fit the shared memory allowed"),
+    "built for sm_75": ((32, 11, 11, -1, -1, 1, 227), "the extension was not built for compute capability 8.0 or later"),
 }
 
 
@@ -406,6 +407,7 @@ def test_tensor_core_step_serves_only_what_it_can(lib, name, gen):
     lib.ek_emulated_step_refusal.restype = ctypes.c_char_p
     budget = [ctypes.c_size_t(2**64 - 1 if b < 0 else b) for b in (ring, column_ring)]
     lib.ek_emulated_set_device_shared(ctypes.c_size_t(228 * 1024), ctypes.c_size_t(optin_kib * 1024))
+    lib.ek_emulated_set_binary_version(75 if name == "built for sm_75" else 90)
     try:
         got = lib.ek_emulated_step_refusal(1, 20, 50, bins, win_h, win_w, 0, *budget, step).decode()
         assert got == reason
@@ -417,6 +419,7 @@ def test_tensor_core_step_serves_only_what_it_can(lib, name, gen):
         assert lib.ek_emulated_last_launch_was_step() == (reason == "")
     finally:
         lib.ek_emulated_set_device_shared(ctypes.c_size_t(228 * 1024), ctypes.c_size_t(SM_SHARED))
+        lib.ek_emulated_set_binary_version(90)
 
 
 def test_python_rule_is_the_launchers(lib):

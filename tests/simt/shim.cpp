@@ -73,6 +73,9 @@ int ek_emulated_last_launch_was_step() {
   return simt::device().last_launch_kernel == reinterpret_cast<const void*>(&entropy_kernels::tensor_core_step_kernel);
 }
 
+// The binary version of the emulated kernels' code (90 unless set: sm_90).
+void ek_emulated_set_binary_version(int version) { simt::device().binary_version = version; }
+
 // Threads in reverse order between barriers (1) or in index order (0).
 void ek_emulated_set_reverse_order(int reverse) { simt::device().reverse_order = reverse != 0; }
 

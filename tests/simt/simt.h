@@ -92,6 +92,7 @@ struct Device {
   // wrote without a barrier between them then sees the other outcome, so comparing the results
   // of both orders shows such a race (tests/test_cuda_emulated.py).
   bool reverse_order = false;
+  int binary_version = 90;  // what cudaFuncGetAttributes reports of every kernel's code
 };
 inline Device& device() {
   static Device d;
@@ -394,13 +395,14 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute at
   return cudaSuccess;
 }
 
-// A kernel's attributes: the emulated code is sm_90's (the binary version the launchers check).
+// A kernel's attributes: the emulated code is sm_90's (the binary version the launchers check)
+// unless a test sets another with simt::device().
 struct cudaFuncAttributes {
   int binaryVersion, ptxVersion;
 };
 template <typename... Params>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, void (*)(Params...)) {
-  attributes->binaryVersion = attributes->ptxVersion = 90;
+  attributes->binaryVersion = attributes->ptxVersion = simt::device().binary_version;
   return cudaSuccess;
 }
 
