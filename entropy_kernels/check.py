@@ -117,7 +117,7 @@ def check_float32(backend, device, args, opts, generator, reduction=None) -> Tup
         if e.dim() == 0:
             # A summed or averaged loss: its error is mostly the float32 sum's own rounding, noise to
             # the rule; the maps it sums are judged through the gradient.
-            lines.append(f"{name} {err_backend:.1e} (reference {err_reference:.1e}; a sum, not judged)")
+            lines.append(f"{name} {err_backend:.1e} (reference {err_reference:.1e}; a scalar, not judged)")
             continue
         ok &= not testing.float32_rule_violation(g, r, e, backend)
         lines.append(f"{name} {err_backend:.1e} (reference {err_reference:.1e})")
