@@ -38,7 +38,10 @@ Two rules:
   of maxima is noise (2.2 for the C++ backend on 84 elements; 2.15 for the CUDA kernels on 156, the
   largest of 450 maps of 12 x 13, one in 450 above 2; for Triton, whose per-pixel dot products round
   in another order, 3.7: docs/triton.md), and on maps that small one element 64 ulps off already
-  breaks the RMS rule.
+  breaks the RMS rule. The largest error is allowed :data:`LARGEST_ERROR_FLOOR_ULPS` float32 ulps
+  (of 1, scaled by the map's largest value) on top: the reference's own largest error can fall
+  below one ulp of the largest value by chance (3.4e-7 on a map whose largest value is 4.29, where
+  an ulp is 4.8e-7), and twice that is not a bound any float computation keeps.
 
 Gradients are checked with :func:`torch.autograd.gradcheck` at :data:`GRADCHECK`.
 """
@@ -49,7 +52,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["Tolerance", "Contract", "CONTRACTS", "GRADCHECK", "LARGEST_ERROR_MIN_ELEMENTS", "contract", "float32_error_scale", "float64_parity_error",
+__all__ = ["Tolerance", "Contract", "CONTRACTS", "GRADCHECK", "LARGEST_ERROR_MIN_ELEMENTS", "LARGEST_ERROR_FLOOR_ULPS", "contract", "float32_error_scale", "float64_parity_error",
            "assert_float64_parity", "float32_rule_violation"]
 
 
@@ -92,6 +95,7 @@ GRADCHECK = dict(eps=1e-6, atol=1e-8, rtol=1e-6)
 
 _FLOOR = 1e-30  # only matters when both float32 errors are exactly zero
 LARGEST_ERROR_MIN_ELEMENTS = 200
+LARGEST_ERROR_FLOOR_ULPS = 2
 
 
 def contract(backend: str) -> Contract:
@@ -163,6 +167,7 @@ def float32_rule_violation(ours: torch.Tensor, ref32: torch.Tensor, exact: torch
         problems.append(f"scaled RMS error {mine:.3e} vs reference float32 {theirs:.3e}")
     if contract(backend).float32_largest_error and exact.numel() >= LARGEST_ERROR_MIN_ELEMENTS:
         mine, theirs = float((ours - exact).abs().max()), float((ref32 - exact).abs().max())
-        if not mine <= 2 * theirs:
+        floor = LARGEST_ERROR_FLOOR_ULPS * torch.finfo(torch.float32).eps * float(exact.abs().max())
+        if not mine <= 2 * theirs + floor:
             problems.append(f"largest error {mine:.3e} vs reference float32 {theirs:.3e}")
     return "; ".join(problems)

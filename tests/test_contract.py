@@ -267,6 +267,22 @@ def test_float32_rule_has_teeth(backend, gen):
         assert testing.float32_rule_violation(single.view(o.shape), r, e, backend.name), name
 
 
+def test_float32_largest_error_rule_on_large_maps(gen):
+    """On maps of at least LARGEST_ERROR_MIN_ELEMENTS the largest error is held to twice the
+    reference's plus LARGEST_ERROR_FLOOR_ULPS ulps of the map's largest value: one element off by
+    two ulps of the largest value more than that fails, where the RMS rule alone would pass it."""
+    exact = torch.rand(1, 20, 20, generator=gen, dtype=torch.float64) * 4 + 0.5
+    ulp = torch.finfo(torch.float32).eps * float(exact.abs().max())
+    ref32 = exact + ulp * 0.5 * (torch.rand(exact.shape, generator=gen, dtype=torch.float64) - 0.5)
+    ours = ref32.clone()
+    assert not testing.float32_rule_violation(ours, ref32, exact, "cuda")
+    limit = 2 * float((ref32 - exact).abs().max()) + testing.LARGEST_ERROR_FLOOR_ULPS * ulp
+    ours.view(-1)[7] = exact.view(-1)[7] + 0.98 * limit  # within it
+    assert not testing.float32_rule_violation(ours, ref32, exact, "cuda")
+    ours.view(-1)[7] = exact.view(-1)[7] + limit + 2 * ulp
+    assert "largest error" in testing.float32_rule_violation(ours, ref32, exact, "cuda")
+
+
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=Case.id)
 def test_gradcheck_float64(backend, case, gen):
     _skip_unserved(backend, case, torch.float64)
