@@ -271,7 +271,7 @@ def test_float32_largest_error_rule_on_large_maps(gen):
     """On maps of at least LARGEST_ERROR_MIN_ELEMENTS the largest error is held to twice the
     reference's plus LARGEST_ERROR_FLOOR_ULPS ulps of the map's largest value: one element off by
     two ulps of the largest value more than that fails, where the RMS rule alone would pass it."""
-    exact = torch.rand(1, 20, 20, generator=gen, dtype=torch.float64) * 4 + 0.5
+    exact = torch.rand(1, 20, 20, generator=gen, dtype=torch.float64) * 4 + 0.5  # 400 elements
     ulp = torch.finfo(torch.float32).eps * float(exact.abs().max())
     ref32 = exact + ulp * 0.5 * (torch.rand(exact.shape, generator=gen, dtype=torch.float64) - 0.5)
     ours = ref32.clone()
