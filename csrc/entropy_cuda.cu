@@ -637,13 +637,14 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
 // tensor cores. One block per (plane, row r of windows), sliding along the row as backward_kernel
 // does with both rings, but:
 // - a column's kernel values are evaluated once per column sum, each thread one (row, pair of
-//   bins) from one load of each map (loaded a column ahead), without branches;
+//   bins) from one load of each map (loaded a column ahead), without branches within a warp (the
+//   warps whose rows are all past the window's skip it);
 // - the column sums are 3xTF32 tensor-core products on the accumulator fragments (Cells<4>), and
 //   so are the pixel gradients: with T the sum of G over the windows of row r covering column x,
 //   R = T [B | B'] (M = 32 bins i, N = 16 rows of b then 16 of b', K = 32 bins j) is one 16 x 8
 //   tile per warp, and grad_u(y) = sum_i a'(y, i) R(i, y), grad_m(y) = sum_i a(y, i) R(i, 16 + y)
-//   are a product and a sum over the tile's rows; every TF32 operand is stored as its (hi, lo)
-//   pair, one 8-byte load;
+//   are a product and a sum over the tile's rows; every TF32 operand is staged in fragment order
+//   (below), three 16-byte loads per product;
 // - leaving column sums come from the column ring where it fits (else they are computed again,
 //   the same bits), leaving windows' G from the G ring;
 // - which columns and windows hold a non-finite pixel is counted at the column sums' barrier
@@ -654,7 +655,8 @@ __global__ void __launch_bounds__(kThreads, CPT == 4 ? 2 : 1)
 // float accumulation), a and a' multiplying in float. On the device, exp(x) is ex2.approx of the
 // rounded x log2(e) (the rounding of the product is the larger error, and the emulator makes it
 // too, with the host's exp2) and reciprocals rcp.approx refined by one Newton step (within an ulp;
-// the emulator divides). The float32 error rule holds (tests/test_cuda_emulated.py).
+// the emulator divides); the kl log is step_log, the same code in both. The float32 error rule
+// holds (tests/test_cuda_emulated.py).
 constexpr int kStepStride = 36;  // row stride of the staged a and a' (floats): conflict-free weight loads
 
 // The tensor-core operands are staged in fragment order: each lane's values of one k-step are
