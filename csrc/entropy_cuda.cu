@@ -250,19 +250,18 @@ struct ColumnSum {
 
   __device__ __forceinline__ void load(int col, const Geometry& g) {
     x = col;
-    fetch(g, col, q, p);
+    fetch(slot(g, col), q, p);
   }
-  // Column col's sums of this thread's cells from the ring, and into it.
-  __device__ __forceinline__ static void fetch(const Geometry& g, int col, double q[CPT], double p[CPT]) {
-    const T* s = slot(g, col);
+  // A column's sums of this thread's cells from its slot s of a column ring, and into it (the
+  // tensor-core step keeps its ring in this layout too).
+  __device__ __forceinline__ static void fetch(const T* s, double q[CPT], double p[CPT]) {
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
       q[k] = (double)s[k * kThreads];
       p[k] = (double)s[(CPT + k) * kThreads];
     }
   }
-  __device__ __forceinline__ static void store(const Geometry& g, int col, const double q[CPT], const double p[CPT]) {
-    T* s = slot(g, col);
+  __device__ __forceinline__ static void store(T* s, const double q[CPT], const double p[CPT]) {
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
       s[k * kThreads] = (T)q[k];
@@ -323,7 +322,7 @@ struct ColumnSum {
         }
       }
     }
-    if (g.column_ring_at >= 0) store(g, col, q, p);  // one chunk: q[k] and p[k] are values of T, stored exactly
+    if (g.column_ring_at >= 0) store(slot(g, col), q, p);  // one chunk: q[k] and p[k] are values of T, stored exactly
   }
 };
 
@@ -462,21 +461,36 @@ size_t column_ring_bytes(int win_w, int cells_per_thread) {
 // a block of the device may opt in to. By default both are kTwoBlocksPerSm: two blocks of 128
 // registers per thread share an SM, as the launch bounds plan (sm_90: 2 x 113 KiB of its 228 KiB).
 
+// What the launchers ask of the current device: its compute capability's major number and its
+// shared memory per SM and per block (opt-in); all zero where they cannot be read (no tensor
+// cores, no rings: the plain schedules need no more than 48 KiB at bins <= 32).
+struct DeviceLimits {
+  int major;
+  size_t shared_per_sm, shared_optin;
+};
+DeviceLimits device_limits() {
+  int device = 0, major = 0, per_sm = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();  // not sticky; the launch reports its own errors
+    return {0, 0, 0};
+  }
+  return {major, (size_t)per_sm, (size_t)optin};
+}
+
 // What a budget allows on the current device, in bytes.
 struct SharedBudgets {
   size_t ring, column_ring;
 };
 SharedBudgets shared_budgets(const CudaProblem& pb) {
-  int device = 0, per_sm = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();  // not sticky; the launch reports its own errors
-    return {0, 0};       // no rings: the plain schedules need no more than 48 KiB at bins <= 32
-  }
+  const DeviceLimits device = device_limits();
   // Half an SM, less the 1 KiB the runtime reserves per block.
-  const size_t two_blocks = per_sm >= 2048 ? (size_t)per_sm / 2 - 1024 : 0;
-  const auto allowed = [&](size_t knob) { return std::min(knob == kTwoBlocksPerSm ? two_blocks : knob, (size_t)optin); };
+  const size_t two_blocks = device.shared_per_sm >= 2048 ? device.shared_per_sm / 2 - 1024 : 0;
+  const auto allowed = [&](size_t knob) {
+    return std::min(knob == kTwoBlocksPerSm ? two_blocks : knob, device.shared_optin);
+  };
   return {allowed(pb.max_shared_for_ring), allowed(pb.max_shared_for_column_ring)};
 }
 
@@ -877,13 +891,7 @@ __device__ __forceinline__ bool step_column_sum(int n, bool bad_pixel, const Geo
     q[k] = (double)sq[k];
     p[k] = (double)sp[k];
   }
-  if (kStaticPath || g.column_ring_at >= 0) {  // one chunk of rows: the float sums, exactly
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      ring_slot[k * kThreads] = sq[k];
-      ring_slot[(4 + k) * kThreads] = sp[k];
-    }
-  }
+  if (kStaticPath || g.column_ring_at >= 0) ColumnSum<float, 4, true>::store(ring_slot, q, p);  // float sums, exactly
   return bad;
 }
 
@@ -895,11 +903,11 @@ __device__ __forceinline__ float step_window(const WindowState<float, 4, true>& 
                                              const Geometry& g, double* scratch, double t[4], float* slot) {
   const Cells<4> cells;
   const float eps = (float)g.eps, coef = (float)inv_n;
-  float dq[4];
+  float dq[4], ps[4], qs[4];  // dD/dQ, P and Q of this thread's cells
   double part = 0.0;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const float p = (float)(lead.p[k] * inv_n), q = (float)(lead.q[k] * inv_n);
+    const float p = ps[k] = (float)(lead.p[k] * inv_n), q = qs[k] = (float)(lead.q[k] * inv_n);
     float term;
     if (g.divergence == kKL) {
       const float pe = p + eps, r = step_recip(q + eps), diff = q - p;
@@ -919,8 +927,7 @@ __device__ __forceinline__ float step_window(const WindowState<float, 4, true>& 
   for (int k = 0; k < 4; ++k) {
     float gk = 0.0f;
     if (!skip && cells.valid(k, g.bins)) {
-      if (g.divergence != kKL)
-        dq[k] = hellinger_dq((float)(lead.p[k] * inv_n), (float)(lead.q[k] * inv_n), eps, dval);
+      if (g.divergence != kKL) dq[k] = hellinger_dq(ps[k], qs[k], eps, dval);
       gk = coef * dq[k];
       t[k] += (double)gk;
     }
@@ -1026,8 +1033,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* grads = reinterpret_cast<float*>(smem + lay.grads_at);
   float* partial = reinterpret_cast<float*>(smem + lay.partial_at);
   // The rings, this thread's entries: window c's G at slot c % s of the G ring, column col's sums
-  // at slot col % (s + 1) of the column ring (cell k of Q at [k * kThreads], of P at [(4 + k) *
-  // kThreads], as ColumnSum::slot); the slots of what enters and leaves next are kept as counters
+  // at slot col % (s + 1) of the column ring (ColumnSum's entries); the slots of what enters and
+  // leaves next are kept as counters
   // rather than computed with a division each time.
   float* ring = reinterpret_cast<float*>(smem + lay.g_ring_at) + threadIdx.x;
   float* column_ring = reinterpret_cast<float*>(smem + (g.column_ring_at >= 0 ? g.column_ring_at : 0)) + threadIdx.x;
@@ -1103,11 +1110,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float* slot = column_ring + col_out * 8 * kThreads;
         next_slot(col_out, s + 1);
         if (kStaticPath || g.column_ring_at >= 0) {
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            q[k] = (double)slot[k * kThreads];
-            p[k] = (double)slot[(4 + k) * kThreads];
-          }
+          ColumnSum<float, 4, true>::fetch(slot, q, p);
         } else {
           float* buffer = sums + (g.sum_buffers == 2 && xc % 2 ? kSumsBuffer : 0);
           StepPixels px;
@@ -1162,11 +1165,7 @@ Geometry geometry(const CudaProblem& pb) {
   g.ring = false;
   g.column_ring_at = -1;
   g.sum_buffers = 2;
-  int device = 0, major = 0;
-  g.tensor_cores = pb.tensor_core_column_sums && cudaGetDevice(&device) == cudaSuccess &&
-                   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-                   major >= 8;
-  cudaGetLastError();  // not sticky; the launch reports its own errors
+  g.tensor_cores = pb.tensor_core_column_sums && device_limits().major >= 8;
   g.eps = pb.eps;
   g.kernel = pb.kernel;
   g.divergence = pb.divergence;
@@ -1192,32 +1191,18 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
                            : cudaSuccess;
 }
 
-// The device's most dynamic shared memory per block (opt-in), 0 if it cannot be read.
-size_t shared_optin() {
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();  // not sticky
-    return 0;
-  }
-  return (size_t)optin;
-}
-
 // Why the tensor-core step does not serve a fused float pass of pb, or nullptr when it does; then
-// *column_ring tells whether its column ring fits. Budgets as in shared_budgets, except that the
-// policy (kTwoBlocksPerSm) lets the step take what one block may opt in to: it plans one block
-// of 8 warps per SM (164 KiB at window 11 with both rings).
+// *column_ring and *sum_buffers tell whether its column ring and a second staging buffer fit.
+// Budgets as in shared_budgets, except that the policy (kTwoBlocksPerSm) lets the step take what
+// one block may opt in to: it plans one block of 8 warps per SM (192.75 KiB at window 11 with
+// both rings).
 const char* tensor_core_step_refusal(const CudaProblem& pb, bool* column_ring, int* sum_buffers) {
   if (!pb.tensor_core_step) return "turned off by the schedule";
   if (pb.bins > 32) return "it serves bins <= 32";
   if (pb.win_h > kChunk) return "it serves windows of at most 16 rows";
   if (pb.win_w > 63) return "it serves windows of at most 63 columns";
-  int device = 0, major = 0;
-  const bool sm80 = cudaGetDevice(&device) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-                    major >= 8;
-  cudaGetLastError();
-  if (!sm80) return "it needs a device of compute capability 8.0 or later (TF32 tensor cores)";
+  const DeviceLimits device = device_limits();
+  if (device.major < 8) return "it needs a device of compute capability 8.0 or later (TF32 tensor cores)";
   // The code the device runs must have the tensor-core instructions too: an extension built only for
   // older targets (its sm_80+ branch compiled out to a trap) reports an older binary version.
   cudaFuncAttributes attributes;
@@ -1225,8 +1210,9 @@ const char* tensor_core_step_refusal(const CudaProblem& pb, bool* column_ring, i
                      attributes.binaryVersion >= 80;
   cudaGetLastError();
   if (!built) return "the extension was not built for compute capability 8.0 or later";
-  const size_t optin = shared_optin();
-  const auto allowed = [&](size_t knob) { return knob == kTwoBlocksPerSm ? optin : std::min(knob, optin); };
+  const auto allowed = [&](size_t knob) {
+    return knob == kTwoBlocksPerSm ? device.shared_optin : std::min(knob, device.shared_optin);
+  };
   // The column ring first (it saves a column sum per window), then the second buffer (a barrier).
   for (const bool ring : {true, false}) {
     for (const int buffers : {2, 1}) {
